@@ -1,0 +1,3 @@
+from moe_export.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""The ``moe-export`` command line.
+
+Subcommands are imported only when they run, so ``moe-export --help`` stays fast and a broken
+optional dependency of one subcommand does not take down the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> module in moe_export.commands that defines a click command called `command`
+SUBCOMMANDS = {
+    "zoo": "Build and train the small MoE models of the built-in zoo.",
+    "eval": "Bits per byte and downstream accuracy of a model or exported artifact.",
+    "plan": "Per-expert bit plan (router-norm change + MaxVar, or a baseline).",
+    "quantize": "Quantize a model with a bit plan into a packed checkpoint.",
+    "export": "Export a quantized checkpoint to ExecuTorch (.pte) and ONNX.",
+    "bench": "Speed, memory and size of every runtime against float.",
+    "demo": "Run the whole pipeline on the built-in tiny model.",
+    "run": "Run a recipe from recipes/.",
+    "reproduce": "Regenerate docs/results.md (the paper's claims on models trained here).",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(SUBCOMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in SUBCOMMANDS:
+            return None
+        try:
+            module = importlib.import_module(f"moe_export.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"moe_export.commands.{name}":
+                raise
+            return _not_available(name)
+        return module.command
+
+    def format_commands(self, ctx, formatter):
+        # Short help comes from the table above so that --help imports nothing heavy.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, text in SUBCOMMANDS.items()])
+
+
+def _not_available(name):
+    @click.command(name=name, help=SUBCOMMANDS[name] + " (not available in this build)")
+    def command():
+        raise click.ClickException(f"'moe-export {name}' is not available in this build")
+
+    return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moe-export")
+def main():
+    """Per-expert mixed-precision quantization and export of Mixture-of-Experts models."""
+
+
+if __name__ == "__main__":
+    main()
