@@ -1,0 +1,229 @@
+"""Recipes: one versioned JSON file that says what to quantize and how, run with ``moe-export run``.
+
+A recipe names a model (a zoo entry, a local folder, or a hub id with its architecture config), the plan
+method, bit levels and average, the quantizer and group size, the non-expert policy and the export
+targets. Recipes for real checkpoints are validated against their architecture config, built from
+transformers' config classes on the meta device, so no weights are downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import product
+from pathlib import Path
+
+RECIPE_FORMAT = "moe_export.recipe"
+RECIPE_VERSION = 1
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+KNOWN_METHODS = (
+    "router", "router+maxvar", "maxvar", "weight-error", "frequency", "routing-weight", "pmq", "random", "uniform",
+)
+KNOWN_QUANTIZERS = ("rtn", "hqq", "gptq")
+KNOWN_TARGETS = ("pte", "onnx")
+NON_EXPERT_ROLES = ("attention", "router", "shared_experts", "embeddings", "lm_head", "dense_mlp")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    model: dict
+    plan: dict
+    quantizer: dict
+    non_expert: dict
+    export: dict
+    expected_memory: dict = field(default_factory=dict)
+    source: str = "<dict>"
+
+    @property
+    def avg_bits(self) -> float:
+        return float(self.plan["avg_bits"])
+
+    @property
+    def levels(self) -> list[int]:
+        return [int(b) for b in self.plan["levels"]]
+
+    @property
+    def group_size(self) -> int | None:
+        return self.quantizer.get("group_size")
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.export.get("targets", []))
+
+    # --- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, doc: dict, source: str = "<dict>") -> "Recipe":
+        def fail(msg):
+            raise RecipeError(f"{source}: {msg}")
+
+        if doc.get("format") != RECIPE_FORMAT:
+            fail(f"not a moe_export recipe (format {doc.get('format')!r}, expected {RECIPE_FORMAT!r})")
+        if doc.get("version") != RECIPE_VERSION:
+            fail(f"unknown recipe version {doc.get('version')!r}; this moe_export reads version {RECIPE_VERSION}")
+        for key in ("name", "model", "plan", "quantizer"):
+            if key not in doc:
+                fail(f"missing required field {key!r}")
+        model = doc["model"]
+        if not any(k in model for k in ("zoo", "path", "id")):
+            fail("model needs one of 'zoo' (a zoo entry), 'path' (a local folder) or 'id' (a hub id with 'architecture')")
+        if "id" in model and "architecture" not in model:
+            fail("model.id needs model.architecture (and model.config) so the recipe can be checked without a download")
+        plan = doc["plan"]
+        if plan.get("method", "router+maxvar") not in KNOWN_METHODS:
+            fail(f"plan.method {plan.get('method')!r} is not one of {', '.join(KNOWN_METHODS)}")
+        levels = plan.get("levels")
+        if not levels or any(not isinstance(b, int) or not 1 <= b <= 8 for b in levels):
+            fail(f"plan.levels must be bit widths in 1..8, got {levels!r}")
+        if "avg_bits" not in plan:
+            fail("plan.avg_bits is required")
+        if not min(levels) <= float(plan["avg_bits"]) <= max(levels):
+            fail(f"plan.avg_bits {plan['avg_bits']} lies outside the levels {levels}")
+        q = doc["quantizer"]
+        if q.get("name") not in KNOWN_QUANTIZERS:
+            fail(f"quantizer.name {q.get('name')!r} is not one of {', '.join(KNOWN_QUANTIZERS)}")
+        g = q.get("group_size")
+        if g is not None and (not isinstance(g, int) or g <= 0):
+            fail(f"quantizer.group_size must be a positive integer or null (whole row), got {g!r}")
+        targets = doc.get("export", {}).get("targets", [])
+        bad = [t for t in targets if t not in KNOWN_TARGETS]
+        if bad:
+            fail(f"export.targets {bad} not among {', '.join(KNOWN_TARGETS)}")
+        non_expert = {role: "float" for role in NON_EXPERT_ROLES} | doc.get("non_expert", {})
+        unknown = set(non_expert) - set(NON_EXPERT_ROLES)
+        if unknown:
+            fail(f"non_expert roles {sorted(unknown)} unknown; known roles: {', '.join(NON_EXPERT_ROLES)}")
+        return cls(
+            name=doc["name"], description=doc.get("description", ""), model=model, plan=plan, quantizer=q,
+            non_expert=non_expert, export=doc.get("export", {}), expected_memory=doc.get("expected_memory", {}),
+            source=source,
+        )
+
+    @classmethod
+    def load(cls, path_or_name: str | Path) -> "Recipe":
+        path = Path(path_or_name)
+        if not path.exists() and (RECIPES_DIR / f"{path_or_name}.json").exists():
+            path = RECIPES_DIR / f"{path_or_name}.json"
+        if not path.exists():
+            raise RecipeError(f"no recipe at {path_or_name!r}; shipped recipes: {', '.join(shipped_recipes())}")
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"{path}: not valid JSON ({err})") from err
+        return cls.from_dict(doc, source=str(path))
+
+    # --- architecture checks (no download) -----------------------------------------------------
+    def build_config(self):
+        import transformers
+
+        arch = self.model["architecture"]
+        model_type = {
+            "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe",
+            "SwitchTransformersForConditionalGeneration": "switch_transformers", "Qwen2MoeForCausalLM": "qwen2_moe",
+            "DeepseekV3ForCausalLM": "deepseek_v3",
+        }.get(arch)
+        if model_type is None:
+            raise RecipeError(f"{self.source}: architecture {arch!r} has no config class mapping here")
+        return transformers.AutoConfig.for_model(model_type, **self.model.get("config", {}))
+
+    def meta_model(self):
+        """The architecture on the meta device: every shape, no memory, no download."""
+        import torch
+        import transformers
+
+        config = self.build_config()
+        cls = getattr(transformers, self.model["architecture"])
+        with torch.device("meta"):
+            return cls(config)
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+
+
+def reachable_counts(num_experts: int, levels: list[int], avg_bits: float) -> list[tuple[int, ...]]:
+    """Every way to give ``num_experts`` experts widths from ``levels`` with mean exactly ``avg_bits``."""
+    target = Fraction(str(avg_bits)) * num_experts
+    out = []
+    for counts in product(range(num_experts + 1), repeat=len(levels) - 1):
+        rest = num_experts - sum(counts)
+        if rest < 0:
+            continue
+        full = (*counts, rest)
+        if sum(n * b for n, b in zip(full, levels)) == target:
+            out.append(full)
+    return out
+
+
+def validate_recipe(recipe: Recipe) -> dict:
+    """Check a recipe against its architecture: layer names exist, group sizes divide every quantized
+    dim, the average is reachable in every MoE layer. Returns a summary (with the memory footprint)."""
+    from moe_export.models import find_moe_layers
+
+    model = recipe.meta_model()
+    layers = find_moe_layers(model)
+    if not layers:
+        raise RecipeError(f"{recipe.source}: {recipe.model['architecture']} has no MoE layer")
+    names = {name for name, _ in model.named_modules()}
+    g = recipe.group_size
+    for layer in layers:
+        if layer.name not in names:
+            raise RecipeError(f"{recipe.source}: MoE layer {layer.name!r} is not a module of the model")
+        for proj in layer.projections:
+            k = layer.expert_weight(proj, 0).shape[-1]
+            if g is not None and k % g:
+                raise RecipeError(f"{recipe.source}: group size {g} does not divide {layer.name}.{proj} input dim {k}")
+        if not reachable_counts(layer.num_experts, recipe.levels, recipe.avg_bits):
+            raise RecipeError(
+                f"{recipe.source}: average {recipe.avg_bits} bits is not reachable with levels {recipe.levels} "
+                f"and {layer.num_experts} experts in {layer.name}"
+            )
+    return {"moe_layers": len(layers), "experts_per_layer": layers[0].num_experts, **memory_footprint(recipe, model, layers)}
+
+
+def memory_footprint(recipe: Recipe, model=None, layers=None) -> dict:
+    """Bytes of the float16 model and of the quantized model by the theoretical size formula
+    (README, "Theoretical size"), in GiB. Non-expert roles kept in float count at 2 bytes a weight."""
+    from moe_export.models import find_moe_layers, parameter_role
+    from moe_export.quant.base import theoretical_bytes
+
+    model = recipe.meta_model() if model is None else model
+    layers = find_moe_layers(model) if layers is None else layers
+    sym = bool(recipe.quantizer.get("symmetric", False))
+    expert_params = 0
+    expert_bytes = 0.0
+    for layer in layers:
+        for proj in layer.projections:
+            n, k = layer.expert_weight(proj, 0).shape
+            expert_params += n * k * layer.num_experts
+            expert_bytes += layer.num_experts * theoretical_bytes(n, k, recipe.avg_bits, recipe.group_size, sym)
+    float_bytes = 0.0
+    other_bytes = 0.0
+    seen = set()
+    for fqn, p in model.named_parameters(remove_duplicate=True):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        float_bytes += 2 * p.numel()
+        role = parameter_role(model, fqn)
+        if role == "experts":
+            continue
+        policy = recipe.non_expert.get(role, "float")
+        if policy == "float" or p.dim() != 2:
+            other_bytes += 2 * p.numel()
+        else:
+            n, k = p.shape
+            other_bytes += theoretical_bytes(n, k, policy["bits"], policy.get("group_size"), policy.get("symmetric", False))
+    gib = 1024**3
+    return {
+        "float16_gib": round(float_bytes / gib, 2),
+        "quantized_gib": round((expert_bytes + other_bytes) / gib, 2),
+        "expert_params_billion": round(expert_params / 1e9, 3),
+    }
+
