@@ -60,15 +60,50 @@ _TINY: dict[str, tuple[str, dict[str, Any]]] = {
 
 TINY_ARCHITECTURES: tuple[str, ...] = tuple(_TINY)
 
+# Architecture-neutral override names -> each config's own field(s).
+_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "num_experts": {"MixtralForCausalLM": ("num_local_experts",), "DeepseekV3ForCausalLM": ("n_routed_experts",)},
+    "top_k": {"SwitchTransformersForConditionalGeneration": ()},  # Switch is always top-1
+    "expert_intermediate_size": {
+        "MixtralForCausalLM": ("intermediate_size",), "OlmoeForCausalLM": ("intermediate_size",),
+        "SwitchTransformersForConditionalGeneration": ("d_ff",),
+    },
+    "num_layers": {"SwitchTransformersForConditionalGeneration": ("num_layers", "num_decoder_layers")},
+    "hidden_size": {"SwitchTransformersForConditionalGeneration": ("d_model",)},
+}
+_ALIAS_DEFAULT = {
+    "num_experts": ("num_experts",), "top_k": ("num_experts_per_tok",),
+    "expert_intermediate_size": ("moe_intermediate_size",), "num_layers": ("num_hidden_layers",),
+    "hidden_size": ("hidden_size",),
+}
+
+
+def _translate(arch: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in overrides.items():
+        if k not in _ALIASES:
+            out[k] = v
+            continue
+        fields = _ALIASES[k].get(arch, _ALIAS_DEFAULT[k])
+        if k == "top_k" and not fields and v != 1:
+            raise ValueError(f"{arch} routes every token to one expert; top_k={v} is not possible")
+        out.update({f: v for f in fields})
+    return out
+
 
 def tiny_config(arch: str, **overrides):
-    """A transformers config of architecture ``arch`` (e.g. "MixtralForCausalLM") at toy size."""
+    """A transformers config of architecture ``arch`` (e.g. "MixtralForCausalLM") at toy size.
+
+    ``overrides`` are the config's own fields, or these names that mean the same for every
+    architecture: ``num_experts``, ``top_k``, ``expert_intermediate_size`` (routed experts),
+    ``num_layers`` (Switch: encoder and decoder each), ``hidden_size``.
+    """
     import transformers
 
     if arch not in _TINY:
         raise ValueError(f"no tiny config for architecture {arch!r}; known: {', '.join(_TINY)}")
     cls_name, kwargs = _TINY[arch]
-    kwargs = {**kwargs, **overrides}
+    kwargs = {**kwargs, **_translate(arch, overrides)}
     cfg = getattr(transformers, cls_name)(**kwargs)
     cfg.architectures = [arch]
     return cfg

@@ -25,17 +25,19 @@ def minmax_params(w: torch.Tensor, bits: int, group_size: int | None, symmetric:
             scale = 2 * wg.abs().mean(-1)  # sign binarisation: +-mean|w| minimises the L2 error
         else:
             scale = wg.abs().amax(-1) / (qmax / 2)
-        return scale.clamp_min(1e-8).to(SCALE_DTYPE), None
+        return scale.clamp_min(2.0**-24).to(SCALE_DTYPE), None
     if bits == 1:
         # Two levels at mean +- mean|w - mean| (binarisation around the group mean); a min/max grid
         # would put both levels at the extremes and lose almost everything.
         mean = wg.mean(-1)
-        scale = (2 * (wg - mean.unsqueeze(-1)).abs().mean(-1)).clamp_min(1e-8).to(SCALE_DTYPE)
+        # floor at |mean| / 1024 so a constant group's zero (0.5 - mean / scale) stays finite in float16
+        spread = torch.maximum(2 * (wg - mean.unsqueeze(-1)).abs().mean(-1), mean.abs() / 1024)
+        scale = spread.clamp_min(2.0**-24).to(SCALE_DTYPE)
         zero = (0.5 - mean / scale.float()).to(SCALE_DTYPE)
         return scale, zero
     lo = wg.amin(-1).clamp(max=0)  # the grid always contains 0
     hi = wg.amax(-1).clamp(min=0)
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    scale = ((hi - lo) / qmax).clamp_min(2.0**-24)
     zero = torch.round(-lo / scale).clamp(0, qmax)
     return scale.to(SCALE_DTYPE), zero.to(SCALE_DTYPE)
 

@@ -1,0 +1,99 @@
+"""``moe-export plan``: write a per-expert BitPlan JSON (and optionally its heatmap)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+METHOD_CHOICES = ["router+maxvar", "router", "maxvar", "weight-error", "frequency", "routing-weight", "pmq", "random", "uniform"]
+
+
+def _levels(ctx, param, value):
+    try:
+        levels = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated bit widths such as 3,2 or 3,2,1; got {value!r}")
+    if not levels or any(not 1 <= b <= 8 for b in levels):
+        raise click.BadParameter(f"bit widths must lie in 1..8; got {value!r}")
+    return levels
+
+
+def _group(ctx, param, value):
+    if value.lower() in ("none", "row", "null"):
+        return None
+    try:
+        g = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a positive integer or 'none' (whole row); got {value!r}")
+    if g <= 0:
+        raise click.BadParameter(f"group size must be positive; got {g}")
+    return g
+
+
+@click.command(name="plan", help="Per-expert bit plan (router-norm change + MaxVar, or a baseline) of MODEL_DIR.\n\n"
+               "MODEL_DIR is a safetensors checkpoint folder, or a zoo build folder (pretrained/ + finetuned/: "
+               "plans finetuned/ with pretrained/ as the reference).")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--avg-bits", type=float, required=True, help="Mean bits per routed expert in every MoE layer.")
+@click.option("--levels", default="3,2", show_default=True, callback=_levels, help="Candidate widths, e.g. 3,2 or 3,2,1.")
+@click.option("--method", type=click.Choice(METHOD_CHOICES), default="router+maxvar", show_default=True)
+@click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Checkpoint before this training stage, for L_s = ||w_s(final)|| - ||w_s(ref)||. "
+                   "Default: pretrained/ of a zoo build; none = final-norm proxy.")
+@click.option("--zeta", type=float, default=3.0, show_default=True, help="MaxVar rearrangement threshold.")
+@click.option("--maxvar-variant", type=click.Choice(["paper", "largest-norm-row"]), default="paper", show_default=True)
+@click.option("--absolute-change", is_flag=True, help="Rank by |L_s| instead of the signed change.")
+@click.option("--group-size", default="128", show_default=True, callback=_group, help="Quantizer group size, or 'none' for whole rows.")
+@click.option("--symmetric", is_flag=True, help="Symmetric quantization grid.")
+@click.option("--quantizer", default="rtn", show_default=True, help="Quantizer the plan is for (rtn, hqq, gptq).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random and of calibration windows.")
+@click.option("--router-weighting", type=float, default=0.0, show_default=True,
+              help="weight-error: weight each expert's error by 1 + GAMMA * (max L - L_s)/(max L - min L).")
+@click.option("--calib-corpus", default="shakespeare", show_default=True, help="Calibration corpus (frequency/routing-weight/pmq).")
+@click.option("--calib-tokens", type=int, default=8192, show_default=True)
+@click.option("--calib-seq-len", type=int, default=128, show_default=True)
+@click.option("--name", default=None, help="Model name recorded in the plan (default: the folder name).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="BitPlan JSON to write.")
+@click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write a layers x experts PNG.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary table.")
+def command(model_dir, avg_bits, levels, method, reference, zeta, maxvar_variant, absolute_change, group_size, symmetric,
+            quantizer, seed, router_weighting, calib_corpus, calib_tokens, calib_seq_len, name, output, heatmap, quiet):
+    import torch
+
+    from moe_export.io import CheckpointError
+    from moe_export.models import UnsupportedModelError
+    from moe_export.plan.allocation import AllocationError
+    from moe_export.plan.bitplan import BitPlanError
+    from moe_export.plan.methods import CALIBRATED, PlanConfig, PlanError, make_plan, resolve_model_dir
+
+    t0 = time.perf_counter()
+    try:
+        cfg = PlanConfig(avg_bits=avg_bits, levels=levels, method=method, zeta=zeta, maxvar_variant=maxvar_variant,
+                         absolute_change=absolute_change, group_size=group_size, symmetric=symmetric,
+                         quantizer=quantizer, seed=seed, router_weighting=router_weighting)
+        ckpt_dir, ref = resolve_model_dir(model_dir, reference)
+        name = name or Path(model_dir).resolve().name
+        if method in CALIBRATED:
+            from moe_export.zoo.data import calibration_batches
+            from moe_export.zoo.train import load
+
+            model, tok = load(ckpt_dir, which=None)
+            windows = calibration_batches(tok, calib_tokens, calib_seq_len, seed=seed, corpus=calib_corpus)  # [B, S]
+            batches = list(torch.split(windows, 8))
+            plan = make_plan(model, cfg, batches=batches, model_name=name, progress=not quiet)
+            plan.provenance["calibration"] = f"{calib_corpus}: {windows.numel()} tokens, seq {calib_seq_len}, seed {seed}"
+        else:
+            plan = make_plan(model_dir, cfg, reference=ref, model_name=name, progress=not quiet)
+        plan.validate()
+        plan.save(output)
+        if heatmap is not None:
+            from moe_export.plan.heatmap import save_heatmap
+
+            save_heatmap(plan, heatmap)
+    except (PlanError, AllocationError, BitPlanError, UnsupportedModelError, CheckpointError) as err:
+        raise click.ClickException(str(err)) from None
+    if not quiet:
+        click.echo(plan.summary())
+    click.echo(f"wrote {output}" + (f" and {heatmap}" if heatmap else "") + f" ({time.perf_counter() - t0:.1f} s)")

@@ -1,0 +1,200 @@
+"""Bits per byte on held-out text and multiple-choice accuracy, for any model behind one callable.
+
+The one interface: ``logits_fn(input_ids: LongTensor[B, T]) -> FloatTensor[B, T, V]`` where
+``logits[:, t]`` predicts ``input_ids[:, t + 1]``. Eager HF models, quantized models, ``torch.compile``d
+graphs, ExecuTorch and onnxruntime sessions all plug in by wrapping their forward this way.
+A logits_fn may define ``score_from(T) -> int``: positions before it carry no prediction and are not
+scored (the SwitchTransformers prefix-LM adapter uses it; decoder-only models score every position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+LN2 = math.log(2.0)
+
+
+# --- adapters ----------------------------------------------------------------------------------
+
+
+class HFLogits:
+    """logits_fn for a transformers causal LM: one forward, no cache."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits.float()  # [B, T, V]
+
+
+class SwitchPrefixLMLogits:
+    """logits_fn for a SwitchTransformers encoder-decoder trained as a prefix LM (as the zoo trains it):
+    the encoder reads ``x[:, :T//2]``, the decoder starts from ``x[:, T//2 - 1]`` and predicts the rest.
+    Positions before ``T//2 - 1`` are filled with zeros and excluded through ``score_from``."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @staticmethod
+    def score_from(T: int) -> int:
+        return T // 2 - 1
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        P = T // 2
+        out = self.model(input_ids=input_ids[:, :P], decoder_input_ids=input_ids[:, P - 1 : -1], use_cache=False).logits
+        logits = out.new_zeros(B, T, out.shape[-1])  # [B, T, V]
+        logits[:, P - 1 : -1] = out
+        return logits.float()
+
+
+def logits_fn_for(model) -> LogitsFn:
+    """The adapter for a transformers model: prefix LM for SwitchTransformers, plain causal LM otherwise."""
+    if getattr(model.config, "model_type", None) == "switch_transformers":
+        return SwitchPrefixLMLogits(model)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__}: encoder-decoder models other than SwitchTransformers have no "
+                         f"logits adapter; wrap the forward as logits_fn(input_ids[B, T]) -> logits[B, T, V]")
+    return HFLogits(model)
+
+
+def _score_from(logits_fn, T: int) -> int:
+    f = getattr(logits_fn, "score_from", None)
+    return int(f(T)) if f is not None else 0
+
+
+def _check_logits(logits: torch.Tensor, x: torch.Tensor) -> None:
+    if logits.dim() != 3 or logits.shape[:2] != x.shape:
+        raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for input {tuple(x.shape)}; expected [B, T, V]")
+
+
+# --- bits per byte -----------------------------------------------------------------------------
+
+
+def bits_per_byte(logits_fn: LogitsFn, tokenizer, ids: torch.Tensor | str, seq_len: int, batch_size: int = 8,
+                  max_tokens: int | None = None, progress: bool = True, desc: str = "bpb") -> dict:
+    """Bits per UTF-8 byte of held-out text, scored in non-overlapping windows of ``seq_len`` tokens.
+
+    Evaluate at the training context length: RoPE models were never trained on longer positions.
+    Within a window, ``logits[:, t]`` is scored against token ``t + 1`` for ``t >= score_from(T)``;
+    the byte count is that of the scored target tokens, so bpb is tokenizer-independent.
+    """
+    from moe_export.zoo.data import encode
+    from moe_export.zoo.tokenizer import token_bytes
+
+    if isinstance(ids, str):
+        ids = encode(tokenizer, ids)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n_win = len(ids) // seq_len
+    if n_win == 0:
+        raise ValueError(f"bits_per_byte: {len(ids)} tokens is less than one window of seq_len={seq_len}")
+    windows = ids[: n_win * seq_len].view(n_win, seq_len)  # [N, T]
+    nbytes = token_bytes(tokenizer)
+    s0 = _score_from(logits_fn, seq_len)
+    nats, n_bytes, n_tok = 0.0, 0, 0
+    for i in tqdm(range(0, n_win, batch_size), desc=desc, disable=not progress, leave=False):
+        x = windows[i : i + batch_size]
+        logits = logits_fn(x)
+        _check_logits(logits, x)
+        logp = torch.log_softmax(logits[:, s0:-1].double(), dim=-1)  # [B, T-1-s0, V]
+        tgt = x[:, s0 + 1 :]
+        nats -= logp.gather(-1, tgt.unsqueeze(-1)).sum().item()
+        n_bytes += int(nbytes[tgt].sum())
+        n_tok += tgt.numel()
+    if not math.isfinite(nats):
+        raise FloatingPointError("bits_per_byte: the model produced non-finite log-probabilities")
+    return {"bits_per_byte": nats / LN2 / n_bytes, "nats_per_token": nats / n_tok, "tokens_scored": n_tok,
+            "bytes_scored": n_bytes, "seq_len": seq_len}
+
+
+# --- multiple choice ---------------------------------------------------------------------------
+
+
+def choice_logprobs(logits_fn: LogitsFn, contexts: torch.Tensor, choices: torch.Tensor, batch_size: int = 8,
+                    progress: bool = True, desc: str = "choices") -> torch.Tensor:
+    """Sum of log p(choice tokens | context) for contexts [N, C] and choices [N, K, L] -> [N, K]."""
+    N, K, L = choices.shape
+    C = contexts.shape[1]
+    seqs = torch.cat([contexts.unsqueeze(1).expand(N, K, C), choices], dim=-1).reshape(N * K, C + L)  # [N*K, T]
+    if _score_from(logits_fn, C + L) > C - 1:
+        raise ValueError(f"context of {C} tokens is too short for this logits_fn at length {C + L}")
+    out = []
+    for i in tqdm(range(0, N * K, batch_size * K), desc=desc, disable=not progress, leave=False):
+        x = seqs[i : i + batch_size * K]
+        logits = logits_fn(x)
+        _check_logits(logits, x)
+        logp = torch.log_softmax(logits[:, C - 1 : -1].double(), dim=-1)  # [b, L, V]
+        out.append(logp.gather(-1, x[:, C:].unsqueeze(-1)).squeeze(-1).sum(-1))
+    return torch.cat(out).view(N, K)
+
+
+def multiple_choice_accuracy(logits_fn: LogitsFn, contexts, choices, answer, batch_size: int = 8,
+                             progress: bool = True, desc: str = "choices") -> dict:
+    scores = choice_logprobs(logits_fn, contexts, choices, batch_size, progress, desc)
+    acc = (scores.argmax(-1) == answer).double().mean().item()
+    return {"accuracy": acc, "n": len(answer), "chance": 1.0 / choices.shape[1]}
+
+
+def cloze(logits_fn: LogitsFn, tokenizer, corpus: str, seq_len: int, n_items: int = 200, choice_len: int | None = None,
+          split: str = "test", seed: int = 0, batch_size: int = 8, progress: bool = True) -> dict:
+    """Continuation cloze on held-out text: the true next ``choice_len`` tokens vs 3 distractor spans."""
+    from moe_export.zoo.data import cloze_items, token_stream
+
+    L = choice_len or seq_len // 4
+    ctx, ch, ans = cloze_items(token_stream(tokenizer, corpus, split), n_items, seq_len - L, L, 4, seed)
+    res = multiple_choice_accuracy(logits_fn, ctx, ch, ans, batch_size, progress, desc=f"cloze {corpus}")
+    return {**res, "task": f"{corpus}/{split} continuation cloze, 4 choices of {L} tokens after {seq_len - L}"}
+
+
+# --- everything at once ------------------------------------------------------------------------
+
+
+def evaluate(logits_fn: LogitsFn, tokenizer, corpora: list[str], seq_len: int, max_tokens: int | None = 16384,
+             n_cloze: int = 200, batch_size: int = 8, progress: bool = True) -> dict:
+    """bpb on each corpus' test split + cloze accuracy on each: the numbers every later stage compares."""
+    from moe_export.zoo.data import token_stream
+
+    out = {}
+    for c in corpora:
+        r = {"bpb": bits_per_byte(logits_fn, tokenizer, token_stream(tokenizer, c, "test"), seq_len, batch_size,
+                                  max_tokens, progress, desc=f"bpb {c}")}
+        if n_cloze:
+            r["cloze"] = cloze(logits_fn, tokenizer, c, seq_len, n_cloze, batch_size=batch_size, progress=progress)
+        out[c] = r
+    return out
+
+
+def evaluate_checkpoint(path, corpora: list[str] | None = None, seq_len: int | None = None,
+                        max_tokens: int | None = 16384, n_cloze: int = 200, batch_size: int = 8,
+                        progress: bool = True) -> dict:
+    """Evaluate a zoo checkpoint folder (model + tokenizer); corpora and seq_len default to its manifest."""
+    from moe_export.zoo.train import load
+
+    path = Path(path)
+    man = _find_manifest(path)
+    entry = man.get("entry", {}) if man else {}
+    corpora = corpora or sorted({entry.get("pretrain", {}).get("corpus", "shakespeare"),
+                                 entry.get("finetune", {}).get("corpus", "python-stdlib")})
+    seq_len = seq_len or entry.get("seq_len")
+    model, tok = load(path, which=None)
+    if seq_len is None:
+        seq_len = getattr(model.config, "max_position_embeddings", None) or 128
+    res = evaluate(logits_fn_for(model), tok, corpora, seq_len, max_tokens, n_cloze, batch_size, progress)
+    return {"checkpoint": str(path), "seq_len": seq_len, "results": res}
+
+
+def _find_manifest(path: Path) -> dict | None:
+    for p in (path / "manifest.json", path.parent / "manifest.json"):
+        if p.exists():
+            return json.loads(p.read_text())
+    return None

@@ -1,0 +1,162 @@
+"""The ``moe_export_mixed`` experts implementation: routed experts only, each at its own bit width.
+
+Registered with ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``; a quantized model switches to it
+with ``model.set_experts_implementation("moe_export_mixed")`` (``quantize_`` does this). Three formulations,
+picked from static facts (shapes, compile state), never from routing values:
+
+* ``routed_gather`` (few token-expert pairs, e.g. decode; static, what ``torch.export`` traces): per width
+  group, gather the packed bytes of the routed experts (a dummy slot where the pair's expert has another
+  width), multiply by ``packed_matvec`` (unpack + dequantize fused into the reduction), keep the rows
+  whose width matches, and sum over the groups.
+* ``routed_loop`` (eager, many pairs): loop over the experts that received tokens, dequantize each once,
+  one float matmul for its tokens: exactly the routed work, data-dependent, so eager only.
+* ``dense_groups`` (compiled, many pairs): per width group dequantize the group once and run its experts
+  on every token, weighted by the routing matrix (zero for unrouted pairs). Static shapes, float GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_export.tensors.functional import dequantize_packed, packed_matvec
+from moe_export.tensors.mixed_width_experts_tensor import MixedWidthExpertsTensor
+
+IMPLEMENTATION = "moe_export_mixed"
+
+# Pairs (tokens * top_k) up to which the gathered mat-vec beats dequantizing whole groups.
+GATHER_MAX_PAIRS = 8
+
+
+def routed_linear(w: MixedWidthExpertsTensor, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """``y[s] = W[expert_ids[s]] @ x[s]`` for a packed mixed-width stack; ``x`` ``[S, K]`` -> ``[S, N]``."""
+    bits_of = w.expert_bits[expert_ids]  # [S]
+    slot_of = w.slot[expert_ids]  # [S]
+    out = None
+    widths = w.widths
+    for b in widths:
+        p, s, z = getattr(w, f"packed_{b}"), getattr(w, f"scale_{b}"), getattr(w, f"zero_{b}")
+        if len(widths) == 1:
+            idx = slot_of
+        else:
+            hit = bits_of == b  # [S]
+            idx = torch.where(hit, slot_of, torch.zeros_like(slot_of))  # dummy slot 0 for other widths
+        y = packed_matvec(x, p[idx], s[idx], None if z is None else z[idx], b)  # [S, N]
+        if len(widths) > 1:
+            y = torch.where(hit.unsqueeze(-1), y, torch.zeros_like(y))
+        out = y if out is None else out + y
+    return out
+
+
+def _gate(self, h: torch.Tensor) -> torch.Tensor:
+    return self._apply_gate(h) if self.has_gate else self.act_fn(h)
+
+
+def _weights(self):
+    if self.has_gate:
+        return self.gate_up_proj, getattr(self, "gate_up_proj_bias", None) if self.has_bias else None
+    return self.up_proj, getattr(self, "up_proj_bias", None) if self.has_bias else None
+
+
+def routed_gather(self, hidden_states, top_k_index, top_k_weights):
+    t, k = top_k_index.shape
+    x = hidden_states.repeat_interleave(k, dim=0)  # [S, H], S = T*k
+    ids = top_k_index.reshape(-1)  # [S]
+    w_up, b_up = _weights(self)
+    h = routed_linear(w_up, x, ids)  # [S, 2I]
+    if b_up is not None:
+        h = h + b_up[ids]
+    h = _gate(self, h)  # [S, I]
+    y = routed_linear(self.down_proj, h, ids)  # [S, H]
+    if self.has_bias:
+        y = y + self.down_proj_bias[ids]
+    y = y * top_k_weights.reshape(-1, 1).to(y.dtype)
+    return y.view(t, k, -1).sum(1).to(hidden_states.dtype)  # [T, H]
+
+
+def routed_loop(self, hidden_states, top_k_index, top_k_weights):
+    out = torch.zeros_like(hidden_states)  # [T, H]
+    w_up, _ = _weights(self)
+    for e in torch.unique(top_k_index).tolist():
+        tok, pos = torch.where(top_k_index == e)  # tokens routed to e
+        x = hidden_states[tok]  # [T_e, H]
+        h = F.linear(x, w_up.expert(e))  # PackedLinearWeight: dequantize once, one matmul
+        if self.has_bias:
+            h = h + _weights(self)[1][e]
+        h = _gate(self, h)
+        y = F.linear(h, self.down_proj.expert(e))
+        if self.has_bias:
+            y = y + self.down_proj_bias[e]
+        out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+    return out
+
+
+def dense_groups(self, hidden_states, top_k_index, top_k_weights):
+    t = hidden_states.shape[0]
+    w_up, b_up = _weights(self)
+    routing = torch.zeros(t, w_up.num_experts, dtype=top_k_weights.dtype, device=hidden_states.device)
+    routing = routing.scatter(1, top_k_index, top_k_weights)  # [T, E], zero for unrouted experts
+    out = torch.zeros_like(hidden_states)
+    for b in w_up.widths:
+        members = [e for e, eb in enumerate(w_up.bit_widths) if eb == b]  # in slot order
+        wu = dequantize_packed(getattr(w_up, f"packed_{b}"), getattr(w_up, f"scale_{b}"),
+                               getattr(w_up, f"zero_{b}"), b, w_up.in_features, hidden_states.dtype)  # [E_b, 2I, H]
+        h = torch.einsum("th,enh->etn", hidden_states, wu)  # [E_b, T, 2I]
+        if b_up is not None:
+            h = h + b_up[members].unsqueeze(1)
+        h = _gate(self, h)
+        d = self.down_proj
+        db = [d.bit_widths[e] for e in members]
+        if len(set(db)) != 1 or db[0] != b or d.slots != w_up.slots:
+            raise ValueError("dense_groups needs gate_up_proj and down_proj of an expert at the same width")
+        wd = dequantize_packed(getattr(d, f"packed_{b}"), getattr(d, f"scale_{b}"), getattr(d, f"zero_{b}"), b,
+                               d.in_features, hidden_states.dtype)  # [E_b, H, I]
+        y = torch.einsum("eti,ehi->eth", h, wd)  # [E_b, T, H]
+        if self.has_bias:
+            y = y + self.down_proj_bias[members].unsqueeze(1)
+        out = out + torch.einsum("eth,te->th", y, routing[:, members].to(y.dtype))
+    return out
+
+
+def mixed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """``hidden_states`` ``[T, H]``, ``top_k_index``/``top_k_weights`` ``[T, k]`` -> ``[T, H]``."""
+    w_up, _ = _weights(self)
+    if not isinstance(w_up, MixedWidthExpertsTensor) or not isinstance(self.down_proj, MixedWidthExpertsTensor):
+        # float (or partly float) experts: the plain gather + bmm path handles them
+        from transformers.integrations.moe import batched_mm_experts_forward
+
+        return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if self.is_transposed:
+        raise NotImplementedError(f"{type(self).__name__}: transposed expert layouts are not supported yet")
+
+    # --- dispatch point: CUDA tensors go to the Triton kernels in moe_export.kernels (helper F) ---
+    if hidden_states.is_cuda:
+        cuda_forward = _cuda_forward()
+        if cuda_forward is not None:
+            return cuda_forward(self, hidden_states, top_k_index, top_k_weights)
+    # --- end of dispatch point ---
+
+    pairs = top_k_index.numel()
+    if pairs <= GATHER_MAX_PAIRS:
+        return routed_gather(self, hidden_states, top_k_index, top_k_weights)
+    if torch.compiler.is_compiling():
+        return dense_groups(self, hidden_states, top_k_index, top_k_weights)
+    return routed_loop(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _cuda_forward():
+    try:
+        from moe_export.kernels.moe import mixed_experts_forward as fwd
+    except ImportError:
+        return None
+    return fwd
+
+
+def register() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, mixed_experts_forward)
+
+
+register()

@@ -1,0 +1,80 @@
+"""ExecuTorch (.pte) export of a packed mixed-width MoE decoder step.
+
+Modes (``PTE_MODES``):
+
+* ``packed``: portable kernels only. Every expert keeps its own width in the file (packed bytes plus the
+  in-graph unpack of :mod:`moe_export.export.experts`); smallest file, portable-kernel speed.
+* ``xnnpack``: same packed experts, and the XNNPACK delegate takes the float parts (attention, router,
+  lm_head, the float matmuls after the unpack). XNNPACK never sees a quantized weight: it has no kernel for
+  2/3-bit or asymmetric weights and lowers torchao weight-only tensors to wrong answers (export-notes.md).
+* ``float``: the float model, for size/latency baselines (use with an unquantized model).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from moe_export.io import atomic_path
+
+PTE_MODES = ("packed", "xnnpack")
+
+
+def export_program(step: torch.nn.Module, max_tokens: int | None = None) -> torch.export.ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(step, step.example_inputs(), dynamic_shapes=step.dynamic_shapes(max_tokens), strict=False)
+
+
+def lower_to_executorch(ep: torch.export.ExportedProgram, mode: str = "packed"):
+    """ExportedProgram -> ExecutorchProgramManager (``.buffer`` is the .pte bytes)."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    if mode not in PTE_MODES:
+        raise ValueError(f"unknown pte mode {mode!r}; choose one of {', '.join(PTE_MODES)}")
+    partitioner = []
+    if mode == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        partitioner = [XnnpackPartitioner()]
+    # gather_dequant has only a CompositeImplicitAutograd kernel: to_edge decomposes it into aten ops.
+    edge = to_edge_transform_and_lower(ep, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    return edge.to_executorch()
+
+
+def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "packed", max_seq_len: int = 128) -> Path:
+    """Write ``model`` (a model prepared by :func:`moe_export.export.prepare.prepare_for_export`, or any
+    supported HF MoE model) as one decoder-step ``.pte``; returns the path."""
+    from moe_export.export.wrapper import DecoderStep
+
+    step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
+    program = lower_to_executorch(export_program(step), mode)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(program.buffer)
+    return path
+
+
+def pte_ops(path_or_program) -> dict[str, int]:
+    """Operator inventory of a .pte: ``{"aten::bmm": 4, "XnnpackBackend": 3, ...}`` (delegates by backend id)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    data = Path(path_or_program).read_bytes() if not hasattr(path_or_program, "execution_plan") else None
+    program = deserialize_pte_binary(data).program if data is not None else path_or_program
+    if hasattr(program, "program"):
+        program = program.program
+    counts: dict[str, int] = {}
+    for plan in program.execution_plan:
+        for chain in plan.chains:
+            for ins in chain.instructions:
+                args = ins.instr_args
+                if hasattr(args, "op_index"):
+                    op = plan.operators[args.op_index]
+                    name = f"{op.name}.{op.overload}" if op.overload else op.name
+                elif hasattr(args, "delegate_index"):
+                    name = plan.delegates[args.delegate_index].id
+                else:
+                    continue
+                counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,165 @@
+"""ONNX export of a packed mixed-width MoE decoder step, for onnxruntime on CPU.
+
+Per width group the routed experts are gathered from a packed uint8 table:
+
+* 2/4/8-bit groups with integer zero points and a power-of-two group size >= 16:
+  ``com.microsoft::GatherBlockQuantized`` (packed uint8 data, packed uint8 zero codes, float16 scales cast to
+  float32 so the dequantized rows equal the float32 reference bit for bit);
+* any other group (3-bit: ONNX has no INT3 type and no ORT kernel reads 3-bit codes; fractional HQQ zeros):
+  ``Gather`` of the packed bytes and an in-graph unpack with integer ``Div``/``Mod``, still 3 bits a weight.
+
+IR version and opsets are pinned to what onnxruntime 1.3x loads (IR <= 13; ai.onnx 21).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+from moe_export.io import atomic_path
+
+OPSET = 21
+IR_VERSION = 10
+_SCHEMAS_REGISTERED = False
+
+
+def _register_ort_schemas() -> None:
+    # onnx has no schemas for onnxruntime's contrib ops; the exporter's onnxscript layer needs one to emit a node.
+    global _SCHEMAS_REGISTERED
+    if _SCHEMAS_REGISTERED:
+        return
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("GatherBlockQuantized", 1, "com.microsoft")
+    except onnx.defs.SchemaError:
+        t1 = ("T1", ["tensor(uint8)"], "packed data and zero codes")
+        t2 = ("T2", ["tensor(float)", "tensor(float16)"], "scales and output")
+        tind = ("Tind", ["tensor(int32)", "tensor(int64)"], "indices")
+        schema = OpSchema(
+            "GatherBlockQuantized", "com.microsoft", 1,
+            inputs=[
+                OpSchema.FormalParameter("data", "T1"),
+                OpSchema.FormalParameter("indices", "Tind"),
+                OpSchema.FormalParameter("scales", "T2"),
+                OpSchema.FormalParameter("zero_points", "T1", param_option=OpSchema.FormalParameterOption.Optional),
+            ],
+            outputs=[OpSchema.FormalParameter("output", "T2")],
+            type_constraints=[t1, t2, tind],
+            attributes=[
+                OpSchema.Attribute("bits", OpSchema.AttrType.INT, "bits"),
+                OpSchema.Attribute("block_size", OpSchema.AttrType.INT, "block size"),
+                OpSchema.Attribute("gather_axis", OpSchema.AttrType.INT, "gather axis"),
+                OpSchema.Attribute("quantize_axis", OpSchema.AttrType.INT, "quantize axis"),
+            ],
+        )
+        onnx.defs.register_schema(schema)
+    _SCHEMAS_REGISTERED = True
+
+
+def _translation_table():
+    from onnxscript import opset21 as op
+    from onnxscript.values import Opset
+
+    msft = Opset("com.microsoft", 1)
+
+    def gather_dequant_codes(packed, scale, zero_codes, index, bits: int, k: int):
+        n_groups = scale.shape[-1] if scale.shape is not None else None
+        block = k // int(n_groups)
+        inputs = [packed, index, op.Cast(scale, to=1)]  # float32 scales: output = float32 reference exactly
+        if zero_codes is not None:
+            inputs.append(zero_codes)
+        return msft.GatherBlockQuantized(*inputs, bits=bits, block_size=block, gather_axis=0, quantize_axis=2)
+
+    return {torch.ops.moe_export.gather_dequant_codes.default: gather_dequant_codes}
+
+
+def _coded_copy(step: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, list[int]]]:
+    from moe_export.export.experts import MixedWidthWeight
+
+    step = copy.deepcopy(step)
+    coded = {}
+    for name, mod in step.named_modules():
+        if isinstance(mod, MixedWidthWeight):
+            coded[name] = mod.use_zero_codes()
+    return step, coded
+
+
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: int = 128, quantized_ops: bool = True) -> Path:
+    """Write ``model`` as one decoder-step ``.onnx`` (single file, weights inside); returns the path.
+
+    ``quantized_ops=False`` keeps the in-graph unpack for every width (no contrib ops: any ONNX runtime).
+    """
+    import onnx
+
+    from moe_export.export.wrapper import DecoderStep
+
+    step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
+    table = None
+    if quantized_ops:
+        _register_ort_schemas()
+        step, _ = _coded_copy(step)
+        table = _translation_table()
+    with torch.no_grad():
+        prog = torch.onnx.export(
+            step, step.example_inputs(), dynamo=True, opset_version=OPSET,
+            input_names=["tokens", "input_pos", "k_cache", "v_cache"], output_names=["logits", "k_cache_out", "v_cache_out"],
+            dynamic_shapes=step.dynamic_shapes(), custom_translation_table=table, external_data=False,
+            optimize=True, verbose=False,
+        )
+    proto = prog.model_proto
+    _strip_debug_info(proto.graph)
+    proto.ir_version = min(proto.ir_version, IR_VERSION)
+    onnx.checker.check_model(proto, full_check=False)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return path
+
+
+def _strip_debug_info(graph) -> None:
+    # The exporter records a Python stack and module path on every node: more bytes than a tiny model's weights.
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                _strip_debug_info(attr.g)
+
+
+def onnx_ops(path_or_proto) -> dict[str, int]:
+    """Operator inventory: ``{"MatMul": 12, "com.microsoft::GatherBlockQuantized": 8, ...}``."""
+    import onnx
+
+    proto = onnx.load(str(path_or_proto)) if isinstance(path_or_proto, (str, os.PathLike)) else path_or_proto
+    counts: dict[str, int] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            name = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            counts[name] = counts.get(name, 0) + 1
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    walk(attr.g)
+
+    walk(proto.graph)
+    for fn in proto.functions:  # local functions (if the exporter kept any) count as their bodies
+        for node in fn.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def onnx_initializer_types(path_or_proto) -> dict[str, int]:
+    """Bytes of initializers per element type, e.g. ``{"UINT8": 123456, "FLOAT16": 4096, "FLOAT": 99999}``."""
+    import onnx
+
+    proto = onnx.load(str(path_or_proto)) if isinstance(path_or_proto, (str, os.PathLike)) else path_or_proto
+    out: dict[str, int] = {}
+    for init in proto.graph.initializer:
+        name = onnx.TensorProto.DataType.Name(init.data_type)
+        out[name] = out.get(name, 0) + len(init.raw_data)
+    return out

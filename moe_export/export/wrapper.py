@@ -1,0 +1,92 @@
+"""An exportable decoder step: tokens + position + static KV cache in, logits + updated cache out.
+
+One signature serves prefill (T tokens) and decode (T = 1), with T a dynamic dim:
+
+    forward(tokens [1, T] int64, input_pos [1] int64, k_cache [L, 1, Hkv, S, D], v_cache [L, 1, Hkv, S, D])
+        -> logits [1, T, V], k_cache', v_cache'
+
+The cache is explicit input/output (not a mutable buffer) so the same graph lowers to ExecuTorch and to ONNX.
+It is written with a one-hot matmul instead of a scatter: exact (one term of 1.0, the rest 0.0), no
+data-dependent slicing, and every backend has a kernel for it. The HF decoder layers run unchanged; only the
+cache object they update is ours.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+
+
+class _StepCache:
+    """Duck-types the ``update`` method HF attention calls on ``past_key_values``."""
+
+    def __init__(self, k_cache, v_cache, write, keep):
+        self.k_cache, self.v_cache = k_cache, v_cache  # [L, 1, Hkv, S, D]
+        self.write, self.keep = write, keep  # [T, S] one-hot of the new positions, [S, 1] = 1 - any(write)
+        self.k_out: list[torch.Tensor] = []
+        self.v_out: list[torch.Tensor] = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # [1, Hkv, T, D] each
+        k = self.k_cache[layer_idx] * self.keep + torch.matmul(self.write.transpose(0, 1), key_states)  # [1, Hkv, S, D]
+        v = self.v_cache[layer_idx] * self.keep + torch.matmul(self.write.transpose(0, 1), value_states)
+        self.k_out.append(k)
+        self.v_out.append(v)
+        return k, v
+
+
+class DecoderStep(nn.Module):
+    def __init__(self, model: nn.Module, max_seq_len: int = 128):
+        super().__init__()
+        arch = type(model).__name__
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"export supports {', '.join(SUPPORTED_ARCHITECTURES)}; got {arch}")
+        cfg = model.config
+        window = getattr(cfg, "sliding_window", None)
+        if window is not None and window < max_seq_len:
+            raise ValueError(f"sliding_window={window} < max_seq_len={max_seq_len}: use max_seq_len <= {window}")
+        # The attention modules read the implementation from the shared config; eager attention is plain
+        # matmul/softmax with our additive mask, which every backend lowers.
+        cfg._attn_implementation = "eager"
+        self.model = model
+        self.max_seq_len = max_seq_len
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size = cfg.vocab_size
+        self.eval()
+
+    def cache_shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 1, self.num_kv_heads, self.max_seq_len, self.head_dim)
+
+    def empty_cache(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(self.cache_shape(), dtype=dtype), torch.zeros(self.cache_shape(), dtype=dtype)
+
+    def example_inputs(self, seq_len: int = 4):
+        k, v = self.empty_cache()
+        return (torch.zeros(1, seq_len, dtype=torch.long), torch.zeros(1, dtype=torch.long), k, v)
+
+    def dynamic_shapes(self, max_tokens: int | None = None):
+        t = torch.export.Dim("T", min=1, max=max_tokens or self.max_seq_len)
+        return ({1: t}, None, None, None)
+
+    def forward(self, tokens, input_pos, k_cache, v_cache):
+        inner = self.model.model
+        t = tokens.shape[1]
+        positions = input_pos + torch.arange(t, dtype=torch.long)  # [T]
+        slots = torch.arange(self.max_seq_len, dtype=torch.long)  # [S]
+        write = (positions.unsqueeze(1) == slots.unsqueeze(0)).to(k_cache.dtype)  # [T, S]
+        keep = (1.0 - write.sum(0)).unsqueeze(-1)  # [S, 1]
+        visible = slots.unsqueeze(0) <= positions.unsqueeze(1)  # [T, S]
+        mask = torch.where(visible, 0.0, torch.finfo(k_cache.dtype).min)[None, None]  # [1, 1, T, S]
+        cache = _StepCache(k_cache, v_cache, write, keep)
+
+        h = inner.embed_tokens(tokens)  # [1, T, H]
+        position_ids = positions.unsqueeze(0)  # [1, T]
+        pe = inner.rotary_emb(h, position_ids)
+        for layer in inner.layers:
+            out = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache, position_embeddings=pe)
+            h = out[0] if isinstance(out, tuple) else out
+        logits = self.model.lm_head(inner.norm(h))  # [1, T, V]
+        return logits, torch.stack(cache.k_out), torch.stack(cache.v_out)

@@ -1,0 +1,113 @@
+"""Plain-tensor kernels behind the packed subclasses: unpack + dequantize, and packed mat-vec.
+
+Everything here takes the stored bytes (uint8 packed, float16 scale/zero) and uses only aten ops, so
+eager, ``torch.compile`` and ``torch.export`` all run the same code. Two ways to multiply by a packed
+weight:
+
+* ``dequantize_packed`` then a float matmul: right when many rows share one weight (prefill);
+* ``packed_matvec``: broadcast-multiply + sum over K written group-wise,
+  ``y[n] = sum_g scale[n,g] * (sum_j q[n,g,j] x[g,j] - zero[n,g] * sum_j x[g,j])``,
+  which inductor fuses into one reduction that reads the packed bytes and never writes a float weight
+  (decode: a handful of rows per weight).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_export.quant.base import symmetric_zero
+from moe_export.quant.packing import _check
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Same result as ``packing.unpack`` written with pointwise ops only (no reduction), so inductor
+    fuses the unpack into whatever consumes it. ``uint8 [..., K*b/8] -> uint8 [..., K]``."""
+    _check(k, bits)
+    if bits == 8:
+        return packed
+    lead = packed.shape[:-1]
+    if bits in (1, 2, 4):
+        per_byte = 8 // bits  # values never straddle a byte
+        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+        v = (packed.reshape(*lead, k // per_byte, 1).to(torch.int32) >> shifts) & ((1 << bits) - 1)
+        return v.to(torch.uint8).reshape(*lead, k)
+    # 8 values fill `bits` bytes exactly; rebuild that little-endian word, then cut it into 8 values
+    wide = torch.int32 if bits <= 3 else torch.int64
+    chunks = packed.reshape(*lead, k // 8, bits).to(wide)  # [..., K/8, b]
+    word = chunks[..., 0:1]
+    for i in range(1, bits):
+        word = word | (chunks[..., i : i + 1] << (8 * i))  # [..., K/8, 1]
+    shifts = torch.arange(8, device=packed.device, dtype=wide) * bits
+    v = (word >> shifts) & ((1 << bits) - 1)  # [..., K/8, 8]
+    return v.to(torch.uint8).reshape(*lead, k)
+
+
+def _zero(zero: torch.Tensor | None, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    if zero is not None:
+        return zero
+    return torch.full_like(scale, symmetric_zero(bits))
+
+
+def dequantize_packed(
+    packed: torch.Tensor,  # uint8 [..., N, K*b/8]
+    scale: torch.Tensor,  # f16 [..., N, G]
+    zero: torch.Tensor | None,  # f16 [..., N, G] or None (symmetric)
+    bits: int,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:  # [..., N, K]
+    q = unpack_bits(packed, bits, k)  # [..., N, K]
+    n_groups = scale.shape[-1]
+    qg = q.reshape(*q.shape[:-1], n_groups, k // n_groups).to(dtype)  # [..., N, G, g]
+    z = _zero(zero, scale, bits)
+    w = (qg - z.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)
+    return w.reshape(q.shape)
+
+
+def packed_matvec(
+    x: torch.Tensor,  # [S, K]: one input row per packed weight
+    packed: torch.Tensor,  # uint8 [S, N, K*b/8]
+    scale: torch.Tensor,  # f16 [S, N, G]
+    zero: torch.Tensor | None,  # f16 [S, N, G] or None
+    bits: int,
+) -> torch.Tensor:  # [S, N]
+    s, k = x.shape
+    n_groups = scale.shape[-1]
+    g = k // n_groups
+    dtype = x.dtype
+    q = unpack_bits(packed, bits, k).reshape(s, -1, n_groups, g).to(dtype)  # [S, N, G, g]
+    xg = x.reshape(s, 1, n_groups, g)  # [S, 1, G, g]
+    qx = (q * xg).sum(-1)  # [S, N, G]
+    scale = scale.to(dtype)
+    if zero is None:
+        # symmetric: zero is a constant, so the correction is one scalar per group
+        corr = xg.sum(-1) * symmetric_zero(bits)  # [S, 1, G]
+    else:
+        corr = xg.sum(-1) * zero.to(dtype)  # [S, N, G]
+    return ((qx - corr) * scale).sum(-1)  # [S, N]
+
+
+def packed_linear(
+    x: torch.Tensor,  # [..., K]
+    packed: torch.Tensor,  # uint8 [N, K*b/8]
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    k: int,
+    bias: torch.Tensor | None = None,
+    matvec_max_rows: int = 4,
+) -> torch.Tensor:  # [..., N]
+    rows = x.numel() // k
+    if rows <= matvec_max_rows:
+        x2 = x.reshape(rows, k)  # [R, K]
+        n = packed.shape[0]
+        out = packed_matvec(
+            x2,
+            packed.unsqueeze(0).expand(rows, *packed.shape),
+            scale.unsqueeze(0).expand(rows, *scale.shape),
+            None if zero is None else zero.unsqueeze(0).expand(rows, *zero.shape),
+            bits,
+        ).reshape(*x.shape[:-1], n)
+        return out if bias is None else out + bias
+    w = dequantize_packed(packed, scale, zero, bits, k, x.dtype)
+    return torch.nn.functional.linear(x, w, bias)

@@ -1,0 +1,102 @@
+"""Held-out bits per byte of a zoo model quantized with RTN / HQQ / GPTQ at several average widths.
+
+    python tools/bench_quantizers.py ZOO_DIR [--avg-bits 2.25,2.5,2.75] [--levels 3,2] [--group-size 64]
+        [--quantizers rtn,hqq,gptq] [--calib-tokens 8192] [--json OUT]
+
+Plans come from `moe_export.plan.methods.make_plan` (router+maxvar, the paper's method); the same plan
+is quantized by each quantizer. Quantized experts are installed as fake-quant float weights (the
+dequantized float16-grid values, what every runtime reproduces), so the numbers do not depend on the
+packed-tensor path. GPTQ calibrates on the fine-tune corpus' train split. bpb is on the test split of
+every corpus of the entry, at the training context length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def _bpb(model, tok, corpora, seq_len, max_tokens):
+    from moe_export.eval import bits_per_byte, logits_fn_for
+    from moe_export.zoo.data import token_stream
+
+    fn = logits_fn_for(model)
+    return {c: round(bits_per_byte(fn, tok, token_stream(tok, c, "test"), seq_len, max_tokens=max_tokens,
+                                   progress=False)["bits_per_byte"], 4) for c in corpora}
+
+
+def _quantize(model, plan, name, tok, cal):
+    from types import SimpleNamespace
+
+    from moe_export.models import find_moe_layers
+    from moe_export.quant.base import get_quantizer
+    from moe_export.quant.calibration import install_fake_quant, quantize_sequential
+
+    quantizer = get_quantizer(name)
+    g, sym = plan.quantizer.group_size, plan.quantizer.symmetric
+    if quantizer.needs_calibration:
+        cfg = SimpleNamespace(plan=plan, quantizer=quantizer, quantizer_options={}, calibration=cal)
+        rep = quantize_sequential(model, cfg, tokenizer=tok, install=install_fake_quant, progress=False)
+        return {"rtn_fallback": {k: v for k, v in rep.rtn_fallback.items() if v}}
+    for layer in find_moe_layers(model):
+        bits = plan.bits_for(layer.name)
+        q = {p: [quantizer.quantize(layer.expert_weight(p, e), bits[e], g, sym) for e in range(layer.num_experts)]
+             for p in layer.projections}
+        install_fake_quant(model, layer, q)
+    return {}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("zoo_dir")
+    ap.add_argument("--avg-bits", default="2.25,2.5,2.75")
+    ap.add_argument("--levels", default="3,2")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--quantizers", default="rtn,hqq,gptq")
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--all-experts", choices=["on", "off"], default="on")
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from moe_export.plan.methods import PlanConfig, make_plan
+    from moe_export.quant.calibration import CalibrationConfig
+    from moe_export.zoo import get_entry, load
+
+    root = Path(args.zoo_dir)
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = get_entry(manifest["name"])
+    float_model, tok = load(root, "finetuned")
+    corpora, seq_len = entry.corpora, entry.seq_len
+    cal = CalibrationConfig(n_tokens=args.calib_tokens, seq_len=seq_len, corpus=entry.finetune.corpus,
+                            all_experts=args.all_experts == "on")
+    rows = [{"quantizer": "float", "avg_bits": 16, "bpb": _bpb(float_model, tok, corpora, seq_len, args.eval_tokens)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for avg in [float(x) for x in args.avg_bits.split(",")]:
+        plan = make_plan(root, PlanConfig(avg_bits=avg, levels=[int(b) for b in args.levels.split(",")],
+                                          group_size=args.group_size))
+        for name in args.quantizers.split(","):
+            model = copy.deepcopy(float_model)
+            p = copy.deepcopy(plan)
+            t0 = time.perf_counter()
+            extra = _quantize(model, p, name, tok, cal)
+            dt = time.perf_counter() - t0
+            rows.append({"quantizer": name, "avg_bits": avg, "seconds": round(dt, 2),
+                         "bpb": _bpb(model, tok, corpora, seq_len, args.eval_tokens), **extra})
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        from moe_export.io import atomic_write_json
+
+        atomic_write_json(args.json, {"zoo_dir": str(root), "group_size": args.group_size, "levels": args.levels,
+                                      "calibration": dataclasses.asdict(cal), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
