@@ -8,6 +8,7 @@ is switched to the ``moe_export_mixed`` experts implementation and keeps its pla
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_export.quant.base import QuantizedWeight, Quantizer, get_quantizer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MoEQuantConfig", "quantize_", "quantize_layer_experts", "install_quantized_layer", "quantize_non_expert_"]
 
@@ -113,17 +116,20 @@ def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = N
         p = params[pid]
         if isinstance(p, (MixedWidthExpertsTensor, PackedLinearWeight)) or p.dim() != 2:
             continue
-        roles = {parameter_role(model, n) for n in names}
-        if len(roles) != 1:
-            raise ValueError(f"parameter shared by {names} has several roles {sorted(roles)}; give them one policy")
-        policy = plan.non_expert.get(roles.pop(), "float")
+        roles = sorted({parameter_role(model, n) for n in names})
+        policies = [plan.non_expert.get(r, "float") for r in roles]
+        if any(pol != policies[0] for pol in policies):
+            raise ValueError(f"parameter shared by {names} has roles {roles} with different policies {policies}; "
+                             "give these roles the same non_expert policy in the plan")
+        policy = policies[0]
         if policy == "float":
             continue
         bits, gs, sym = int(policy["bits"]), policy.get("group_size"), bool(policy.get("symmetric", False))
         k = p.shape[1]
         if k % 8 or (gs is not None and k % gs):
-            raise ValueError(f"{names[0]}: input dim {k} is not a multiple of 8 and of group size {gs}; "
-                             "keep this role float in the plan's non_expert policy")
+            # e.g. T5 relative-attention bias tables [buckets, heads]: too small to pack, kept float
+            log.warning("%s: input dim %d is not a multiple of 8 and of group size %s; kept float", names[0], k, gs)
+            continue
         qw = quantizer.quantize(p.detach(), bits, gs, sym)
         new = nn.Parameter(PackedLinearWeight.from_quantized(qw, dtype=p.dtype), requires_grad=False)
         for n in names:
@@ -142,6 +148,7 @@ def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -
         raise TypeError(f"quantize_ expects a MoEQuantConfig, got {type(config).__name__}")
     plan = _resolve_plan(config.plan)
     quantizer = _resolve_quantizer(config.quantizer, config.quantizer_options)
+    plan.validate()
     plan.validate_against(model)
     gs, sym = plan.quantizer.group_size, plan.quantizer.symmetric
     if plan.quantizer.name != quantizer.name:

@@ -78,6 +78,11 @@ class SafetensorsCheckpoint:
         except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
             raise CheckpointError(f"{file}: not a readable safetensors file ({err}); re-create or re-download it") from err
 
+    def release(self) -> None:
+        """Close the open files. Pages read through a file's memory map stay resident (and count in
+        RSS) while it is open, so a reader that walks a checkpoint layer by layer releases between layers."""
+        self._handles.clear()
+
     def keys(self) -> list[str]:
         return list(self.weight_map)
 

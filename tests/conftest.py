@@ -15,3 +15,15 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_dir():
+    """The `tiny` zoo build (Mixtral, pre-trained + fine-tuned), built once into $MOE_EXPORT_HOME and reused.
+
+    Folder with pretrained/, finetuned/ (save_pretrained + tokenizer) and manifest.json. The first build
+    takes 1-4 minutes on 2 cores; concurrent sessions wait on a lock instead of building twice.
+    """
+    from moe_export.zoo import build
+
+    return build("tiny", seed=0, progress=False)

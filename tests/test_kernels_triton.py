@@ -11,15 +11,15 @@ in the interpreter at tiny shapes and compare with ``moe_export.kernels.referenc
 * a planted off-by-one (bit offset + 1, injected through the kernels' FAULT_BIT_SHIFT argument) is
   caught by every one of these checks.
 
-Triton decides interpreter-or-GPU when ``@triton.jit`` runs, so the kernels module is imported by
-the fixture below after the variable is set (and reloaded if something imported it before).
+Triton decides interpreter-or-GPU when it is imported and when ``@triton.jit`` runs: tests/conftest.py
+sets TRITON_INTERPRET=1 on machines without CUDA before anything imports triton. On a CUDA machine the
+same tests run the compiled kernels on the GPU.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -36,21 +36,20 @@ K = 256  # every group size divides it; 4 K-blocks of 64
 N = 48  # not a multiple of the N tile: exercises the N mask
 
 
+INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+
 @pytest.fixture(scope="module")
 def mwm():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("no CUDA device and TRITON_INTERPRET is unset (tests/conftest.py sets it without CUDA)")
+    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    name = "moe_export.kernels.mixed_width_matmul"
-    module = importlib.import_module(name)
-    if not isinstance(module._gather_mm_kernel, InterpretedFunction):
-        module = importlib.reload(sys.modules[name])
-    yield module
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    if INTERPRET and not isinstance(tl.zeros, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment")
+    return importlib.import_module("moe_export.kernels.mixed_width_matmul")
 
 
 def width_groups(expert_bits: list[int], n: int, k: int, group_size, symmetric) -> tuple:
@@ -70,7 +69,8 @@ def width_groups(expert_bits: list[int], n: int, k: int, group_size, symmetric) 
         packed.append(torch.stack([pack(q.qdata, b) for q in qws]))  # [E_b, N, K*b/8]
         scales.append(torch.stack([q.scale for q in qws]))  # [E_b, N, K/g]
         zeros.append(None if sym else torch.stack([q.zero for q in qws]))
-    return packed, scales, zeros, widths, torch.tensor(expert_bits), slot
+    to = lambda ts: [None if t is None else t.to(DEVICE) for t in ts]  # noqa: E731
+    return to(packed), to(scales), to(zeros), widths, torch.tensor(expert_bits, device=DEVICE), slot.to(DEVICE)
 
 
 def assert_close(out, ref, what):
@@ -81,7 +81,7 @@ def assert_close(out, ref, what):
 
 def routed(num_experts, pairs, gen_seed=0):
     g = torch.Generator().manual_seed(gen_seed)
-    return torch.randint(0, num_experts, (pairs,), generator=g)
+    return torch.randint(0, num_experts, (pairs,), generator=g).to(DEVICE)
 
 
 # --- unpack / dequantize: bit-exact ----------------------------------------------------------------
@@ -89,7 +89,7 @@ def routed(num_experts, pairs, gen_seed=0):
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("k", [8, 96, 256])
 def test_unpack_bit_exact(mwm, bits, k):
-    q = torch.randint(0, 2**bits, (2, 5, k), dtype=torch.uint8)
+    q = torch.randint(0, 2**bits, (2, 5, k), dtype=torch.uint8, device=DEVICE)
     out = mwm.unpack(pack(q, bits), bits, k)
     assert torch.equal(out, q)
     assert torch.equal(out, unpack(pack(q, bits), bits, k))
@@ -102,7 +102,7 @@ def test_dequantize_bit_exact(mwm, bits, group_size, symmetric):
     packed, scales, zeros, *_ = width_groups([bits, bits], 8, K, group_size, symmetric)
     out = mwm.dequantize(packed[0], scales[0], zeros[0], bits, K)  # [2, 8, K]
     ref = torch.stack([reference.expert_weight(e, packed, scales, zeros, [bits], [bits, bits], [0, 1], K)
-                       for e in range(2)])
+                       for e in range(2)])  # [2, 8, K]
     assert torch.equal(out, ref)
 
 
@@ -117,27 +117,32 @@ def test_dequantize_row_group_not_multiple_of_block(mwm):
 
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_planted_off_by_one_is_caught(mwm, bits):
-    packed, scales, zeros, widths, ebits, slot = width_groups([bits, bits], N, K, 64, False)
+    packed, scales, zeros, *_ = width_groups([bits], 8, K, 64, False)
     q = unpack(packed[0], bits, K)
     assert torch.equal(mwm.unpack(packed[0], bits, K), q)  # sane without the fault
     assert not torch.equal(mwm.unpack(packed[0], bits, K, fault_bit_shift=1), q)
-    ref_w = mwm.dequantize(packed[0], scales[0], zeros[0], bits, K)
-    assert not torch.equal(mwm.dequantize(packed[0], scales[0], zeros[0], bits, K, fault_bit_shift=1), ref_w)
+    ref_w = reference.expert_weight(0, packed, scales, zeros, [bits], [bits], [0], K)  # [8, K]
+    assert torch.equal(mwm.dequantize(packed[0], scales[0], zeros[0], bits, K)[0], ref_w)
+    assert not torch.equal(mwm.dequantize(packed[0], scales[0], zeros[0], bits, K, fault_bit_shift=1)[0], ref_w)
 
-    x = torch.randn(3, K)
-    ids = routed(2, 3)
-    ref = reference.gather_mm(x, ids, packed, scales, zeros, widths, ebits, slot)
-    bad = mwm.gather_mm(x, ids, packed, scales, zeros, widths, ebits, slot,
-                        config=dict(BLOCK_N=32, BLOCK_K=64), fault_bit_shift=1)
+
+@pytest.mark.parametrize("path", ["gather", "grouped"])
+def test_planted_off_by_one_fails_the_matmul_check(mwm, path):
+    args = width_groups([3, 3], N, K, 64, False)  # 3 bits: values straddle bytes
+    x = torch.randn(5, K, device=DEVICE)
+    if path == "gather":
+        ids = routed(2, 5)
+        ref = reference.gather_mm(x, ids, *args)
+        good, bad = (mwm.gather_mm(x, ids, *args, config=dict(BLOCK_N=64, BLOCK_K=128), fault_bit_shift=f)
+                     for f in (0, 1))
+    else:
+        offs = torch.tensor([3, 5], dtype=torch.int32, device=DEVICE)
+        ref = reference.grouped_mm(x, offs, *args)
+        good, bad = (mwm.grouped_mm(x, offs, *args, config=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+                                    fault_bit_shift=f) for f in (0, 1))
+    assert_close(good, ref, f"{path} without the fault")
     with pytest.raises(AssertionError, match="max abs err"):
-        assert_close(bad, ref, "gather with planted off-by-one")
-    offs = torch.tensor([3, 5], dtype=torch.int32)
-    x = torch.randn(5, K)
-    ref = reference.grouped_mm(x, offs, packed, scales, zeros, widths, ebits, slot)
-    bad = mwm.grouped_mm(x, offs, packed, scales, zeros, widths, ebits, slot,
-                         config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64), fault_bit_shift=1)
-    with pytest.raises(AssertionError, match="max abs err"):
-        assert_close(bad, ref, "grouped with planted off-by-one")
+        assert_close(bad, ref, f"{path} with planted off-by-one")
 
 
 # --- decode (gather) and prefill (grouped) matmuls --------------------------------------------------
@@ -146,9 +151,9 @@ def test_planted_off_by_one_is_caught(mwm, bits):
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_gather_mm_per_width(mwm, bits, group_size):
     args = width_groups([bits] * 3, N, K, group_size, symmetric=bits == 1)
-    x = torch.randn(4, K)
-    ids = routed(3, 4)
-    out = mwm.gather_mm(x, ids, *args, config=dict(BLOCK_N=32, BLOCK_K=64))
+    x = torch.randn(3, K, device=DEVICE)
+    ids = routed(3, 3)
+    out = mwm.gather_mm(x, ids, *args, config=dict(BLOCK_N=64, BLOCK_K=128))
     assert_close(out, reference.gather_mm(x, ids, *args), f"gather {bits}-bit g={group_size}")
 
 
@@ -156,9 +161,9 @@ def test_gather_mm_per_width(mwm, bits, group_size):
 @pytest.mark.parametrize("group_size", GROUPS)
 def test_grouped_mm_per_width(mwm, bits, group_size):
     args = width_groups([bits] * 3, N, K, group_size, symmetric=bits == 1)
-    offs = torch.tensor([5, 5, 19], dtype=torch.int32)  # expert 1 gets no rows; 19 rows span 2 M-tiles
-    x = torch.randn(19, K)
-    out = mwm.grouped_mm(x, offs, *args, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64))
+    offs = torch.tensor([5, 5, 19], dtype=torch.int32, device=DEVICE)  # expert 1 gets no rows; 19 rows span 2 M-tiles
+    x = torch.randn(19, K, device=DEVICE)
+    out = mwm.grouped_mm(x, offs, *args, config=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128))
     assert_close(out, reference.grouped_mm(x, offs, *args), f"grouped {bits}-bit g={group_size}")
 
 
@@ -169,19 +174,19 @@ MIXED_SYM = {1: True, 2: False, 3: True, 4: False, 8: True}
 @pytest.mark.parametrize("group_size", [32, None])
 def test_gather_mm_mixed_widths(mwm, group_size):
     args = width_groups(MIXED, N, K, group_size, MIXED_SYM)
-    x = torch.randn(10, K)
-    ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 2, 0])  # every expert, some twice
-    out = mwm.gather_mm(x, ids, *args, config=dict(BLOCK_N=16, BLOCK_K=128))
+    x = torch.randn(10, K, device=DEVICE)
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 2, 0], device=DEVICE)  # every expert, some twice
+    out = mwm.gather_mm(x, ids, *args, config=dict(BLOCK_N=64, BLOCK_K=128))
     assert_close(out, reference.gather_mm(x, ids, *args), f"gather mixed g={group_size}")
 
 
 @pytest.mark.parametrize("group_size", [64, None])
 def test_grouped_mm_mixed_widths(mwm, group_size):
     args = width_groups(MIXED, N, K, group_size, MIXED_SYM)
-    counts = torch.tensor([3, 0, 17, 1, 5, 2, 0, 4])
+    counts = torch.tensor([3, 0, 17, 1, 5, 2, 0, 4], device=DEVICE)
     offs = counts.cumsum(0).to(torch.int32)
-    x = torch.randn(int(offs[-1]) + 3, K)  # 3 rows past offs[-1]: must come back zero
-    out = mwm.grouped_mm(x, offs, *args, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64))
+    x = torch.randn(int(offs[-1]) + 3, K, device=DEVICE)  # 3 rows past offs[-1]: must come back zero
+    out = mwm.grouped_mm(x, offs, *args, config=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128))
     ref = reference.grouped_mm(x, offs, *args)
     assert_close(out, ref, f"grouped mixed g={group_size}")
     assert torch.equal(out[-3:], torch.zeros_like(out[-3:]))
@@ -189,8 +194,8 @@ def test_grouped_mm_mixed_widths(mwm, group_size):
 
 def test_half_precision_inputs(mwm):
     args = width_groups([3, 4], N, K, 64, False)
-    x = torch.randn(4, K, dtype=torch.float16)
-    ids = torch.tensor([0, 1, 1, 0])
+    x = torch.randn(4, K, dtype=torch.float16, device=DEVICE)
+    ids = torch.tensor([0, 1, 1, 0], device=DEVICE)
     out = mwm.gather_mm(x, ids, *args, config=dict(BLOCK_N=32, BLOCK_K=64))
     assert out.dtype == torch.float16
     ref = reference.gather_mm(x, ids, *args)

@@ -76,21 +76,17 @@ def test_final_norm_proxy_without_reference(zoo):
 
 def test_streaming_reads_only_routers_and_first_layer_weights(zoo, monkeypatch):
     root, _, _ = zoo
-    from moe_export.models import TensorSlice
+    from moe_export.plan.reader import StreamReader
 
-    read = []  # data reads only (shape look-ups read headers, not tensors)
-    orig_get, orig_read = SafetensorsCheckpoint.get, TensorSlice.read
+    read = []  # tensor data reads (the layout itself reads only headers)
+    orig_read = StreamReader.read
 
-    def get(self, key):
+    def logged(self, key, *a, **k):
         read.append(key)
-        return orig_get(self, key)
+        return orig_read(self, key, *a, **k)
 
-    def slice_read(self, ckpt):
-        read.append(self.key)
-        return orig_read(self, ckpt)
-
-    monkeypatch.setattr(SafetensorsCheckpoint, "get", get)
-    monkeypatch.setattr(TensorSlice, "read", slice_read)
+    monkeypatch.setattr(StreamReader, "read", logged)
+    monkeypatch.setattr(SafetensorsCheckpoint, "get", lambda self, key: pytest.fail(f"mmap read of {key}"))
     make_plan(root, PlanConfig(2.5, [3, 2], group_size=G), progress=False)
     tensor_keys = {k for k in read}
     assert tensor_keys, "nothing was read"
@@ -222,10 +218,13 @@ def test_cli_plan_writes_json_summary_and_heatmap(zoo, tmp_path):
     assert [l.bits for l in plan.layers] == [[3, 3, 3, 2, 2, 2, 2, 3]] * 2
     assert png.read_bytes()[:4] == b"\x89PNG"
     r = CliRunner().invoke(main, ["plan", str(root), "--avg-bits", "2.0", "--levels", "3,2,1", "--group-size", "32",
-                                  "--method", "weight-error", "-o", str(out)])
+                                  "--method", "weight-error", "--non-expert", "attention=4", "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "1-bit" in r.output and "wrote" in r.output
-    assert json.loads(out.read_text())["levels"] == [3, 2, 1]
+    d = json.loads(out.read_text())
+    assert d["levels"] == [3, 2, 1]
+    assert d["non_expert"]["attention"] == {"bits": 4, "group_size": 32, "symmetric": False}
+    assert d["non_expert"]["router"] == "float"
 
 
 def test_cli_errors_are_one_line(zoo, tmp_path):
@@ -238,5 +237,7 @@ def test_cli_errors_are_one_line(zoo, tmp_path):
     assert not out.exists()
     r = CliRunner().invoke(main, ["plan", str(root), "--avg-bits", "2.5", "--levels", "3,x", "-o", str(out)])
     assert r.exit_code == 2 and "comma-separated" in r.output
+    r = CliRunner().invoke(main, ["plan", str(root), "--avg-bits", "2.5", "--non-expert", "vision=4", "-o", str(out)])
+    assert r.exit_code == 2 and "ROLE=float" in r.output
     r = CliRunner().invoke(main, ["plan", str(root), "--avg-bits", "2.5", "-o", str(out), "-q"])  # group 128 vs hidden 64
     assert r.exit_code == 1 and "group size 128 does not divide" in r.output

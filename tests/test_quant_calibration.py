@@ -161,3 +161,20 @@ def test_calibration_config_rejects_bad_values():
     with pytest.raises(ValueError, match=r"token ids \[B, S\]"):
         quantize_sequential(model, _config(model), batches=torch.zeros(5, dtype=torch.long),
                             install=install_fake_quant, progress=False)
+
+
+@pytest.mark.parametrize("arch", [MIXTRAL, "Qwen3MoeForCausalLM"])
+def test_quantize_api_with_gptq_packs_exactly_what_calibration_computed(arch):
+    from moe_export.api import MoEQuantConfig, quantize_
+
+    x = _batches(tiny_random_model(arch), n=4, seq=32)
+    packed, fake = tiny_random_model(arch, seed=0), tiny_random_model(arch, seed=0)
+    cal = CalibrationConfig(batches=x, all_experts=False, min_tokens=8)
+    plan = BitPlan.uniform(find_moe_layers(packed), 3, group_size=32)
+    quantize_(packed, MoEQuantConfig(plan, "gptq", calibration=cal), progress=False)
+    quantize_sequential(fake, _config(fake, bits=3, all_experts=False, min_tokens=8), batches=x,
+                        install=install_fake_quant, progress=False)
+    assert torch.equal(_logits(packed, x), _logits(fake, x))  # packed bytes dequantize to the same weights
+    prov = packed.moe_export_plan.provenance["calibration"]
+    assert prov["quantizer"] == "gptq" and "batches" not in prov["config"]
+    assert set(prov["routed_tokens"]) == {l.name for l in find_moe_layers(fake)}

@@ -43,10 +43,19 @@ def test_gptq_with_identity_hessian_is_rtn_bit_exact():
     for bits in (1, 3, 4):
         for g in (32, None):
             for sym in (False, True):
-                q_gptq = get_quantizer("gptq").quantize(W, bits, g, sym, hessian=H)
+                q_gptq = get_quantizer("gptq", search=False).quantize(W, bits, g, sym, hessian=H)
                 q_rtn = get_quantizer("rtn").quantize(W, bits, g, sym)
                 assert torch.equal(q_gptq.qdata, q_rtn.qdata)
                 assert torch.equal(q_gptq.scale, q_rtn.scale)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_range_search_lowers_output_error(symmetric):
+    # the paper's p in [0.9, 1.1] search; measured 0.79-0.98x the plain min/max grid's error
+    W, X, H = _layer()
+    for bits in (2, 3, 4):
+        e = [(X @ (gptq_quantize(W, H, bits, 32, symmetric, search=s)[0].dequantize() - W).T).norm() for s in (False, True)]
+        assert e[1] < e[0], (bits, e)
 
 
 @pytest.mark.parametrize("group_size", [32, 128, None])
@@ -85,7 +94,7 @@ def test_dead_inputs_and_empty_hessian_give_finite_rtn_like_result():
     H[:, 10] = 0
     H[10, :] = 0
     assert torch.isfinite(get_quantizer("gptq").quantize(W, 2, 32, False, hessian=H).dequantize()).all()
-    q0 = get_quantizer("gptq").quantize(W, 2, 32, False, hessian=torch.zeros_like(H))
+    q0 = get_quantizer("gptq", search=False).quantize(W, 2, 32, False, hessian=torch.zeros_like(H))
     assert torch.equal(q0.qdata, get_quantizer("rtn").quantize(W, 2, 32, False).qdata)
 
 

@@ -32,6 +32,24 @@ def _group(ctx, param, value):
     return g
 
 
+def _non_expert(items, group_size, symmetric) -> dict:
+    from moe_export.plan.bitplan import NON_EXPERT_ROLES, default_non_expert
+
+    policy = default_non_expert()
+    for item in items:
+        role, _, value = item.partition("=")
+        if role not in NON_EXPERT_ROLES or not value:
+            raise click.BadParameter(f"expected ROLE=float or ROLE=BITS with ROLE in {', '.join(NON_EXPERT_ROLES)}; got {item!r}",
+                                     param_hint="--non-expert")
+        if value == "float":
+            policy[role] = "float"
+        elif value.isdigit() and 1 <= int(value) <= 8:
+            policy[role] = {"bits": int(value), "group_size": group_size, "symmetric": symmetric}
+        else:
+            raise click.BadParameter(f"{role}: expected 'float' or a width in 1..8, got {value!r}", param_hint="--non-expert")
+    return policy
+
+
 @click.command(name="plan", help="Per-expert bit plan (router-norm change + MaxVar, or a baseline) of MODEL_DIR.\n\n"
                "MODEL_DIR is a safetensors checkpoint folder, or a zoo build folder (pretrained/ + finetuned/: "
                "plans finetuned/ with pretrained/ as the reference).")
@@ -54,12 +72,16 @@ def _group(ctx, param, value):
 @click.option("--calib-corpus", default="shakespeare", show_default=True, help="Calibration corpus (frequency/routing-weight/pmq).")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True)
 @click.option("--calib-seq-len", type=int, default=128, show_default=True)
+@click.option("--non-expert", "non_expert", multiple=True, metavar="ROLE=float|BITS",
+              help="Policy for non-expert weights, repeatable (e.g. --non-expert attention=4 --non-expert router=8); "
+                   "roles: attention, router, shared_experts, embeddings, lm_head, dense_mlp. Default: all float.")
 @click.option("--name", default=None, help="Model name recorded in the plan (default: the folder name).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="BitPlan JSON to write.")
 @click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write a layers x experts PNG.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary table.")
 def command(model_dir, avg_bits, levels, method, reference, zeta, maxvar_variant, absolute_change, group_size, symmetric,
-            quantizer, seed, router_weighting, calib_corpus, calib_tokens, calib_seq_len, name, output, heatmap, quiet):
+            quantizer, seed, router_weighting, calib_corpus, calib_tokens, calib_seq_len, non_expert, name, output,
+            heatmap, quiet):
     import torch
 
     from moe_export.io import CheckpointError
@@ -72,7 +94,8 @@ def command(model_dir, avg_bits, levels, method, reference, zeta, maxvar_variant
     try:
         cfg = PlanConfig(avg_bits=avg_bits, levels=levels, method=method, zeta=zeta, maxvar_variant=maxvar_variant,
                          absolute_change=absolute_change, group_size=group_size, symmetric=symmetric,
-                         quantizer=quantizer, seed=seed, router_weighting=router_weighting)
+                         quantizer=quantizer, seed=seed, router_weighting=router_weighting,
+                         non_expert=_non_expert(non_expert, group_size, symmetric))
         ckpt_dir, ref = resolve_model_dir(model_dir, reference)
         name = name or Path(model_dir).resolve().name
         if method in CALIBRATED:

@@ -22,58 +22,63 @@ from moe_export.quant.base import QuantizedWeight, symmetric_zero
 from moe_export.quant.packing import pack
 
 _LIB = torch.library.Library("moe_export", "DEF")
-_LIB.define("gather_dequant(Tensor packed, Tensor scale, Tensor? zero, Tensor index, int bits, int k) -> Tensor")
+_LIB.define("gather_dequant(Tensor packed, Tensor scale, Tensor? zero, Tensor index, Tensor lut, int bits, int k) -> Tensor")
 # Same, with integer zero points stored as packed b-bit codes (uint8 [E, N, ceil(G*b/8)]): the layout of
 # onnxruntime's GatherBlockQuantized, which the ONNX exporter maps this op to.
-_LIB.define("gather_dequant_codes(Tensor packed, Tensor scale, Tensor? zero_codes, Tensor index, int bits, int k) -> Tensor")
+_LIB.define("gather_dequant_codes(Tensor packed, Tensor scale, Tensor? zero_codes, Tensor index, Tensor lut, int bits, int k) -> Tensor")
 
 
-def unpack_codes(p: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """uint8 ``[..., K*b/8]`` LSB-first bit stream -> int32 codes ``[..., K]``, with export-safe integer ops.
+def unpack_lut(bits: int) -> torch.Tensor:
+    """Integer constants of the unpack for width b: divisors ``2**(b*i)`` of one word, then (when 8
+    values span b bytes) the byte weights ``256**j`` that rebuild that word. Passed to the op as a tensor:
+    one broadcast ``div``/``remainder`` instead of one op per code keeps the exported graph small."""
+    per = 8 // bits if 8 % bits == 0 else 8
+    vals = [1 << (bits * i) for i in range(per)]
+    if 8 % bits:
+        vals += [1 << (8 * j) for j in range(bits)]
+    return torch.tensor(vals, dtype=torch.int64)
 
-    Only scalar divisors: a tensor constant created here would be a lifted constant that torch.export's
-    decomposition of this op cannot register.
-    """
+
+def unpack_codes(p: torch.Tensor, lut: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """uint8 ``[..., K*b/8]`` LSB-first bit stream -> int64 codes ``[..., K]`` (``lut = unpack_lut(bits)``),
+    with integer div/remainder only: bit shifts are not Core ATen and have no ONNX translation."""
     lead = p.shape[:-1]
     if bits == 8:
-        return p.to(torch.int32)
+        return p.long()
     if 8 % bits == 0:
-        x = p.to(torch.int32)  # [..., B]
-        cut = [torch.remainder(torch.div(x, 1 << (bits * i), rounding_mode="floor"), 1 << bits) for i in range(8 // bits)]
-        return torch.stack(cut, dim=-1).reshape(*lead, k)  # [..., B, 8/b] -> [..., K]
-    # 8 values span b bytes: rebuild the 8b-bit word (int64 for b > 3) and cut it into b-bit codes.
-    wdt = torch.int32 if bits <= 3 else torch.int64
-    chunks = p.reshape(*lead, k // 8, bits).to(wdt)  # [..., K/8, b]
-    word = chunks[..., 0]
-    for j in range(1, bits):
-        word = word + chunks[..., j] * (1 << (8 * j))  # [..., K/8]
-    cut = [torch.remainder(torch.div(word, 1 << (bits * i), rounding_mode="floor"), 1 << bits) for i in range(8)]
-    return torch.stack(cut, dim=-1).reshape(*lead, k).to(torch.int32)  # [..., K/8, 8] -> [..., K]
+        word = p.long().unsqueeze(-1)  # [..., B, 1]
+        div = lut
+    else:  # 8 values span b bytes: rebuild the 8b-bit word, then cut it into 8 codes
+        chunks = p.reshape(*lead, k // 8, bits).long()  # [..., K/8, b]
+        word = (chunks * lut[8:]).sum(-1, keepdim=True)  # [..., K/8, 1]
+        div = lut[:8]
+    codes = torch.remainder(torch.div(word, div, rounding_mode="floor"), 1 << bits)  # [..., B, per]
+    return codes.reshape(*lead, k)
 
 
-def _dequant_rows(p, s, z, bits: int, k: int):
+def _dequant_rows(p, s, z, lut, bits: int, k: int):
     """Gathered rows: uint8 ``p`` [S, N, K*b/8], f16 ``s`` [S, N, G], ``z`` float [S, N, G] or None -> [S, N, K]."""
     n_groups = s.shape[-1]
-    q = unpack_codes(p, bits, k).float().reshape(p.shape[0], p.shape[1], n_groups, k // n_groups)  # [S, N, G, g]
+    q = unpack_codes(p, lut, bits, k).float().reshape(p.shape[0], p.shape[1], n_groups, k // n_groups)  # [S, N, G, g]
     zero = symmetric_zero(bits) if z is None else z.float().unsqueeze(-1)
     return ((q - zero) * s.float().unsqueeze(-1)).reshape(p.shape[0], p.shape[1], k)
 
 
 @torch.library.impl(_LIB, "gather_dequant", "CompositeImplicitAutograd")
-def _gather_dequant(packed, scale, zero, index, bits: int, k: int):
+def _gather_dequant(packed, scale, zero, index, lut, bits: int, k: int):
     # Gather bytes first: the float weight exists only for the routed rows, and no cast of a whole
     # constant table is left for an exporter to fold into a float initializer.
     z = None if zero is None else zero.index_select(0, index)
-    return _dequant_rows(packed.index_select(0, index), scale.index_select(0, index), z, bits, k)
+    return _dequant_rows(packed.index_select(0, index), scale.index_select(0, index), z, lut, bits, k)
 
 
 @torch.library.impl(_LIB, "gather_dequant_codes", "CompositeImplicitAutograd")
-def _gather_dequant_codes(packed, scale, zero_codes, index, bits: int, k: int):
+def _gather_dequant_codes(packed, scale, zero_codes, index, lut, bits: int, k: int):
     z = None
     if zero_codes is not None:
         zc = zero_codes.index_select(0, index)  # [S, N, ceil(G*b/8)]
-        z = unpack_codes(zc, bits, zc.shape[-1] * 8 // bits)[..., : scale.shape[-1]]  # [S, N, G]
-    return _dequant_rows(packed.index_select(0, index), scale.index_select(0, index), z, bits, k)
+        z = unpack_codes(zc, lut, bits, zc.shape[-1] * 8 // bits)[..., : scale.shape[-1]]  # [S, N, G]
+    return _dequant_rows(packed.index_select(0, index), scale.index_select(0, index), z, lut, bits, k)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -128,7 +133,7 @@ class WidthGroups:
         for e, b in enumerate(self.expert_bits):
             i = torch.tensor([self.slot[e]])
             z = None if self.zero[b] is None else self.zero[b]
-            out.append(_gather_dequant(self.packed[b], self.scale[b], z, i, b, self.k)[0])
+            out.append(_gather_dequant(self.packed[b], self.scale[b], z, i, unpack_lut(b), b, self.k)[0])
         return torch.stack(out)
 
 
@@ -146,6 +151,7 @@ class MixedWidthWeight(nn.Module):
             self.register_buffer(f"packed_{b}", groups.packed[b].contiguous())
             self.register_buffer(f"scale_{b}", groups.scale[b].contiguous())
             self.register_buffer(f"zero_{b}", None if groups.zero[b] is None else groups.zero[b].contiguous())
+            self.register_buffer(f"lut_{b}", unpack_lut(b), persistent=False)
         # Per width, the slot to gather for every expert id; experts of other widths point at slot 0 and
         # are masked out after the gather (static shapes: one gather per width, whatever the routing).
         group_of = torch.tensor([self.widths.index(b) for b in groups.expert_bits], dtype=torch.int64)
@@ -183,7 +189,8 @@ class MixedWidthWeight(nn.Module):
         return done
 
     def _gather_width(self, b: int, slot: torch.Tensor) -> torch.Tensor:  # [S] slots -> [S, N, K]
-        args = (getattr(self, f"packed_{b}"), getattr(self, f"scale_{b}"), getattr(self, f"zero_{b}"), slot, b, self.k)
+        args = (getattr(self, f"packed_{b}"), getattr(self, f"scale_{b}"), getattr(self, f"zero_{b}"), slot,
+                getattr(self, f"lut_{b}"), b, self.k)
         if b in self.coded:
             return torch.ops.moe_export.gather_dequant_codes(*args)
         return torch.ops.moe_export.gather_dequant(*args)

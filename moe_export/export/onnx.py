@@ -67,7 +67,7 @@ def _translation_table():
 
     msft = Opset("com.microsoft", 1)
 
-    def gather_dequant_codes(packed, scale, zero_codes, index, bits: int, k: int):
+    def gather_dequant_codes(packed, scale, zero_codes, index, lut, bits: int, k: int):
         n_groups = scale.shape[-1] if scale.shape is not None else None
         block = k // int(n_groups)
         inputs = [packed, index, op.Cast(scale, to=1)]  # float32 scales: output = float32 reference exactly

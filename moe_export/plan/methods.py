@@ -97,19 +97,20 @@ def sources_from_model(model) -> list[LayerSource]:
 
 
 def sources_from_checkpoint(folder) -> list[LayerSource]:
-    from moe_export.io import SafetensorsCheckpoint
     from moe_export.models import checkpoint_moe_layout
+    from moe_export.plan.reader import StreamReader
 
-    ckpt = SafetensorsCheckpoint(folder)
+    rd = StreamReader(folder)
     out = []
     for k in checkpoint_moe_layout(folder):
         def proj(e, k=k):
             parts = [k.gate[e] if k.gate else None, k.up[e] if k.up else None, k.down[e]]
-            return [s.read(ckpt) for s in parts if s is not None]
+            return [rd.read_slice(s) for s in parts if s is not None]
 
         out.append(LayerSource(
-            k.name, k.num_experts, [k.hidden_size, k.intermediate_size], lambda k=k: ckpt.get(k.router_key),
-            [lambda e=e, k=k: k.first[e].read(ckpt) for e in range(k.num_experts)],
+            k.name, k.num_experts, [k.hidden_size, k.intermediate_size], lambda k=k: rd.read(k.router_key),
+            # two reused buffers: MaxVar scores expert e while e + 1 is read (layer_maxvar prefetches one)
+            [lambda e=e, k=k: rd.read_slice(k.first[e], slot=e % 2) for e in range(k.num_experts)],
             [lambda e=e, proj=proj: proj(e) for e in range(k.num_experts)],
         ))
     return out

@@ -43,6 +43,7 @@ class CalibrationConfig:
     seed: int = 0
     corpus: str | None = None  # zoo corpus for calibration text; None = calibration_batches' default
     batch_size: int = 8  # sequences per forward pass
+    batches: torch.Tensor | None = field(default=None, repr=False)  # token ids [B, S]; overrides the zoo text
 
     def __post_init__(self):
         for name in ("n_tokens", "seq_len", "batch_size"):
@@ -68,7 +69,7 @@ class CalibrationReport:
     def to_provenance(self, cfg: CalibrationConfig, quantizer: str) -> dict:
         return {
             "quantizer": quantizer,
-            "config": asdict(cfg),
+            "config": {k: v for k, v in asdict(cfg).items() if k != "batches"},
             "calibration_tokens": self.calibration_tokens,
             "routed_tokens": self.routed_tokens,
             "rtn_fallback": {k: v for k, v in self.rtn_fallback.items() if v},
@@ -206,8 +207,8 @@ def quantize_sequential(model, config, *, batches: torch.Tensor | None = None, t
     """Quantize every MoE layer's experts with a calibrated quantizer, layer by layer, in place.
 
     ``config``: a ``MoEQuantConfig`` (``plan``, ``quantizer``, ``quantizer_options``, ``calibration``).
-    ``batches``: LongTensor ``[B, S]`` of token ids; by default ``calibration.n_tokens`` tokens of zoo
-    text tokenized with ``tokenizer`` (or the one saved beside the model). ``install(model, layer,
+    ``batches``: LongTensor ``[B, S]`` of token ids (else ``calibration.batches``, else
+    ``calibration.n_tokens`` tokens of zoo text tokenized with ``tokenizer`` or the model's own). ``install(model, layer,
     qweights)`` puts a quantized layer in place (default: ``moe_export.api.install_quantized_layer``).
     The report also goes into ``plan.provenance["calibration"]`` when ``config.plan`` is a BitPlan.
     """
@@ -218,7 +219,7 @@ def quantize_sequential(model, config, *, batches: torch.Tensor | None = None, t
     plan.validate_against(model)
     install = install or _default_install()
     if batches is None:
-        batches = _calibration_batches(model, cal, tokenizer)
+        batches = cal.batches if cal.batches is not None else _calibration_batches(model, cal, tokenizer)
     if batches.dim() != 2:
         raise ValueError(f"calibration batches must be token ids [B, S], got shape {tuple(batches.shape)}")
     batches = batches.long()

@@ -6,8 +6,9 @@ columns not yet quantized through the inverse Hessian of the layer inputs. Compa
     for each column i:  Q[:, i] = quant(W[:, i]);  Err = (W[:, i] - Q[:, i]) / Hinv[i, i]
                         W[:, i:] -= Err Hinv[i, i:]
 
-Lazy batch updates in blocks of 128 columns; group-wise params (rtn.py's grid, float16) are chosen
-from the already-updated columns when a group starts. Dampening starts at percdamp * mean(diag H)
+Lazy batch updates in blocks of 128 columns; group-wise params (float16) are chosen from the
+already-updated columns when a group starts, by the paper's search (the min/max range scaled by
+p in [0.9, 1.1], min sum |err|^2.4, float zero-point; ``search=False``: rtn.py's min/max grid). Dampening starts at percdamp * mean(diag H)
 and grows until the Cholesky succeeds. Inputs that never fire (diag H = 0) are quantized
 round-to-nearest without spreading error. The paper's MC-MoE quirk (no in-block error feedback at
 <= 3 bits) is not reproduced: on the synthetic layers of tests/test_quant_gptq.py it raised the
@@ -24,6 +25,32 @@ from moe_export.quant.rtn import minmax_params
 
 class CholeskyError(RuntimeError):
     pass
+
+
+_SHRINK = torch.cat([torch.ones(1), torch.linspace(0.9, 1.0, 51)[:-1], torch.linspace(1.0, 1.1, 51)[1:]])  # [101]
+
+
+def search_params(w: torch.Tensor, bits: int, symmetric: bool, norm: float = 2.4):
+    """Paper's grid (MC-MoE lineage): scale the min/max range by p in [0.9, 1.1], keep the p minimising
+    sum |w - w_hat|^2.4 per row, zero-point not rounded. ``w`` ``[N, g]`` -> float16 (scale, zero) ``[N, 1]``."""
+    if bits == 1:
+        return minmax_params(w, bits, None, symmetric)
+    qmax = 2**bits - 1
+    w = w.float()
+    if symmetric:
+        base = w.abs().amax(-1) / (qmax / 2)  # [N]
+        zero = torch.full_like(base, symmetric_zero(bits))
+    else:
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        base = (hi - lo) / qmax
+        zero = -lo / base.clamp_min(2.0**-24)  # p scales lo and hi alike: the zero-point does not move
+    zero16 = zero.to(torch.float16)
+    scale = (_SHRINK[:, None] * base[None]).clamp_min(2.0**-24).to(torch.float16).float()  # [C, N]
+    z = zero16.float()[None, :, None]
+    q = torch.round(w[None] / scale[..., None] + z).clamp(0, qmax)  # [C, N, g]
+    err = ((q - z) * scale[..., None] - w[None]).abs().pow(norm).sum(-1)  # [C, N]
+    best = scale.gather(0, err.argmin(0, keepdim=True))[0]  # [N]
+    return best.to(torch.float16)[:, None], (None if symmetric else zero16[:, None])
 
 
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 12) -> tuple[torch.Tensor, float]:
@@ -50,6 +77,7 @@ def gptq_quantize(
     symmetric: bool,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    search: bool = False,
 ) -> tuple[QuantizedWeight, float]:
     """``W`` ``[N, K]``, ``H`` ``[K, K]``. Returns the quantized weight and the percdamp that was used."""
     N, K = W.shape
@@ -76,7 +104,7 @@ def gptq_quantize(
             col = i1 + i
             if col % g == 0:
                 cur = W1[:, i : i + g] if i + g <= i2 - i1 else torch.cat([W1[:, i:], W[:, i2 : col + g]], 1)
-                sg, zg = minmax_params(cur, bits, g, symmetric)
+                sg, zg = search_params(cur, bits, symmetric) if search else minmax_params(cur, bits, g, symmetric)
                 scale[:, col // g] = sg[:, 0]
                 if zero is not None:
                     zero[:, col // g] = zg[:, 0]
@@ -98,13 +126,14 @@ class GPTQQuantizer(Quantizer):
     name = "gptq"
     needs_calibration = True
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, search: bool = True):
         if blocksize < 1:
             raise ValueError(f"gptq blocksize must be >= 1, got {blocksize}")
         if not percdamp > 0:
             raise ValueError(f"gptq percdamp must be > 0, got {percdamp}")
         self.blocksize = blocksize
         self.percdamp = percdamp
+        self.search = search  # the paper's p in [0.9, 1.1] range search per group (False: plain min/max)
         self.last_percdamp: float | None = None  # what the last call needed (logged by calibration.py)
 
     def quantize(self, weight, bits, group_size, symmetric, hessian=None) -> QuantizedWeight:
@@ -118,5 +147,7 @@ class GPTQQuantizer(Quantizer):
             raise ValueError(f"gptq: weight must be [N, K] and hessian [K, K]; got {tuple(weight.shape)} and {tuple(hessian.shape)}")
         if not 1 <= bits <= 8:
             raise ValueError(f"gptq supports 1-8 bits, got {bits}")
-        qw, self.last_percdamp = gptq_quantize(weight, hessian, bits, group_size, symmetric, self.blocksize, self.percdamp)
+        qw, self.last_percdamp = gptq_quantize(
+            weight, hessian, bits, group_size, symmetric, self.blocksize, self.percdamp, self.search
+        )
         return qw

@@ -40,6 +40,7 @@ class SyntheticConfig:
     lr: float = 0.1
     batch: int = 32
     steps: int = 600
+    loss: str = "hinge"  # or "logistic" (never saturates: margins keep growing with feature frequency)
     seed: int = 0
 
     def __post_init__(self):
@@ -50,6 +51,8 @@ class SyntheticConfig:
                 f"{N_RELEVANT} relevant + {self.n_irrelevant} irrelevant features do not fit orthonormally in d={self.d}; "
                 "raise d or lower n_irrelevant"
             )
+        if self.loss not in ("hinge", "logistic"):
+            raise ValueError(f"loss={self.loss!r}: use 'hinge' or 'logistic'")
         if self.routing not in ("expert_choice", "token_choice"):
             raise ValueError(f"routing={self.routing!r}: use 'expert_choice' or 'token_choice'")
         if not 1 <= self.top_l <= self.n_tokens:
@@ -141,8 +144,10 @@ class TrainResult:
     train_acc: float
 
 
-def hinge(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(1 - y * f, min=0).mean()
+def loss_fn(kind: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if kind == "hinge":
+        return torch.clamp(1 - y * f, min=0).mean()
+    return torch.nn.functional.softplus(-y * f).mean()
 
 
 def train(task: SyntheticTask, cfg: SyntheticConfig | None = None) -> TrainResult:
@@ -155,7 +160,7 @@ def train(task: SyntheticTask, cfg: SyntheticConfig | None = None) -> TrainResul
     losses = []
     for _ in range(cfg.steps):
         b = task.sample(cfg.batch, g)
-        loss = hinge(model(b.x), b.y)
+        loss = loss_fn(cfg.loss, model(b.x), b.y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -166,14 +166,33 @@ def encode(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_stream(tok_key: str, corpus: str, split: str, tokenizer_ref) -> torch.Tensor:
-    return encode(tokenizer_ref, load_corpus(corpus).splits[split])
+_STREAMS: dict[tuple, torch.Tensor] = {}
 
 
 def token_stream(tokenizer, corpus: str, split: str) -> torch.Tensor:
-    key = getattr(tokenizer, "name_or_path", "") + str(len(tokenizer))
-    return _cached_stream(key, corpus, split, tokenizer)
+    """Token ids of a corpus split, cached in memory and, for the zoo's cached tokenizers, on disk."""
+    from moe_export.io import atomic_path
+
+    src = str(getattr(tokenizer, "name_or_path", "") or "")
+    key = (src or id(tokenizer), len(tokenizer), corpus, split)
+    if key in _STREAMS:
+        return _STREAMS[key]
+    c = load_corpus(corpus)
+    disk = None
+    if src and (Path(src) / "tokenizer_meta.json").exists():
+        digest = hashlib.sha256(c.splits[split].encode()).hexdigest()[:16]
+        disk = Path(src) / "streams" / f"{corpus}-{split}-{digest}.pt"
+    if disk is not None and disk.exists():
+        ids = torch.load(disk)
+    else:
+        ids = encode(tokenizer, c.splits[split])
+        if disk is not None:
+            with atomic_path(disk) as tmp:
+                torch.save(ids, tmp)
+    if len(_STREAMS) > 32:
+        _STREAMS.clear()
+    _STREAMS[key] = ids
+    return ids
 
 
 def random_windows(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:

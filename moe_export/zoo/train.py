@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moe_export.io import atomic_path, atomic_write_json
-from moe_export.zoo.data import bigram_bits_per_byte, load_corpus, random_windows, token_stream
+from moe_export.zoo.data import bigram_bits_per_byte, byte_bigram_bits_per_byte, load_corpus, random_windows, token_stream
 from moe_export.zoo.registry import Entry, TrainSpec, get_entry
 from moe_export.zoo.tokenizer import get_tokenizer, moe_export_home, token_bytes
 
@@ -221,12 +221,32 @@ def is_built(out: Path, entry: Entry, seed: int) -> bool:
 
 def build(name: str, out_dir=None, seed: int = 0, *, force: bool = False, threads: int = 1, progress: bool = True) -> Path:
     """Build (or reuse) zoo entry ``name``; returns the folder with pretrained/, finetuned/, manifest.json."""
-    from moe_export.eval import evaluate_checkpoint
-
     entry = get_entry(name)
     out = Path(out_dir) if out_dir is not None else default_dir(name, seed)
     if not force and is_built(out, entry, seed):
         return out
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out / ".lock"):  # concurrent builds of one folder (parallel test sessions) wait for each other
+        if not force and is_built(out, entry, seed):
+            return out
+        return _build_locked(name, entry, out, seed, force, threads, progress)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, threads: int, progress: bool) -> Path:
+    from moe_export.eval import evaluate_checkpoint
+
     fp = fingerprint(entry, seed)
     state = out / ".state"
     state.mkdir(parents=True, exist_ok=True)
@@ -264,8 +284,12 @@ def build(name: str, out_dir=None, seed: int = 0, *, force: bool = False, thread
         for c in entry.corpora:
             corp = load_corpus(c)
             test = token_stream(tok, c, "test")[: entry.eval_tokens]
-            baselines[c] = {"token_bigram": bigram_bits_per_byte(token_stream(tok, c, "train"), test, len(tok), tb,
-                                                                 token_stream(tok, c, "valid"))}
+            test_text = tok.decode(test.tolist())  # the same held-out bytes the models are scored on
+            baselines[c] = {
+                "token_bigram": bigram_bits_per_byte(token_stream(tok, c, "train"), test, len(tok), tb,
+                                                     token_stream(tok, c, "valid")),
+                "byte_bigram": byte_bigram_bits_per_byte(corp.splits["train"], test_text, corp.splits["valid"]),
+            }
     _plot_losses(stages, out / "loss.png", name)
     manifest = {
         "format": "moe_export.zoo", "version": FORMAT_VERSION, "name": name, "seed": seed, "fingerprint": fp,
@@ -275,6 +299,7 @@ def build(name: str, out_dir=None, seed: int = 0, *, force: bool = False, thread
         "data": {c: load_corpus(c).info() for c in entry.corpora},
         "stages": {s: {k: v for k, v in st.items() if k != "losses"} for s, st in stages.items()},
         "eval": results, "baselines": baselines,
+        "train_wall_s": round(sum(st["wall_s"] for st in stages.values()), 1),
         "build_wall_s": round(time.perf_counter() - t_start, 1), "threads": threads, "versions": _versions(),
         "notes": list(entry.notes),
     }

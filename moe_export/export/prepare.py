@@ -1,0 +1,100 @@
+"""From a quantized model (``moe_export.api.quantize_``) to the module tree the exporters trace, and the
+theoretical size every artifact is checked against.
+
+The subclasses of ``moe_export.tensors`` are for eager/compile; for export their bytes move into plain
+buffers of :class:`~moe_export.export.experts.PackedMixedExperts` / :class:`PackedLinear`, whose forward is
+static-shape and uses only ops every target has (export-notes.md: XNNPACK lowers tensor subclasses to
+wrong answers, and shifts are not Core ATen).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_export.export.experts import MixedWidthWeight, PackedMixedExperts, WidthGroups, moe_blocks
+from moe_export.quant.base import theoretical_bytes
+
+
+class PackedLinear(nn.Module):
+    """A non-expert linear whose weight the plan quantized (e.g. shared experts at 8 bits)."""
+
+    def __init__(self, groups: WidthGroups, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight_q = MixedWidthWeight(groups)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        w = self.weight_q.gather(torch.zeros(1, dtype=torch.long))[0]  # [N, K]
+        return F.linear(x, w.to(x.dtype), self.bias)
+
+
+def prepare_for_export(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every packed weight as exportable buffers; float models are returned as a
+    copy switched to the ``batched_mm`` experts implementation (static shapes)."""
+    from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
+
+    model = copy.deepcopy(model).eval()
+    for name, block in moe_blocks(model):
+        ex = block.experts
+        if isinstance(ex, PackedMixedExperts):
+            continue
+        gu, down = ex.gate_up_proj, ex.down_proj
+        if isinstance(gu, MixedWidthExpertsTensor) and isinstance(down, MixedWidthExpertsTensor):
+            if gu.transposed or down.transposed:
+                raise NotImplementedError(f"{name}: transposed expert stacks are not exportable yet")
+            block.experts = PackedMixedExperts(
+                WidthGroups.from_quantized(gu.to_quantized()), WidthGroups.from_quantized(down.to_quantized()), ex.act_fn
+            )
+        elif isinstance(gu, MixedWidthExpertsTensor) or isinstance(down, MixedWidthExpertsTensor):
+            raise ValueError(f"{name}: only one of gate_up_proj/down_proj is quantized; quantize both or neither")
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and isinstance(mod.weight, PackedLinearWeight):
+            w = mod.weight
+            if w.transposed:
+                raise NotImplementedError(f"{name}: transposed packed linear weights are not exportable yet")
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr,
+                    PackedLinear(WidthGroups.from_quantized([w.to_quantized()]), mod.bias))
+    if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
+        if not any(isinstance(b.experts, PackedMixedExperts) for _, b in moe_blocks(model)):
+            model.set_experts_implementation("batched_mm")
+    return model
+
+
+def theoretical_size(model: nn.Module) -> dict[str, float]:
+    """docs/architecture.md formula for a prepared model: ``{"packed": ..., "float": ..., "total": ...}`` bytes.
+
+    Packed weights count ``N*K*b/8`` plus float16 scales (and zeros); everything else its stored bytes
+    (tied parameters once). Non-persistent buffers (index tables, rotary frequencies) are not weights.
+    """
+    packed = 0.0
+    packed_ids = set()
+    for mod in model.modules():
+        if isinstance(mod, MixedWidthWeight):
+            n, k = mod.n, mod.k
+            for b in mod.widths:
+                scale, zero = getattr(mod, f"scale_{b}"), getattr(mod, f"zero_{b}")
+                g = k // scale.shape[-1]
+                packed += scale.shape[0] * theoretical_bytes(n, k, b, g, zero is None)
+                packed_ids.update(id(t) for t in (getattr(mod, f"packed_{b}"), scale, zero) if t is not None)
+    flt = 0
+    seen = packed_ids | {id(t) for t in _non_persistent(model)}
+    for p in list(model.parameters()) + list(model.buffers()):
+        if id(p) not in seen:
+            seen.add(id(p))
+            flt += p.numel() * p.element_size()
+    return {"packed": packed, "float": float(flt), "total": packed + flt}
+
+
+def _non_persistent(model: nn.Module) -> list[torch.Tensor]:
+    out = []
+    for mod in model.modules():
+        for name in getattr(mod, "_non_persistent_buffers_set", ()):
+            t = getattr(mod, name, None)
+            if t is not None:
+                out.append(t)
+    return out

@@ -1,0 +1,151 @@
+"""Run an exported decoder step (.pte, .onnx, or the eager step) behind one interface.
+
+``runner.step(tokens [1, T], pos)`` feeds T tokens at positions ``pos..pos+T-1`` and returns their logits
+``[1, T, V]``, keeping the KV cache inside the runner. ``logits_fn(runner)`` gives the ``input_ids [B, T] ->
+logits [B, T, V]`` callable that ``moe_export.eval`` scores; ``greedy_generate`` decodes token by token.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class StepRunner:
+    name = "step"
+
+    def __init__(self, cache_shape: tuple[int, ...]):
+        self.cache_shape = tuple(cache_shape)
+        self.max_seq_len = self.cache_shape[3]
+        self.reset()
+
+    def reset(self) -> None:
+        self.k = torch.zeros(self.cache_shape)
+        self.v = torch.zeros(self.cache_shape)
+
+    def _run(self, tokens, pos, k, v):  # -> logits, k, v
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        tokens = tokens.reshape(1, -1).long()
+        if pos + tokens.shape[1] > self.max_seq_len:
+            raise ValueError(f"{self.name}: positions up to {pos + tokens.shape[1]} exceed the exported cache of "
+                             f"{self.max_seq_len}; export with a larger max_seq_len")
+        logits, self.k, self.v = self._run(tokens, torch.tensor([pos], dtype=torch.long), self.k, self.v)
+        return logits
+
+
+class EagerStepRunner(StepRunner):
+    name = "eager"
+
+    def __init__(self, step_module):
+        self.module = step_module
+        super().__init__(step_module.cache_shape())
+
+    def _run(self, tokens, pos, k, v):
+        with torch.no_grad():
+            return self.module(tokens, pos, k, v)
+
+
+class PteRunner(StepRunner):
+    name = "executorch"
+
+    def __init__(self, path: str | os.PathLike | bytes, cache_shape: tuple[int, ...] | None = None):
+        import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed kernels, if a graph uses them)
+        from executorch.runtime import Runtime
+
+        program = Runtime.get().load_program(path if isinstance(path, bytes) else str(path))
+        self.method = program.load_method("forward")
+        if cache_shape is None:
+            meta = self.method.metadata
+            cache_shape = tuple(meta.input_tensor_meta(2).sizes())
+        super().__init__(cache_shape)
+
+    def _run(self, tokens, pos, k, v):
+        out = self.method.execute([tokens, pos, k, v])
+        return out[0], out[1], out[2]
+
+
+class OnnxRunner(StepRunner):
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        # fp32 compute if ORT fuses a dequantize into MatMulNBits (its default is int8 activations: ~39 dB).
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        shape = self.session.get_inputs()[2].shape
+        if not all(isinstance(d, int) for d in shape):
+            raise ValueError(f"{path}: the k_cache input has a symbolic shape {shape}; not a moe_export decoder step")
+        super().__init__(tuple(shape))
+
+    def _run(self, tokens, pos, k, v):
+        out = self.session.run(None, {"tokens": tokens.numpy(), "input_pos": pos.numpy(), "k_cache": k.numpy(),
+                                      "v_cache": v.numpy()})
+        return tuple(torch.from_numpy(np.asarray(o)) for o in out)
+
+
+def open_runner(path: str | os.PathLike) -> StepRunner:
+    p = Path(path)
+    if p.suffix == ".pte":
+        return PteRunner(p)
+    if p.suffix == ".onnx":
+        return OnnxRunner(p)
+    raise ValueError(f"{p}: expected a .pte or .onnx file written by `moe-export export`")
+
+
+def logits_fn(runner: StepRunner):
+    """``input_ids [B, T] -> logits [B, T, V]``: each row is one prefill from an empty cache."""
+
+    def fn(input_ids: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for row in input_ids.reshape(-1, input_ids.shape[-1]):
+            runner.reset()
+            rows.append(runner.step(row[None], 0)[0])
+        return torch.stack(rows).reshape(*input_ids.shape, -1)
+
+    return fn
+
+
+def greedy_generate(runner: StepRunner, prompt: torch.Tensor, new_tokens: int = 32) -> list[int]:
+    """Prefill ``prompt`` (``[T]`` or ``[1, T]``), then decode ``new_tokens`` one at a time (argmax)."""
+    prompt = prompt.reshape(-1)
+    runner.reset()
+    logits = runner.step(prompt[None], 0)
+    out: list[int] = []
+    pos = prompt.numel()
+    for _ in range(new_tokens):
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        if len(out) == new_tokens:
+            break
+        logits = runner.step(torch.tensor([[nxt]]), pos)
+        pos += 1
+    return out
+
+
+def decode_latency_ms(runner: StepRunner, prompt_len: int = 8, steps: int = 32, warmup: int = 4) -> float:
+    """Median wall time of one T=1 decode step after a ``prompt_len`` prefill."""
+    runner.reset()
+    runner.step(torch.zeros(1, prompt_len, dtype=torch.long), 0)
+    times = []
+    pos = prompt_len
+    for i in range(warmup + steps):
+        if pos >= runner.max_seq_len:
+            runner.reset()
+            runner.step(torch.zeros(1, prompt_len, dtype=torch.long), 0)
+            pos = prompt_len
+        t0 = time.perf_counter()
+        runner.step(torch.tensor([[i % 7 + 1]]), pos)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        pos += 1
+    return float(np.median(times) * 1e3)

@@ -1,0 +1,365 @@
+"""Quantize a safetensors checkpoint larger than memory, one MoE layer at a time.
+
+    quantize_checkpoint("Mixtral-8x7B/", "plan.json", "Mixtral-q/", quantizer="hqq")
+
+The source is read lazily with ``pread`` (`moe_export.plan.reader.StreamReader`; through safetensors'
+mmap, every page read stays resident while the file is open): each work unit (one MoE layer's routed
+experts, or a run of non-expert tensors no larger than the largest layer) reads one expert's weights
+at a time, quantizes them, and writes one output shard. Peak RSS is about one layer's packed output
+plus one expert's float weights, whatever the checkpoint size.
+
+Every shard is written to a temp file and renamed. A shard's safetensors header records the unit
+and a fingerprint of (source headers, plan, quantizer), so rerunning the same command skips the
+shards that are already there and produces byte-identical files. The index, written last, is the
+"done" marker. `moe_export.distributed` runs the units of one call on several ranks.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+INDEX = "model.safetensors.index.json"
+SHARD = "model-{:05d}-of-{:05d}.safetensors"
+DATA_FREE = ("rtn", "hqq")
+# Files copied verbatim next to the quantized weights (tokenizer, generation settings).
+_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "vocab.json", "merges.txt", "tokenizer.model")
+
+
+class StreamingError(ValueError):
+    """Bad input to a streaming quantization run: one message naming the file or field and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- units
+
+
+@dataclass
+class Unit:
+    """One output shard: a MoE layer's routed experts, or a run of non-expert tensors."""
+
+    index: int
+    kind: str  # "experts" | "rest"
+    nbytes: int  # source bytes read
+    layer: object = None  # moe_export.models.MoELayerKeys for "experts"
+    keys: list[str] = field(default_factory=list)  # disk keys for "rest"
+
+    @property
+    def name(self) -> str:
+        return self.layer.name if self.kind == "experts" else f"non-expert[{self.keys[0]}..{self.keys[-1]}]"
+
+
+def _nbytes(rd, key: str) -> int:
+    dtype, shape, _ = rd.info(key)
+    n = torch.empty(0, dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+def make_units(rd, layout) -> list[Unit]:
+    """Layers in order, then the non-expert tensors packed (in key order) into units <= the largest layer."""
+    units, expert_keys = [], set()
+    for layer in layout:
+        keys = layer.expert_keys()
+        expert_keys.update(keys)
+        units.append(Unit(len(units), "experts", sum(_nbytes(rd, k) for k in keys), layer=layer))
+    cap = max(u.nbytes for u in units)
+    rest = sorted(k for k in rd.weight_map if k not in expert_keys)
+    cur, size = [], 0
+    for k in rest:
+        n = _nbytes(rd, k)
+        if cur and size + n > cap:
+            units.append(Unit(len(units), "rest", size, keys=cur))
+            cur, size = [], 0
+        cur.append(k)
+        size += n
+    if cur:
+        units.append(Unit(len(units), "rest", size, keys=cur))
+    return units
+
+
+# ------------------------------------------------------------------------------------------ the work
+
+
+def _finite(w: torch.Tensor, what: str, src) -> torch.Tensor:
+    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise StreamingError(
+            f"{src}: tensor {what} has {bad} NaN/Inf value(s); the checkpoint is damaged or was saved after a diverged "
+            "step: fix or re-export the weights before quantizing"
+        )
+    return w
+
+
+def _cat_rows(parts):
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def _quantize_layer(rd, layer, bits: list[int], quantizer, gs, sym, dtype) -> dict[str, torch.Tensor]:
+    """{model FQN: packed tensor subclass} for one MoE layer, reading one expert's weights at a time."""
+    from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
+
+    out = {}
+    if layer.fused or layer.gate is not None:
+        # model side: gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I]; an expert's
+        # [2I, H] is quantized as one weight, as quantize_ does on the loaded model.
+        for proj, parts in (("gate_up_proj", (layer.gate, layer.up)), ("down_proj", (layer.down,))):
+            qws = []
+            for e in range(layer.num_experts):
+                w = _cat_rows([_finite(rd.read_slice(p[e]), p[e].key, rd.folder) for p in parts])  # [N, K]
+                # pack now: the uint8 codes of a whole layer would be a quarter of its float32 bytes
+                qws.append(PackedLinearWeight.from_quantized(quantizer.quantize(w.float(), int(bits[e]), gs, sym), dtype))
+                del w
+            out[f"{layer.name}.experts.{proj}"] = MixedWidthExpertsTensor.from_packed_experts(qws, dtype)
+    else:  # Switch: one module per expert
+        for proj, parts in (("wi", layer.up), ("wo", layer.down)):
+            for e in range(layer.num_experts):
+                w = _finite(rd.read_slice(parts[e]), parts[e].key, rd.folder)
+                qw = quantizer.quantize(w.float(), int(bits[e]), gs, sym)
+                out[f"{layer.name}.experts.expert_{e}.{proj}.weight"] = PackedLinearWeight.from_quantized(qw, dtype=dtype)
+    return out
+
+
+def _model_key(disk_key: str, model_type: str) -> str:
+    # transformers renames Mixtral's `block_sparse_moe` to `mlp` at load time (conversion_mapping.py)
+    if model_type == "mixtral":
+        return disk_key.replace(".block_sparse_moe.", ".mlp.")
+    return disk_key
+
+
+def _rest(rd, unit: Unit, model_type: str, roles: Callable[[str], str], non_expert: dict) -> dict[str, torch.Tensor]:
+    from moe_export.quant.rtn import RTNQuantizer
+    from moe_export.tensors import PackedLinearWeight
+
+    out = {}
+    for key in unit.keys:
+        w = _finite(rd.read(key), key, rd.folder)
+        name = _model_key(key, model_type)
+        policy = non_expert.get(roles(name), "float")
+        if policy != "float" and w.dim() == 2:
+            bits, gs, sym = int(policy["bits"]), policy.get("group_size"), bool(policy.get("symmetric", False))
+            k = w.shape[1]
+            if k % 8 or (gs is not None and k % gs):
+                raise StreamingError(f"{key}: input dim {k} is not a multiple of 8 and of group size {gs}; "
+                                     f"keep role {roles(name)!r} float in the plan's non_expert policy")
+            w = PackedLinearWeight.from_quantized(RTNQuantizer().quantize(w.float(), bits, gs, sym), dtype=w.dtype)
+        out[name] = w
+    return out
+
+
+# ----------------------------------------------------------------------------------------- on disk
+
+
+def encode_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten packed subclasses to plain tensors + string metadata (the checkpoint module's encoding)."""
+    tensors, meta = {}, {}
+    for k, v in state.items():
+        if type(v) is torch.Tensor or isinstance(v, torch.nn.Parameter):
+            tensors[k] = v.detach()
+            continue
+        names, ctx = v.__tensor_flatten__()
+        for n in names:
+            tensors[f"{k}.{n}"] = getattr(v, n)
+        meta[k] = json.dumps({"type": type(v).__name__, "ctx": repr(ctx)})
+    return tensors, meta
+
+
+def _write_shard(path: Path, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    from moe_export.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def _shard_done(path: Path, unit: int, fp: str) -> bool:
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        meta = safe_open(str(path), framework="pt").metadata() or {}
+    except Exception:
+        return False  # unreadable leftover from another tool: redo it
+    return meta.get("moe_export.unit") == str(unit) and meta.get("moe_export.fingerprint") == fp
+
+
+def fingerprint(src: Path, plan, quantizer, quantizer_options: dict) -> str:
+    """What a shard depends on, cheap to compute: every source file's header, size and mtime, the plan, the quantizer."""
+    h = hashlib.sha256()
+    for f in sorted(src.glob("*.safetensors")):
+        st = f.stat()
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 1 << 26)))
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(plan.to_json().encode())
+    h.update(json.dumps({"quantizer": quantizer, "options": quantizer_options}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before any work if ``out`` cannot be written (read-only folder, a file in the way)."""
+    if out.exists() and not out.is_dir():
+        raise StreamingError(f"output {out} exists and is not a folder; pass -o a new or existing folder")
+    probe_dir = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise StreamingError(f"output folder {probe_dir} is not writable; pick another -o or fix its permissions")
+
+
+def disk_full_message(err: OSError, where) -> str:
+    return (f"no space left on the device while writing {where} ({err.strerror}); free space or pass -o on another "
+            "disk, then rerun the same command: finished shards are kept and skipped")
+
+
+# ------------------------------------------------------------------------------------------ the call
+
+
+def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantizer_options: dict | None = None,
+                        progress: bool = True, rank: int = 0, world_size: int = 1,
+                        barrier: Callable[[], None] | None = None) -> Path:
+    """Quantize the checkpoint folder ``model_dir`` by ``plan`` (BitPlan or path) into ``output``.
+
+    With ``world_size > 1`` this rank writes only its share of the shards (`distributed.assign`);
+    ``barrier`` must synchronise all ranks, and rank 0 writes the index, config and plan last.
+    Returns ``output``. Raises `StreamingError` (or BitPlanError / CheckpointError / UnsupportedModelError)
+    with nothing new left in ``output``.
+    """
+    from moe_export.distributed import assign
+    from moe_export.io import SafetensorsCheckpoint
+    from moe_export.models import checkpoint_moe_layout
+    from moe_export.plan.bitplan import BitPlan
+    from moe_export.plan.reader import StreamReader
+    from moe_export.quant.base import get_quantizer
+
+    src, out = Path(model_dir), Path(output)
+    quantizer_options = dict(quantizer_options or {})
+    if quantizer not in DATA_FREE:
+        raise StreamingError(f"streaming quantization needs a data-free quantizer ({', '.join(DATA_FREE)}), got "
+                             f"{quantizer!r}; drop --streaming to run {quantizer} on the loaded model")
+    if src.resolve() == out.resolve():
+        raise StreamingError(f"output {out} is the source checkpoint folder; pass -o a different folder")
+    if not isinstance(plan, BitPlan):
+        plan = BitPlan.load(plan)
+    qz = get_quantizer(quantizer, **quantizer_options)
+    cfg = SafetensorsCheckpoint(src).config()
+    layout = checkpoint_moe_layout(src)
+    plan.validate_against(src)  # layers, expert counts, group size, router hash
+    check_output_dir(out)
+    reader = StreamReader(src)
+    units = make_units(reader, layout)
+    reader.close()
+    fp = fingerprint(src, plan, quantizer, quantizer_options)
+    mine = [u for u in units if assign([v.nbytes for v in units], world_size)[u.index] == rank]
+    model_type = cfg.get("model_type", "")
+    roles = _role_lookup(cfg) if any(v != "float" for v in plan.non_expert.values()) else (lambda n: "other")
+    dtype = _dtype(cfg)
+    gs, sym = plan.quantizer.group_size, plan.quantizer.symmetric
+
+    created = not out.exists()
+    written: list[Path] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(mine, desc=f"quantize {quantizer} (rank {rank}/{world_size})" if world_size > 1 else f"quantize {quantizer}",
+                   disable=not progress, unit="shard")
+        for u in bar:
+            path = out / SHARD.format(u.index + 1, len(units))
+            if _shard_done(path, u.index, fp):
+                continue
+            bar.set_postfix_str(u.name[-40:])
+            # pread, not mmap: pages read through a map stay resident while the file is open
+            reader = StreamReader(src)
+            if u.kind == "experts":
+                state = _quantize_layer(reader, u.layer, plan.bits_for(u.layer.name), qz, gs, sym, dtype)
+            else:
+                state = _rest(reader, u, model_type, roles, plan.non_expert)
+            reader.close()
+            tensors, meta = encode_state(state)
+            meta = {**meta, "moe_export.unit": str(u.index), "moe_export.fingerprint": fp}
+            _write_shard(path, tensors, meta)
+            written.append(path)
+            del state, tensors
+        if barrier is not None:
+            barrier()
+        if rank == 0:
+            _finish(src, out, units, plan, quantizer, quantizer_options, fp)
+        if barrier is not None:
+            barrier()
+    except OSError as err:
+        _cleanup(out, written, created)
+        if err.errno == errno.ENOSPC:
+            raise StreamingError(disk_full_message(err, out)) from None
+        if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise StreamingError(f"cannot write into {out} ({err.strerror}); pick another -o or fix its permissions") from None
+        raise
+    except BaseException as err:
+        if not isinstance(err, KeyboardInterrupt):
+            _cleanup(out, written, created)
+        raise
+    return out
+
+
+def _cleanup(out: Path, written: list[Path], created: bool) -> None:
+    # An error run leaves nothing of its own: shards of earlier (interrupted) runs stay for resuming.
+    for p in written:
+        p.unlink(missing_ok=True)
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _finish(src: Path, out: Path, units, plan, quantizer, options, fp) -> None:
+    from safetensors import safe_open
+
+    from moe_export.io import atomic_path, atomic_write_json
+
+    weight_map, total = {}, 0
+    for u in units:
+        name = SHARD.format(u.index + 1, len(units))
+        path = out / name
+        if not _shard_done(path, u.index, fp):
+            raise StreamingError(f"{path}: shard of unit {u.index} ({u.name}) is missing after all ranks finished; rerun")
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                weight_map[k] = name
+        total += path.stat().st_size
+    atomic_write_json(out / "config.json", json.loads((src / "config.json").read_text()), sort_keys=True)
+    plan.save(out / "bitplan.json")
+    for f in _SIDE_FILES:
+        if (src / f).is_file():
+            with atomic_path(out / f) as tmp:
+                shutil.copyfile(src / f, tmp)
+    atomic_write_json(out / INDEX, {
+        "metadata": {"total_size": total, "format": "moe_export.quantized", "quantizer": quantizer,
+                     "quantizer_options": options, "fingerprint": fp, "streamed": True},
+        "weight_map": dict(sorted(weight_map.items())),
+    })
+
+
+def _dtype(cfg: dict) -> torch.dtype:
+    name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def _role_lookup(cfg: dict) -> Callable[[str], str]:
+    """parameter_role on a model built on the meta device: no weights, just module structure."""
+    import transformers
+
+    from moe_export.models import parameter_role
+
+    config = transformers.AutoConfig.for_model(**cfg)
+    arch = (cfg.get("architectures") or [None])[0]
+    with torch.device("meta"):
+        model = getattr(transformers, arch)(config) if arch and hasattr(transformers, arch) else \
+            transformers.AutoModelForCausalLM.from_config(config)
+    return lambda name: parameter_role(model, name)
