@@ -30,7 +30,7 @@ class CompiledKernel:
     bits: int
     config: str
     registers: int
-    spill_bytes: int  # local memory per thread: > 0 means the tile spills out of registers
+    spill_bytes: int  # stack + local memory per thread: > 0 means the tile spills out of registers
     shared_bytes: int
     seconds: float
 
@@ -61,8 +61,9 @@ def _resources(cubin: bytes) -> tuple[int, int]:
         f.flush()
         text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", text).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", text).group(1))
-    return regs, local
+    # register spills land in the stack frame (STACK) or in local memory (LOCAL)
+    spill = int(re.search(r"STACK:(\d+)", text).group(1)) + int(re.search(r"LOCAL:(\d+)", text).group(1))
+    return regs, spill
 
 
 def compile_one(kind: str, arch: int, bits: int, config, *, group_size: int = 128, has_zero: bool = True,
@@ -85,7 +86,7 @@ def compile_one(kind: str, arch: int, bits: int, config, *, group_size: int = 12
         constexprs.update(E_POW2=triton.next_power_of_2(num_experts),
                           DOT_PRECISION="ieee" if x_dtype == torch.float32 else "tf32")
     if kind == "dequant":
-        constexprs.update(OUTPUT_Q=False)
+        constexprs.update(OUTPUT_Q=False, TRANS=False)
     sig, attrs = _signature(kernel, x_dtype, constexprs)
     if kind == "dequant":
         sig["out_ptr"] = "*fp32"

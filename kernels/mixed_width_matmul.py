@@ -35,67 +35,89 @@ from moe_export.quant.base import symmetric_zero
 
 @triton.jit
 def _unpack(w_ptr, offs_n, k0, K, stride_wn, n_mask,
-            BITS: tl.constexpr, BLOCK_K: tl.constexpr, FAULT_BIT_SHIFT: tl.constexpr):
-    """int32 ``q[n, k0:k0+BLOCK_K]`` of the LSB-first b-bit stream, ``[BLOCK_N, BLOCK_K]``.
+            BITS: tl.constexpr, BLOCK_K: tl.constexpr, TRANS: tl.constexpr, FAULT_BIT_SHIFT: tl.constexpr):
+    """int32 codes of rows ``offs_n``, columns ``k0:k0+BLOCK_K``: ``[BLOCK_N, BLOCK_K]``, or
+    ``[BLOCK_K, BLOCK_N]`` if TRANS (the B operand of a dot, without a register transpose).
 
     Mirrors quant.packing.unpack: 8 values fill b bytes, so each octet is read as b byte planes
-    (every byte loaded once), assembled into one little-endian word and cut by shifts of j*b.
+    (every byte loaded once), assembled into one little-endian word and cut by shifts of j*b. 8 bits
+    take the same path: a plain byte tile spilled registers in the AOT check (kernels/aot.py), this does not.
     FAULT_BIT_SHIFT is a fault-injection hook, 0 everywhere except the test that plants an
     off-by-one to prove the bit-exact checks can fail.
     """
     BLOCK_N: tl.constexpr = offs_n.shape[0]
-    if BITS == 8 and FAULT_BIT_SHIFT == 0:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = n_mask[:, None] & (offs_k < K)[None, :]
-        return tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0).to(tl.int32)
     # 3 bits: 24-bit words; <= 4 bits fit int32; 5..8 bits need 64-bit words
     WORD: tl.constexpr = tl.int32 if BITS * 8 + FAULT_BIT_SHIFT <= 32 else tl.int64
     octet = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # [BK/8]
-    mask = n_mask[:, None] & (octet < K // 8)[None, :]  # [BN, BK/8]
-    ptr = w_ptr + offs_n[:, None] * stride_wn + (octet * BITS)[None, :]  # [BN, BK/8], first byte of each octet
-    word = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=WORD)
+    shifts = (tl.arange(0, 8) * BITS + FAULT_BIT_SHIFT).to(WORD)  # [8]
+    if TRANS:
+        mask = (octet < K // 8)[:, None] & n_mask[None, :]  # [BK/8, BN]
+        ptr = w_ptr + offs_n[None, :] * stride_wn + (octet * BITS)[:, None]  # first byte of each octet
+        word = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=WORD)
+    else:
+        mask = n_mask[:, None] & (octet < K // 8)[None, :]  # [BN, BK/8]
+        ptr = w_ptr + offs_n[:, None] * stride_wn + (octet * BITS)[None, :]
+        word = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=WORD)
     for i in tl.static_range(BITS):
         word = word | (tl.load(ptr + i, mask=mask, other=0).to(WORD) << (8 * i))
-    shifts = (tl.arange(0, 8) * BITS + FAULT_BIT_SHIFT).to(WORD)  # [8]
-    q = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BN, BK/8, 8]
-    return tl.reshape(q, [BLOCK_N, BLOCK_K]).to(tl.int32)
+    if TRANS:
+        q = (word[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BK/8, 8, BN]
+        q = tl.reshape(q, [BLOCK_K, BLOCK_N]).to(tl.int32)
+    else:
+        q = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BN, BK/8, 8]
+        q = tl.reshape(q, [BLOCK_N, BLOCK_K]).to(tl.int32)
+    return q
 
 
 @triton.jit
-def _group_params(s_ptr, z_ptr, offs_n, k0, K, stride_sn, n_mask,
-                  G: tl.constexpr, HAS_ZERO: tl.constexpr, SYM_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
-    """float32 scale and zero of the groups a K-block covers: ``[BN, BLOCK_K // G]`` (BLOCK_K % G == 0)
-    or ``[BN, 1]`` (G % BLOCK_K == 0)."""
+def _group_params(s_ptr, z_ptr, offs_n, k0, K, stride_sn, n_mask, G: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  SYM_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, TRANS: tl.constexpr):
+    """float32 scale and zero of the groups a K-block covers, NG = BLOCK_K // G groups (BLOCK_K % G == 0)
+    or 1 (G % BLOCK_K == 0): ``[BN, NG]``, or ``[NG, BN]`` if TRANS."""
     NG: tl.constexpr = BLOCK_K // G if BLOCK_K % G == 0 else 1
     g_idx = k0 // G + tl.arange(0, NG)  # [NG]
-    mask = n_mask[:, None] & (g_idx < K // G)[None, :]
-    g_off = offs_n[:, None] * stride_sn + g_idx[None, :]  # [BN, NG]
+    if TRANS:
+        mask = (g_idx < K // G)[:, None] & n_mask[None, :]
+        g_off = offs_n[None, :] * stride_sn + g_idx[:, None]  # [NG, BN]
+    else:
+        mask = n_mask[:, None] & (g_idx < K // G)[None, :]
+        g_off = offs_n[:, None] * stride_sn + g_idx[None, :]  # [BN, NG]
     s = tl.load(s_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
     if HAS_ZERO:
         z = tl.load(z_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
     else:
-        z = tl.full([offs_n.shape[0], NG], SYM_ZERO, tl.float32)
+        z = tl.full(s.shape, SYM_ZERO, tl.float32)
     return s, z
 
 
 @triton.jit
 def _dequant(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, stride_sn, n_mask,
              BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, SYM_ZERO: tl.constexpr,
-             BLOCK_K: tl.constexpr, FAULT_BIT_SHIFT: tl.constexpr):
-    """float32 ``(q - zero) * scale``, ``[BN, BLOCK_K]``; same op order as quant.base.dequantize."""
+             BLOCK_K: tl.constexpr, TRANS: tl.constexpr, FAULT_BIT_SHIFT: tl.constexpr):
+    """float32 ``(q - zero) * scale``, ``[BN, BLOCK_K]`` (``[BLOCK_K, BN]`` if TRANS); the same float ops as
+    quant.base.dequantize, so the tile is bit-exact."""
     BLOCK_N: tl.constexpr = offs_n.shape[0]
-    q = _unpack(w_ptr, offs_n, k0, K, stride_wn, n_mask, BITS, BLOCK_K, FAULT_BIT_SHIFT).to(tl.float32)
+    q = _unpack(w_ptr, offs_n, k0, K, stride_wn, n_mask, BITS, BLOCK_K, TRANS, FAULT_BIT_SHIFT).to(tl.float32)
     if BLOCK_K % G == 0 or G % BLOCK_K == 0:
         # whole groups per block, or a block inside one group: one scale/zero load per group
-        s, z = _group_params(s_ptr, z_ptr, offs_n, k0, K, stride_sn, n_mask, G, HAS_ZERO, SYM_ZERO, BLOCK_K)
-        NG: tl.constexpr = s.shape[1]
-        q = tl.reshape(q, [BLOCK_N, NG, BLOCK_K // NG])
-        w = tl.reshape((q - z[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
+        s, z = _group_params(s_ptr, z_ptr, offs_n, k0, K, stride_sn, n_mask, G, HAS_ZERO, SYM_ZERO, BLOCK_K, TRANS)
+        if TRANS:
+            NG: tl.constexpr = s.shape[0]
+            q = tl.reshape(q, [NG, BLOCK_K // NG, BLOCK_N])
+            w = tl.reshape((q - z[:, None, :]) * s[:, None, :], [BLOCK_K, BLOCK_N])
+        else:
+            NG: tl.constexpr = s.shape[1]
+            q = tl.reshape(q, [BLOCK_N, NG, BLOCK_K // NG])
+            w = tl.reshape((q - z[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
     else:
         # any other group size (a row group whose K is not a multiple of BLOCK_K): per-element gather
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = n_mask[:, None] & (offs_k < K)[None, :]
-        g_off = offs_n[:, None] * stride_sn + (offs_k // G)[None, :]
+        if TRANS:
+            mask = (offs_k < K)[:, None] & n_mask[None, :]
+            g_off = offs_n[None, :] * stride_sn + (offs_k // G)[:, None]
+        else:
+            mask = n_mask[:, None] & (offs_k < K)[None, :]
+            g_off = offs_n[:, None] * stride_sn + (offs_k // G)[None, :]
         s = tl.load(s_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
         if HAS_ZERO:
             w = (q - tl.load(z_ptr + g_off, mask=mask, other=0.0).to(tl.float32)) * s
@@ -112,21 +134,26 @@ def _dequant(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, stride_sn, n_mask,
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, R, K, stride_wr, stride_sr, stride_or,
                     BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr, SYM_ZERO: tl.constexpr,
-                    OUTPUT_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                    OUTPUT_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, TRANS: tl.constexpr,
                     FAULT_BIT_SHIFT: tl.constexpr):
-    """Rows [R, K*b/8] -> q (uint8, OUTPUT_Q) or w_hat (float32) [R, K]."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    """Rows [R, K*b/8] -> q (uint8, OUTPUT_Q) or w_hat (float32) [R, K]. TRANS builds the tile K-major
+    (as the grouped kernel does) and stores it back row-major, so tests can check both orientations."""
+    offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BR]
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
     r_mask = offs_r < R
-    mask = r_mask[:, None] & (offs_k < K)[None, :]
-    out = out_ptr + offs_r.to(tl.int64)[:, None] * stride_or + offs_k[None, :]
+    if TRANS:
+        mask = (offs_k < K)[:, None] & r_mask[None, :]  # [BK, BR]
+        out = out_ptr + offs_r[None, :] * stride_or + offs_k[:, None]
+    else:
+        mask = r_mask[:, None] & (offs_k < K)[None, :]  # [BR, BK]
+        out = out_ptr + offs_r[:, None] * stride_or + offs_k[None, :]
     if OUTPUT_Q:
-        q = _unpack(w_ptr, offs_r.to(tl.int64), k0, K, stride_wr, r_mask, BITS, BLOCK_K, FAULT_BIT_SHIFT)
+        q = _unpack(w_ptr, offs_r, k0, K, stride_wr, r_mask, BITS, BLOCK_K, TRANS, FAULT_BIT_SHIFT)
         tl.store(out, q.to(tl.uint8), mask=mask)
     else:
-        w = _dequant(w_ptr, s_ptr, z_ptr, offs_r.to(tl.int64), k0, K, stride_wr, stride_sr, r_mask,
-                     BITS, G, HAS_ZERO, SYM_ZERO, BLOCK_K, FAULT_BIT_SHIFT)
+        w = _dequant(w_ptr, s_ptr, z_ptr, offs_r, k0, K, stride_wr, stride_sr, r_mask,
+                     BITS, G, HAS_ZERO, SYM_ZERO, BLOCK_K, TRANS, FAULT_BIT_SHIFT)
         tl.store(out, w, mask=mask)
 
 
@@ -156,15 +183,15 @@ def _gather_mm_kernel(x_ptr, ids_ptr, ebits_ptr, slot_ptr, w_ptr, s_ptr, z_ptr, 
         if BLOCK_K % G == 0 or G % BLOCK_K == 0:
             # y[n] = sum_g s[n,g] * (sum_j q[n,g,j] x[g,j] - z[n,g] * sum_j x[g,j]): the inner loop is
             # int->float + FMA, scale and zero are applied once per group
-            q = _unpack(w_ptr, offs_n, k0, K, stride_wn, n_mask, BITS, BLOCK_K, FAULT_BIT_SHIFT).to(tl.float32)
-            s, z = _group_params(s_ptr, z_ptr, offs_n, k0, K, stride_sn, n_mask, G, HAS_ZERO, SYM_ZERO, BLOCK_K)
+            q = _unpack(w_ptr, offs_n, k0, K, stride_wn, n_mask, BITS, BLOCK_K, False, FAULT_BIT_SHIFT).to(tl.float32)
+            s, z = _group_params(s_ptr, z_ptr, offs_n, k0, K, stride_sn, n_mask, G, HAS_ZERO, SYM_ZERO, BLOCK_K, False)
             NG: tl.constexpr = s.shape[1]
             xg = tl.reshape(x, [NG, BLOCK_K // NG])  # [NG, g]
             qx = tl.sum(tl.reshape(q, [BLOCK_N, NG, BLOCK_K // NG]) * xg[None, :, :], axis=2)  # [BN, NG]
             acc += tl.sum(s * (qx - z * tl.sum(xg, axis=1)[None, :]), axis=1)
         else:
             w = _dequant(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, stride_sn, n_mask,
-                         BITS, G, HAS_ZERO, SYM_ZERO, BLOCK_K, FAULT_BIT_SHIFT)  # [BN, BK]
+                         BITS, G, HAS_ZERO, SYM_ZERO, BLOCK_K, False, FAULT_BIT_SHIFT)  # [BN, BK]
             acc += tl.sum(w * x[None, :], axis=1)
     out = out_ptr + pid_s.to(tl.int64) * stride_os + offs_n
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -211,8 +238,8 @@ def _grouped_mm_kernel(x_ptr, offs_ptr, ebits_ptr, slot_ptr, w_ptr, s_ptr, z_ptr
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)  # [BM, BK]
         w = _dequant(w_ptr, s_ptr, z_ptr, offs_n, k0, K, stride_wn, stride_sn, n_mask,
-                     BITS, G, HAS_ZERO, SYM_ZERO, BLOCK_K, FAULT_BIT_SHIFT)  # [BN, BK]
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+                     BITS, G, HAS_ZERO, SYM_ZERO, BLOCK_K, True, FAULT_BIT_SHIFT)  # [BK, BN]
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_os + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -287,7 +314,7 @@ def _group_args(bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torc
     )
 
 
-def unpack(packed: torch.Tensor, bits: int, k: int, *, block_r: int = 16, block_k: int = 64,
+def unpack(packed: torch.Tensor, bits: int, k: int, *, block_r: int = 16, block_k: int = 64, trans: bool = False,
            fault_bit_shift: int = 0) -> torch.Tensor:
     """uint8 ``[..., K*b/8]`` -> uint8 ``[..., K]``; the Triton twin of ``quant.packing.unpack``."""
     rows = packed.reshape(-1, packed.shape[-1])  # [R, Kb]
@@ -295,12 +322,12 @@ def unpack(packed: torch.Tensor, bits: int, k: int, *, block_r: int = 16, block_
     grid = (triton.cdiv(rows.shape[0], block_r), triton.cdiv(k, block_k))
     _dequant_kernel[grid](rows, rows, rows, out, rows.shape[0], k, rows.stride(0), 0, out.stride(0),
                           BITS=bits, G=k, HAS_ZERO=False, SYM_ZERO=0.0, OUTPUT_Q=True,
-                          BLOCK_R=block_r, BLOCK_K=block_k, FAULT_BIT_SHIFT=fault_bit_shift)
+                          BLOCK_R=block_r, BLOCK_K=block_k, TRANS=trans, FAULT_BIT_SHIFT=fault_bit_shift)
     return out.reshape(*packed.shape[:-1], k)
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, k: int, *,
-               block_r: int = 16, block_k: int = 64, fault_bit_shift: int = 0) -> torch.Tensor:
+               block_r: int = 16, block_k: int = 64, trans: bool = False, fault_bit_shift: int = 0) -> torch.Tensor:
     """float32 ``[..., K]`` equal to ``quant.base.dequantize(unpack(packed), scale, zero)``."""
     rows = packed.reshape(-1, packed.shape[-1])  # [R, Kb]
     s = scale.reshape(-1, scale.shape[-1])  # [R, K/g]
@@ -309,7 +336,7 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     grid = (triton.cdiv(rows.shape[0], block_r), triton.cdiv(k, block_k))
     _dequant_kernel[grid](rows, s, z, out, rows.shape[0], k, rows.stride(0), s.stride(0), out.stride(0),
                           **_group_args(bits, packed, scale, zero, k), OUTPUT_Q=False,
-                          BLOCK_R=block_r, BLOCK_K=block_k, FAULT_BIT_SHIFT=fault_bit_shift)
+                          BLOCK_R=block_r, BLOCK_K=block_k, TRANS=trans, FAULT_BIT_SHIFT=fault_bit_shift)
     return out.reshape(*packed.shape[:-1], k)
 
 

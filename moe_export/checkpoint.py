@@ -131,12 +131,17 @@ def _parameters_on_meta():
 def _read_header(path: Path):
     from safetensors import safe_open
 
-    if not path.is_file():
+    if not path.is_file() and (path.parent / "model.safetensors.index.json").is_file():
+        from moe_export.streaming import ShardedReader  # sharded output of `moe-export quantize --streaming`
+
+        f = ShardedReader(path.parent)
+    elif not path.is_file():
         raise CheckpointError(f"{path.parent}: no {WEIGHTS_NAME}; is this a folder written by `moe-export quantize`?")
-    try:
-        f = safe_open(str(path), framework="pt")
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); re-run `moe-export quantize`") from err
+    else:
+        try:
+            f = safe_open(str(path), framework="pt")
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err}); re-run `moe-export quantize`") from err
     meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a moe_export quantized checkpoint (format {meta.get('format')!r}); "
@@ -174,11 +179,13 @@ def load_quantized(qdir: str | os.PathLike, device: str | torch.device = "cpu", 
     name_to_alias = {n: names for names in aliases.values() for n in names}
 
     def install(fqn: str, value: torch.Tensor, is_param: bool):
+        if is_param:
+            value = nn.Parameter(value, requires_grad=False)  # one object for all tied names
         for n in name_to_alias.get(fqn, [fqn]):
             mod_name, _, attr = n.rpartition(".")
             mod = model.get_submodule(mod_name) if mod_name else model
             if is_param:
-                mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+                mod._parameters[attr] = value
             else:
                 mod._buffers[attr] = value
 
@@ -213,7 +220,7 @@ def load_quantized(qdir: str | os.PathLike, device: str | torch.device = "cpu", 
 
 
 def checkpoint_bytes(qdir: str | os.PathLike) -> int:
-    return (Path(qdir) / WEIGHTS_NAME).stat().st_size
+    return sum(p.stat().st_size for p in Path(qdir).glob("model*.safetensors"))  # one file, or streamed shards
 
 
 def theoretical_model_bytes(model: nn.Module) -> float:

@@ -46,6 +46,30 @@ class CheckpointError(ValueError):
     """A checkpoint on disk is missing, truncated, corrupt or does not match what was asked for."""
 
 
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Header and size checks that catch a missing, truncated or corrupt file before any tensor is read
+    (a truncated file otherwise fails deep inside a read, or maps zeros). Reads only the header."""
+    path = Path(path)
+    fix = "re-create or re-download it"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint index lists it but the file is not there ({fix})")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise CheckpointError(f"{path}: not a safetensors file or truncated (header of {n} bytes in a {size}-byte "
+                                  f"file); {fix}")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({err}); {fix}") from None
+    want = 8 + n + max(ends, default=0)
+    if size < want:
+        raise CheckpointError(f"{path}: truncated: {size} bytes on disk, its header describes {want}; {fix}")
+
+
 class SafetensorsCheckpoint:
     """Lazy, memory-mapped access to the tensors of a (possibly sharded) safetensors checkpoint.
 
@@ -78,10 +102,10 @@ class SafetensorsCheckpoint:
         except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
             raise CheckpointError(f"{file}: not a readable safetensors file ({err}); re-create or re-download it") from err
 
-    def release(self) -> None:
-        """Close the open files. Pages read through a file's memory map stay resident (and count in
-        RSS) while it is open, so a reader that walks a checkpoint layer by layer releases between layers."""
-        self._handles.clear()
+    def verify(self) -> None:
+        """Check every file's header and size now (`check_safetensors_file`), before a long run starts."""
+        for name in sorted(set(self.weight_map.values())):
+            check_safetensors_file(self.folder / name)
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -113,3 +137,38 @@ class SafetensorsCheckpoint:
         if not cfg.exists():
             raise CheckpointError(f"{self.folder}: no config.json")
         return json.loads(cfg.read_text())
+
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file crash-safely and byte-reproducibly.
+
+    ``safetensors.torch.save_file`` keeps the header metadata in a hash map, so its key order (and the
+    file's bytes) change from one process to the next; here metadata keys are sorted and tensors laid
+    out by (descending item size, name), which also keeps every tensor aligned to its item size.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{path}: tensor {k!r} has dtype {t.dtype}, which safetensors cannot store")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for k in order:
+            t = tensors[k].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))

@@ -31,11 +31,6 @@ from tqdm.auto import tqdm
 INDEX = "model.safetensors.index.json"
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
 DATA_FREE = ("rtn", "hqq")
-# Files copied verbatim next to the quantized weights (tokenizer, generation settings).
-_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "vocab.json", "merges.txt", "tokenizer.model")
-
-
 class StreamingError(ValueError):
     """Bad input to a streaming quantization run: one message naming the file or field and the fix."""
 
@@ -161,26 +156,63 @@ def _rest(rd, unit: Unit, model_type: str, roles: Callable[[str], str], non_expe
 
 
 def encode_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten packed subclasses to plain tensors + string metadata (the checkpoint module's encoding)."""
-    tensors, meta = {}, {}
+    """Plain tensors + header metadata of one shard, encoded as `moe_export.checkpoint` encodes a model."""
+    from moe_export.checkpoint import FORMAT, VERSION, _describe
+
+    tensors, quantized = {}, {}
     for k, v in state.items():
-        if type(v) is torch.Tensor or isinstance(v, torch.nn.Parameter):
-            tensors[k] = v.detach()
+        if type(v) is torch.Tensor:
+            tensors[k] = v
             continue
-        names, ctx = v.__tensor_flatten__()
-        for n in names:
-            tensors[f"{k}.{n}"] = getattr(v, n)
-        meta[k] = json.dumps({"type": type(v).__name__, "ctx": repr(ctx)})
-    return tensors, meta
+        desc, parts = _describe(v)
+        quantized[k] = desc
+        for part, t in parts.items():
+            tensors[f"{k}.{part}"] = t
+    return tensors, {"format": FORMAT, "version": VERSION, "quantized": json.dumps(quantized)}
+
+
+class ShardedReader:
+    """A sharded quantized folder seen as one safetensors file (``keys``/``get_tensor``/``metadata``),
+    which is what `moe_export.checkpoint.load_quantized` reads."""
+
+    def __init__(self, folder):
+        from safetensors import safe_open
+
+        from moe_export.io import CheckpointError
+
+        self.folder = Path(folder)
+        try:
+            index = json.loads((self.folder / INDEX).read_text())
+            self.weight_map: dict[str, str] = index["weight_map"]
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{self.folder / INDEX}: unreadable index ({err}); rerun `moe-export quantize`") from None
+        self._files = {}
+        quantized = {}
+        for name in sorted(set(self.weight_map.values())):
+            try:
+                f = self._files[name] = safe_open(str(self.folder / name), framework="pt")
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"{self.folder / name}: not a readable safetensors file ({err}); "
+                                      "rerun `moe-export quantize` (finished shards are kept)") from None
+            quantized.update(json.loads((f.metadata() or {}).get("quantized", "{}")))
+        meta = index.get("metadata", {})
+        self._metadata = {"format": meta.get("format"), "version": meta.get("version"), "bitplan": meta.get("bitplan"),
+                          "quantized": json.dumps(quantized)}
+
+    def metadata(self) -> dict:
+        return dict(self._metadata)
+
+    def keys(self):
+        return list(self.weight_map)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._files[self.weight_map[key]].get_tensor(key)
 
 
 def _write_shard(path: Path, tensors: dict, metadata: dict) -> None:
-    from safetensors.torch import save_file
+    from moe_export.io import save_safetensors
 
-    from moe_export.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_safetensors(tensors, path, metadata)  # sorted header: a rerun or another rank writes the same bytes
 
 
 def _shard_done(path: Path, unit: int, fp: str) -> bool:
@@ -219,8 +251,8 @@ def check_output_dir(out: Path) -> None:
 
 
 def disk_full_message(err: OSError, where) -> str:
-    return (f"no space left on the device while writing {where} ({err.strerror}); free space or pass -o on another "
-            "disk, then rerun the same command: finished shards are kept and skipped")
+    return (f"no space left on the device while writing {where} ({err.strerror}); free space (or pass -o on another "
+            "disk) and rerun the same command: the finished shards are kept and skipped, no partial file is left")
 
 
 # ------------------------------------------------------------------------------------------ the call
@@ -252,8 +284,12 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
         raise StreamingError(f"output {out} is the source checkpoint folder; pass -o a different folder")
     if not isinstance(plan, BitPlan):
         plan = BitPlan.load(plan)
+    if plan.quantizer.name != quantizer:  # as quantize_ records it
+        plan.provenance = {**plan.provenance, "quantized_with": quantizer}
     qz = get_quantizer(quantizer, **quantizer_options)
-    cfg = SafetensorsCheckpoint(src).config()
+    ckpt = SafetensorsCheckpoint(src)
+    ckpt.verify()  # truncated / corrupt files fail here, before anything is written
+    cfg = ckpt.config()
     layout = checkpoint_moe_layout(src)
     plan.validate_against(src)  # layers, expert counts, group size, router hash
     check_output_dir(out)
@@ -271,6 +307,8 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
     written: list[Path] = []
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if rank == 0 and (out / INDEX).is_file() and _index_fingerprint(out) != fp:
+            (out / INDEX).unlink()  # another run's output: unmark it complete before its shards are replaced
         bar = tqdm(mine, desc=f"quantize {quantizer} (rank {rank}/{world_size})" if world_size > 1 else f"quantize {quantizer}",
                    disable=not progress, unit="shard")
         for u in bar:
@@ -296,18 +334,25 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
             _finish(src, out, units, plan, quantizer, quantizer_options, fp)
         if barrier is not None:
             barrier()
+    except StreamingError:
+        _cleanup(out, written, created)  # bad input found mid-run (NaN weights): leave nothing of this run
+        raise
     except OSError as err:
-        _cleanup(out, written, created)
+        # Finished shards are complete (atomic) and fingerprinted: keep them so that the rerun resumes.
+        _cleanup(out, [], created)
         if err.errno == errno.ENOSPC:
             raise StreamingError(disk_full_message(err, out)) from None
         if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise StreamingError(f"cannot write into {out} ({err.strerror}); pick another -o or fix its permissions") from None
         raise
-    except BaseException as err:
-        if not isinstance(err, KeyboardInterrupt):
-            _cleanup(out, written, created)
-        raise
     return out
+
+
+def _index_fingerprint(out: Path) -> str | None:
+    try:
+        return json.loads((out / INDEX).read_text())["metadata"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _cleanup(out: Path, written: list[Path], created: bool) -> None:
@@ -321,7 +366,7 @@ def _cleanup(out: Path, written: list[Path], created: bool) -> None:
 def _finish(src: Path, out: Path, units, plan, quantizer, options, fp) -> None:
     from safetensors import safe_open
 
-    from moe_export.io import atomic_path, atomic_write_json
+    from moe_export.io import atomic_path, atomic_write_json, atomic_write_text
 
     weight_map, total = {}, 0
     for u in units:
@@ -333,15 +378,26 @@ def _finish(src: Path, out: Path, units, plan, quantizer, options, fp) -> None:
             for k in f.keys():
                 weight_map[k] = name
         total += path.stat().st_size
-    atomic_write_json(out / "config.json", json.loads((src / "config.json").read_text()), sort_keys=True)
-    plan.save(out / "bitplan.json")
-    for f in _SIDE_FILES:
+    from moe_export.checkpoint import FORMAT, PLAN_NAME, TOKENIZER_FILES, VERSION
+
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "moe_export", "format": FORMAT, "version": VERSION, "bitplan": PLAN_NAME}
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    plan.save(out / PLAN_NAME)
+    for f in TOKENIZER_FILES:
         if (src / f).is_file():
             with atomic_path(out / f) as tmp:
                 shutil.copyfile(src / f, tmp)
+    # temp files of writes a killed run never finished (atomic_path names them .<name>.<random>.tmp), and
+    # weights of an earlier run with another shard count or of the in-memory path (model.safetensors)
+    names = {SHARD.format(u.index + 1, len(units)) for u in units}
+    stale = [p for p in out.glob(".*.tmp")] + [p for p in out.glob("model*.safetensors") if p.name not in names]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    # written last: a folder with an index is complete
     atomic_write_json(out / INDEX, {
-        "metadata": {"total_size": total, "format": "moe_export.quantized", "quantizer": quantizer,
-                     "quantizer_options": options, "fingerprint": fp, "streamed": True},
+        "metadata": {"total_size": total, "format": FORMAT, "version": VERSION, "bitplan": plan.to_json(),
+                     "quantizer": quantizer, "quantizer_options": options, "fingerprint": fp},
         "weight_map": dict(sorted(weight_map.items())),
     })
 
@@ -363,3 +419,58 @@ def _role_lookup(cfg: dict) -> Callable[[str], str]:
         model = getattr(transformers, arch)(config) if arch and hasattr(transformers, arch) else \
             transformers.AutoModelForCausalLM.from_config(config)
     return lambda name: parameter_role(model, name)
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+
+
+def checkpoint_nbytes(folder) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def _mem_available() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def should_stream(src, quantizer: str, flag: bool | None) -> bool:
+    """``--streaming`` / ``--no-streaming`` decide; by default stream data-free runs launched by torchrun or
+    whose checkpoint is more than half of the available memory (the in-memory path holds it in float32)."""
+    from moe_export.distributed import launched_by_torchrun
+
+    if flag is not None:
+        return flag
+    if launched_by_torchrun():
+        return True  # the in-memory path has no layer split; quantize_checkpoint names the quantizer if it cannot stream
+    return quantizer in DATA_FREE and checkpoint_nbytes(src) > _mem_available() // 2
+
+
+def stream_command(src, plan_path, quantizer: str, output, quiet: bool) -> None:
+    """Body of ``moe-export quantize --streaming`` (and of every rank under torchrun)."""
+    import time
+
+    import click
+
+    from moe_export.distributed import process_group
+    from moe_export.io import CheckpointError
+    from moe_export.models import UnsupportedModelError
+    from moe_export.plan.bitplan import BitPlanError
+
+    t0 = time.perf_counter()
+    try:
+        with process_group() as (rank, world, barrier):
+            quantize_checkpoint(src, plan_path, output, quantizer, progress=not quiet and rank == 0, rank=rank,
+                                world_size=world, barrier=barrier)
+    except (StreamingError, BitPlanError, CheckpointError, UnsupportedModelError) as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:
+        raise click.ClickException(f"{err.filename or output}: {err.strerror or err}") from None
+    if rank == 0:
+        n = len(list(Path(output).glob("model-*.safetensors")))
+        click.echo(f"quantized {src} with {quantizer} (streaming, {world} process{'es' if world > 1 else ''}) -> "
+                   f"{output}: {n} shards, {checkpoint_nbytes(output) / 1e6:.3f} MB in {time.perf_counter() - t0:.1f}s")

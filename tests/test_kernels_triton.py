@@ -88,9 +88,10 @@ def routed(num_experts, pairs, gen_seed=0):
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("k", [8, 96, 256])
-def test_unpack_bit_exact(mwm, bits, k):
+@pytest.mark.parametrize("trans", [False, True], ids=["n-major", "k-major"])
+def test_unpack_bit_exact(mwm, bits, k, trans):
     q = torch.randint(0, 2**bits, (2, 5, k), dtype=torch.uint8, device=DEVICE)
-    out = mwm.unpack(pack(q, bits), bits, k)
+    out = mwm.unpack(pack(q, bits), bits, k, trans=trans)
     assert torch.equal(out, q)
     assert torch.equal(out, unpack(pack(q, bits), bits, k))
 
@@ -100,7 +101,8 @@ def test_unpack_bit_exact(mwm, bits, k):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_dequantize_bit_exact(mwm, bits, group_size, symmetric):
     packed, scales, zeros, *_ = width_groups([bits, bits], 8, K, group_size, symmetric)
-    out = mwm.dequantize(packed[0], scales[0], zeros[0], bits, K)  # [2, 8, K]
+    trans = bits % 2 == 1  # the K-major tile of the grouped kernel for 1/3-bit, N-major for 2/4/8
+    out = mwm.dequantize(packed[0], scales[0], zeros[0], bits, K, trans=trans)  # [2, 8, K]
     ref = torch.stack([reference.expert_weight(e, packed, scales, zeros, [bits], [bits, bits], [0, 1], K)
                        for e in range(2)])  # [2, 8, K]
     assert torch.equal(out, ref)
@@ -109,8 +111,9 @@ def test_dequantize_bit_exact(mwm, bits, group_size, symmetric):
 def test_dequantize_row_group_not_multiple_of_block(mwm):
     # K = 96 with a 64-wide K block: neither divides the other, the per-element scale path
     packed, scales, zeros, *_ = width_groups([3], 8, 96, None, False)
-    out = mwm.dequantize(packed[0], scales[0], zeros[0], 3, 96, block_k=64)
-    assert torch.equal(out[0], reference.expert_weight(0, packed, scales, zeros, [3], [3], [0], 96))
+    ref = reference.expert_weight(0, packed, scales, zeros, [3], [3], [0], 96)
+    for trans in (False, True):
+        assert torch.equal(mwm.dequantize(packed[0], scales[0], zeros[0], 3, 96, block_k=64, trans=trans)[0], ref)
 
 
 # --- the planted off-by-one must be caught ---------------------------------------------------------

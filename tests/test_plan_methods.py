@@ -65,6 +65,19 @@ def test_router_maxvar_promotes_the_outlier(zoo):
     assert mem.model["router_sha256"] == plan.model["router_sha256"]
 
 
+def test_maxvar_only_ranking_both_directions(zoo):
+    root, _, _ = zoo
+    desc = make_plan(root, PlanConfig(2.25, [3, 2], method="maxvar", group_size=G), progress=False)
+    asc = make_plan(root, PlanConfig(2.25, [3, 2], method="maxvar", maxvar_order="ascending", group_size=G), progress=False)
+    for d, a in zip(desc.layers, asc.layers):
+        var = torch.tensor(desc.provenance["scores"]["maxvar"][d.name])
+        assert int(var.argmax()) == 7
+        assert d.bits[7] == 3 and a.bits[7] == 2  # 2.25 bits: two experts at 3 bits
+        assert sorted(e for e, b in enumerate(d.bits) if b == 3) == sorted(torch.argsort(var, descending=True)[:2].tolist())
+        assert sorted(e for e, b in enumerate(a.bits) if b == 3) == sorted(torch.argsort(var)[:2].tolist())
+    assert asc.provenance["maxvar_order"] == "ascending"
+
+
 def test_final_norm_proxy_without_reference(zoo):
     root, _, ft = zoo
     plan = make_plan(root / "finetuned", PlanConfig(2.5, [3, 2], method="router", group_size=G), progress=False)

@@ -56,6 +56,15 @@ def test_maxvar_matches_definition_and_chunking_bf16():
     assert torch.equal(mv.layer_maxvar([W, lambda: W * 2]), torch.tensor([mv.maxvar(W), mv.maxvar(W * 2)], dtype=torch.float64))
 
 
+def test_maxvar_bound_search_is_exact_when_the_widest_row_has_the_smallest_norm():
+    # 200 rows with a large mean and tiny spread (large norms), one zero-mean row with the largest variance
+    W = torch.randn(201, 128) * 0.01 + torch.linspace(3, 4, 201)[:, None]
+    W[100] = torch.randn(128) * 0.5
+    ref = torch.var(W.double(), dim=1)
+    assert torch.argmax(ref) == 100 and torch.argmin(W.square().sum(1)) == 100
+    assert mv.maxvar(W) == pytest.approx(float(ref.max()), rel=1e-12)  # float64 on the candidate rows
+
+
 def test_weight_error_decreases_with_bits_and_chunking_is_exact():
     q = get_quantizer("rtn")
     W = torch.randn(96, 64)

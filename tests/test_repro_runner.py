@@ -75,8 +75,59 @@ def test_cli_rebuilds_from_json(results, tmp_path):
     src = tmp_path / "in.json"
     src.write_text(json.dumps(results))
     out = tmp_path / "docs"
-    res = CliRunner().invoke(main, ["reproduce", "--from-json", str(src), "--out", str(out)])
+    res = CliRunner().invoke(main, ["reproduce", "--from-json", str(src), "--out", str(out), "--no-zoo"])
     assert res.exit_code == 0, res.output
     assert (out / "results.md").exists() and (out / "img" / "synthetic_lambda_vs_frequency.png").exists()
     bad = CliRunner().invoke(main, ["reproduce", "--seeds", "a,b", "--out", str(out)])
     assert bad.exit_code != 0 and "--seeds" in bad.output
+    bad = CliRunner().invoke(main, ["reproduce", "--zoo-models", "nope", "--out", str(out)])
+    assert bad.exit_code != 0 and "unknown zoo entry" in bad.output
+
+
+def _fake_zoo():
+    """Zoo records in the runner's format, with made-up bpb values: tests the report only."""
+    points = []
+    for setting in ("finetune", "pretrain-only"):
+        for ls, grid in (("3,2", [2.0, 2.5, 3.0]), ("3,2,1", [1.5, 2.0, 2.5])):
+            for avg in grid:
+                for m in ("router", "router+maxvar", "random", "uniform"):
+                    if m == "uniform" and avg not in (1.0, 2.0, 3.0):
+                        continue
+                    # ours better than random at interior points by construction
+                    bpb = 3.0 - 0.1 * avg + (0.05 if m == "random" else 0.0)
+                    points.append({"setting": setting, "levels": ls, "avg_bits": avg, "method": m, "bpb": bpb,
+                                   "plan_s": 0.01, "bits": [[2] * 4]})
+    run = lambda seed: {"model": "tiny", "seed": seed, "arch": "mixtral", "group_size": 64,
+                        "float": {"finetune": {"bpb": 2.5, "corpus": "c"}, "pretrain-only": {"bpb": 2.4, "corpus": "s"}},
+                        "scores": {"model.layers.0.mlp": {"change": [0.1 * seed, 0.2, -0.1, 0.0],
+                                                          "abs_change": [0.1, 0.2, 0.1, 0.0],
+                                                          "final_norm": [1.0, 2.0, 3.0, 4.0 + seed],
+                                                          "pretrained_norm": [1.0, 2.0, 3.0, 4.0]}},
+                        "points": points}
+    return {"sweep": {"seeds": [0, 1], "methods": ["router", "router+maxvar", "random", "uniform"], "eval_tokens": 64,
+                      "random_seeds": [0], "calib_tokens": 64},
+            "runs": [run(0), run(1)], "rank_stability": {"tiny/change": [0.4]}, "wall_s": 1.0}
+
+
+def test_zoo_section_and_plot(results, tmp_path):
+    md = report.write_report(results, tmp_path, "cmd", zoo=_fake_zoo()).read_text()
+    z = md[md.index("## 2. Zoo models"):]
+    assert "**Not run.**" not in z
+    assert "![quality vs bits](img/zoo_bpb_vs_bits.png)" in z
+    assert (tmp_path / "img" / "zoo_bpb_vs_bits.png").stat().st_size > 5000
+    # random is worse by 0.05 bpb at the interior points of both level sets and settings, both seeds
+    assert "router-norm: **reproduced** (better in 8/8 comparisons)" in z
+    assert "| tiny | finetune | {3,2} | router-norm | +0.0500 [2/2] |" in z
+    assert "tiny/change: mean +0.40 over 1 pairs" in z
+
+
+def test_spearman_and_group_size():
+    from types import SimpleNamespace
+
+    from moe_export.repro.zoo_sweep import group_size_for, spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert group_size_for([SimpleNamespace(hidden_size=64, intermediate_size=128)]) == 64
+    assert group_size_for([SimpleNamespace(hidden_size=256, intermediate_size=512)]) == 128
+    assert group_size_for([SimpleNamespace(hidden_size=192, intermediate_size=384)]) == 64

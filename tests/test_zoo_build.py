@@ -14,17 +14,18 @@ _MICRO = dict(hidden=32, layers=1, heads=2, kv_heads=1, expert_ffn=32, experts=4
 def micro_entry(arch="mixtral", steps=8):
     model = dict(_MICRO) if arch != "switch" else dict(hidden=32, layers=2, heads=2, kv_dim=16, dense_ffn=32,
                                                        expert_ffn=32, experts=4, router_init=0.02)
-    return Entry(f"micro-{arch}", arch, "test-only micro entry", 300, 32, model,
+    return Entry(f"micro-{arch}", arch, "test-only micro entry", 1024, 32, model,
                  TrainSpec("shakespeare", steps, 3e-3, 4, warmup=2, ckpt_every=3),
-                 TrainSpec("python-stdlib", steps // 2, 1e-3, 4, warmup=1, ckpt_every=3), eval_tokens=512)
+                 TrainSpec("python-stdlib", steps // 2, 1e-3, 4, warmup=1, ckpt_every=3), eval_tokens=512, eval_cloze=8,
+                 notes=registry._SWITCH_NOTE if arch == "switch" else ())
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    # one home per module: the BPE and the tokenized corpora are cached there once
+    # builds go to a temporary folder; the BPE (the `tiny` entries' one) and the tokenized corpora come
+    # from the $MOE_EXPORT_HOME cache, so only the first run on a machine pays for them
     tmp = tmp_path_factory.mktemp("zoo")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MOE_EXPORT_HOME", str(tmp / "home"))
         for arch in ("mixtral", "switch"):
             e = micro_entry(arch)
             mp.setitem(registry.ENTRIES, e.name, e)
@@ -87,7 +88,7 @@ def test_switch_build_small_router_init(home):
     model, tok = train.load(out, which="pretrained")
     assert type(model).__name__ == "SwitchTransformersForConditionalGeneration"
     man = json.loads((out / "manifest.json").read_text())
-    assert any("std 0.02" in n for n in man["notes"])
+    assert man["router_init_std"] == 0.02 and any("std 0.02" in n for n in man["notes"])
     # fresh model before training: the router rows have norm ~ 0.02 * sqrt(d) instead of HF's ~ sqrt(d)
     fresh = train.make_model(registry.ENTRIES["micro-switch"], tok, seed=0)
     w = dict(fresh.named_parameters())["encoder.block.1.layer.1.mlp.router.classifier.weight"]

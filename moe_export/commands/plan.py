@@ -62,6 +62,8 @@ def _non_expert(items, group_size, symmetric) -> dict:
                    "Default: pretrained/ of a zoo build; none = final-norm proxy.")
 @click.option("--zeta", type=float, default=3.0, show_default=True, help="MaxVar rearrangement threshold.")
 @click.option("--maxvar-variant", type=click.Choice(["paper", "largest-norm-row"]), default="paper", show_default=True)
+@click.option("--maxvar-order", type=click.Choice(["descending", "ascending"]), default="descending", show_default=True,
+              help="--method maxvar: widest range first, or ascending (the official code's --order_type variance).")
 @click.option("--absolute-change", is_flag=True, help="Rank by |L_s| instead of the signed change.")
 @click.option("--group-size", default="128", show_default=True, callback=_group, help="Quantizer group size, or 'none' for whole rows.")
 @click.option("--symmetric", is_flag=True, help="Symmetric quantization grid.")
@@ -79,9 +81,9 @@ def _non_expert(items, group_size, symmetric) -> dict:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="BitPlan JSON to write.")
 @click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write a layers x experts PNG.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary table.")
-def command(model_dir, avg_bits, levels, method, reference, zeta, maxvar_variant, absolute_change, group_size, symmetric,
-            quantizer, seed, router_weighting, calib_corpus, calib_tokens, calib_seq_len, non_expert, name, output,
-            heatmap, quiet):
+def command(model_dir, avg_bits, levels, method, reference, zeta, maxvar_variant, maxvar_order, absolute_change,
+            group_size, symmetric, quantizer, seed, router_weighting, calib_corpus, calib_tokens, calib_seq_len,
+            non_expert, name, output, heatmap, quiet):
     import torch
 
     from moe_export.io import CheckpointError
@@ -93,6 +95,7 @@ def command(model_dir, avg_bits, levels, method, reference, zeta, maxvar_variant
     t0 = time.perf_counter()
     try:
         cfg = PlanConfig(avg_bits=avg_bits, levels=levels, method=method, zeta=zeta, maxvar_variant=maxvar_variant,
+                         maxvar_order=maxvar_order,
                          absolute_change=absolute_change, group_size=group_size, symmetric=symmetric,
                          quantizer=quantizer, seed=seed, router_weighting=router_weighting,
                          non_expert=_non_expert(non_expert, group_size, symmetric))

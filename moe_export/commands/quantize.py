@@ -38,7 +38,9 @@ def load_float_model(path: Path):
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder to write (model.safetensors, bitplan.json, config.json, tokenizer).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: Path, quiet: bool):
+@click.option("--streaming/--no-streaming", default=None, help="Read and write one layer at a time (rtn/hqq; default: "
+              "when the checkpoint is over half the free memory or under torchrun). See moe_export/streaming.py.")
+def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: Path, quiet: bool, streaming):
     import torch
 
     from moe_export.api import MoEQuantConfig, expert_bytes, quantize_, theoretical_expert_bytes
@@ -60,6 +62,10 @@ def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: P
 
         calibration = CalibrationConfig(n_tokens=calib_tokens)
     src = _model_folder(model_dir)
+    from moe_export.streaming import should_stream, stream_command
+
+    if should_stream(src, name, streaming):
+        return stream_command(src, plan_path, name, output, quiet)
     t0 = time.perf_counter()
     model = load_float_model(src)
     try:

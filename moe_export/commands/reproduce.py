@@ -8,35 +8,68 @@ from dataclasses import replace
 import click
 
 
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give integers separated by commas, e.g. 0,1,2", param_hint=option)
+
+
 @click.command(name="reproduce", help="Regenerate docs/results.md (the paper's claims on models trained here).")
-@click.option("--quick", is_flag=True, help="Fewer seeds and test samples: a few minutes on 2 CPU cores.")
+@click.option("--quick", is_flag=True, help="Fewer seeds, test samples and bit levels: minutes on 2 CPU cores.")
 @click.option("--out", "out_dir", default="docs", show_default=True, type=click.Path(file_okay=False),
-              help="Folder that receives results.md, results-synthetic.json and img/*.png.")
-@click.option("--seeds", default=None, help="Comma-separated seeds (default: 0-2 with --quick, 0-4 otherwise).")
+              help="Folder that receives results.md, results-*.json and img/*.png.")
+@click.option("--seeds", default=None, help="Synthetic-task seeds, comma-separated (default: 0-2 with --quick, 0-4).")
 @click.option("--routing", "routings", multiple=True, type=click.Choice(["token_choice", "expert_choice"]),
               help="Routing(s) of the synthetic MoE (default: both).")
+@click.option("--zoo/--no-zoo", default=True, show_default=True, help="Also run the sweep on zoo models.")
+@click.option("--zoo-models", default="tiny", show_default=True, help="Zoo entries, comma-separated.")
+@click.option("--zoo-seeds", default=None, help="Zoo build seeds, comma-separated (default: 0 with --quick, 0,1,2).")
 @click.option("--from-json", "from_json", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Rebuild the report from a saved results-synthetic.json without rerunning.")
+              help="Rebuild the report from a saved results-synthetic.json without rerunning the synthetic task.")
+@click.option("--zoo-json", "zoo_json", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Rebuild the zoo section from a saved results-zoo.json without rerunning it.")
 @click.option("--threads", default=1, show_default=True, help="torch threads.")
-def command(quick, out_dir, seeds, routings, from_json, threads):
+def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_json, zoo_json, threads):
     import torch
 
-    from moe_export.repro import experiments, report
+    from moe_export.repro import experiments, report, zoo_sweep
 
     torch.set_num_threads(threads)
+    seed_t = _ints(seeds, "--seeds") if seeds else None
+    zoo_seed_t = _ints(zoo_seeds, "--zoo-seeds") if zoo_seeds else None
+    models = tuple(m.strip() for m in zoo_models.split(",") if m.strip())
+    if zoo and not zoo_json:
+        from moe_export.zoo.registry import ENTRIES
+
+        bad = [m for m in models if m not in ENTRIES]
+        if bad:
+            raise click.BadParameter(f"unknown zoo entry {bad[0]!r}; available: {', '.join(ENTRIES)}",
+                                     param_hint="--zoo-models")
+
     cmd = "moe-export reproduce" + (" --quick" if quick else "") + f" --out {shlex.quote(out_dir)}"
     cmd += (f" --seeds {seeds}" if seeds else "") + "".join(f" --routing {r}" for r in routings)
+    cmd += "" if zoo else " --no-zoo"
+    cmd += (f" --zoo-models {zoo_models}" if zoo and zoo_models != "tiny" else "")
+    cmd += (f" --zoo-seeds {zoo_seeds}" if zoo and zoo_seeds else "")
+
     if from_json:
         results = report.load_results(from_json)
     else:
         sweep = experiments.QUICK if quick else experiments.FULL
-        if seeds:
-            try:
-                sweep = replace(sweep, seeds=tuple(int(s) for s in seeds.split(",")))
-            except ValueError:
-                raise click.BadParameter(f"{seeds!r}: give integers separated by commas, e.g. 0,1,2", param_hint="--seeds")
+        if seed_t:
+            sweep = replace(sweep, seeds=seed_t)
         if routings:
             sweep = replace(sweep, routings=tuple(routings))
         results = experiments.run_synthetic(sweep)
-    md = report.write_report(results, out_dir, cmd)
-    click.echo(f"wrote {md} ({len(results['runs'])} synthetic runs, {results['wall_s']:.0f} s)")
+
+    zoo_results = None
+    if zoo_json:
+        zoo_results = report.load_results(zoo_json)
+    elif zoo:
+        zs = zoo_sweep.QUICK if quick else zoo_sweep.FULL
+        zs = replace(zs, models=models, **({"seeds": zoo_seed_t} if zoo_seed_t else {}))
+        zoo_results = zoo_sweep.run_zoo(zs)
+    md = report.write_report(results, out_dir, cmd, zoo=zoo_results)
+    extra = f", zoo {zoo_results['wall_s']:.0f} s" if zoo_results else ""
+    click.echo(f"wrote {md} ({len(results['runs'])} synthetic runs, {results['wall_s']:.0f} s{extra})")

@@ -39,6 +39,9 @@ class PlanConfig:
     method: str = "router+maxvar"
     zeta: float = 3.0
     maxvar_variant: str = "paper"  # or "largest-norm-row" (official Mixtral code)
+    # method maxvar: "descending" = widest weight range first (the zeta rule's direction);
+    # "ascending" = the official code's `--order_type variance` ablation (smallest MaxVar first)
+    maxvar_order: str = "descending"
     absolute_change: bool = False  # |L_s| instead of the signed change (Switch option)
     group_size: int | None = 128
     symmetric: bool = False
@@ -58,6 +61,8 @@ class PlanConfig:
         self.levels = sorted(set(self.levels), reverse=True)
         if self.maxvar_variant not in maxvar_mod.VARIANTS:
             raise PlanError(f"unknown MaxVar variant {self.maxvar_variant!r}; choose one of {maxvar_mod.VARIANTS}")
+        if self.maxvar_order not in ("descending", "ascending"):
+            raise PlanError(f"maxvar_order must be 'descending' or 'ascending', got {self.maxvar_order!r}")
         if self.zeta <= 0:
             raise PlanError(f"zeta must be positive, got {self.zeta}")
         if self.method == "uniform" and float(self.avg_bits) not in self.levels:
@@ -201,6 +206,8 @@ def make_plan(model_or_dir, config: PlanConfig, reference=None, batches=None, mo
         provenance["router_score"] = "abs-change" if cfg.absolute_change else "signed-change"
     if cfg.method in USES_MAXVAR:
         provenance["maxvar_variant"] = cfg.maxvar_variant
+    if cfg.method == "maxvar":
+        provenance["maxvar_order"] = cfg.maxvar_order
     if cfg.method == "router+maxvar":
         provenance["zeta"] = float(cfg.zeta)
     if cfg.method == "random":
@@ -257,7 +264,7 @@ def _plan_layer(cfg: PlanConfig, s: LayerSource, W, W_ref, stats, quantizer, gen
         if m == "router+maxvar":
             order = allocation.rearrange(order, var, cfg.zeta)
     elif m == "maxvar":
-        order = router_norm.ascending_order(-var)  # widest weight range first
+        order = router_norm.ascending_order(-var if cfg.maxvar_order == "descending" else var)
     elif m == "random":
         order = torch.randperm(E, generator=gen).tolist()
     elif m in ("frequency", "routing-weight"):

@@ -37,19 +37,19 @@ class CalibrationConfig:
     """How GPTQ's calibration pass runs. ``--calib-tokens N`` sets ``n_tokens``."""
 
     n_tokens: int = 8192
-    seq_len: int = 256
+    seq_len: int | None = None  # None: the zoo manifest's training length, else min(256, max positions)
     all_experts: bool = True  # every calibration token feeds every expert's Hessian
     min_tokens: int = 32  # experts whose Hessian sees fewer tokens fall back to RTN
     seed: int = 0
-    corpus: str | None = None  # zoo corpus for calibration text; None = calibration_batches' default
+    corpus: str | None = None  # zoo corpus; None: the zoo manifest's fine-tune corpus, else calibration_batches'
     batch_size: int = 8  # sequences per forward pass
     batches: torch.Tensor | None = field(default=None, repr=False)  # token ids [B, S]; overrides the zoo text
 
     def __post_init__(self):
-        for name in ("n_tokens", "seq_len", "batch_size"):
+        for name in ("n_tokens", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"CalibrationConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"CalibrationConfig.seq_len must be >= 2, got {self.seq_len}")
         if self.min_tokens < 0:
             raise ValueError(f"CalibrationConfig.min_tokens must be >= 0, got {self.min_tokens}")
@@ -64,6 +64,7 @@ class CalibrationReport:
     rtn_fallback: dict[str, list[int]] = field(default_factory=dict)  # experts quantized round-to-nearest
     max_percdamp: dict[str, float] = field(default_factory=dict)  # largest dampening a Cholesky needed
     calibration_tokens: int = 0
+    batch_shape: list[int] = field(default_factory=list)  # [B, S] of the token ids that were run
     seconds: float = 0.0
 
     def to_provenance(self, cfg: CalibrationConfig, quantizer: str) -> dict:
@@ -71,6 +72,7 @@ class CalibrationReport:
             "quantizer": quantizer,
             "config": {k: v for k, v in asdict(cfg).items() if k != "batches"},
             "calibration_tokens": self.calibration_tokens,
+            "batch_shape": self.batch_shape,
             "routed_tokens": self.routed_tokens,
             "rtn_fallback": {k: v for k, v in self.rtn_fallback.items() if v},
             "max_percdamp": self.max_percdamp,
@@ -148,10 +150,10 @@ def _default_install() -> Callable:
 def _calibration_batches(model, cfg: CalibrationConfig, tokenizer):
     from moe_export.zoo.data import calibration_batches
 
+    src = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        src = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
         try:
             tokenizer = AutoTokenizer.from_pretrained(src)
         except Exception as exc:  # noqa: BLE001 - reported as one actionable message
@@ -159,8 +161,25 @@ def _calibration_batches(model, cfg: CalibrationConfig, tokenizer):
                 f"calibration needs text: no tokenizer found at the model's path {src!r} ({exc}); "
                 "pass batches=LongTensor[B, T] or tokenizer= to quantize_sequential"
             ) from exc
-    kwargs = {} if cfg.corpus is None else {"corpus": cfg.corpus}
-    return calibration_batches(tokenizer, cfg.n_tokens, cfg.seq_len, cfg.seed, **kwargs)
+    entry = _zoo_entry(src)
+    corpus = cfg.corpus or entry.get("finetune", {}).get("corpus")
+    seq_len = cfg.seq_len or entry.get("seq_len") or min(256, getattr(model.config, "max_position_embeddings", 256))
+    kwargs = {} if corpus is None else {"corpus": corpus}
+    return calibration_batches(tokenizer, cfg.n_tokens, seq_len, cfg.seed, **kwargs)
+
+
+def _zoo_entry(model_path) -> dict:
+    """The zoo recipe of a checkpoint folder (``finetuned/`` or ``pretrained/`` of a zoo build), or {}."""
+    import json
+    from pathlib import Path
+
+    if not model_path:
+        return {}
+    p = Path(model_path)
+    for m in (p / "manifest.json", p.parent / "manifest.json"):
+        if m.is_file():
+            return json.loads(m.read_text()).get("entry", {})
+    return {}
 
 
 def quantize_layer_calibrated(layer, X: torch.Tensor, routed: torch.Tensor, bits: list[int], quantizer: Quantizer,
@@ -170,6 +189,7 @@ def quantize_layer_calibrated(layer, X: torch.Tensor, routed: torch.Tensor, bits
     first, second = layer.projections
     qweights: dict[str, list[QuantizedWeight]] = {first: [], second: []}
     n_tokens, fallback, max_damp = [], [], 0.0
+    H_shared = _hessian(X) if cfg.all_experts and X.shape[0] >= max(cfg.min_tokens, 1) else None  # same X for all
     for e in range(layer.num_experts):
         x_e = X if cfg.all_experts else X[routed[:, e]]  # [T_e, H]
         n_tokens.append(int(x_e.shape[0]))
@@ -179,7 +199,8 @@ def quantize_layer_calibrated(layer, X: torch.Tensor, routed: torch.Tensor, bits
             qweights[first].append(rtn.quantize(w_first, bits[e], group_size, symmetric))
             qweights[second].append(rtn.quantize(w_second, bits[e], group_size, symmetric))
             continue
-        q1 = quantizer.quantize(w_first, bits[e], group_size, symmetric, hessian=_hessian(x_e))
+        H_first = H_shared if H_shared is not None else _hessian(x_e)  # [H, H]
+        q1 = quantizer.quantize(w_first, bits[e], group_size, symmetric, hessian=H_first)
         max_damp = max(max_damp, getattr(quantizer, "last_percdamp", None) or 0.0)
         z_e = _expert_hidden(layer, e, x_e, q1.dequantize())  # [T_e, I] through the quantized first weight
         q2 = quantizer.quantize(w_second, bits[e], group_size, symmetric, hessian=_hessian(z_e))
@@ -225,7 +246,7 @@ def quantize_sequential(model, config, *, batches: torch.Tensor | None = None, t
     batches = batches.long()
     gs, sym = plan.quantizer.group_size, plan.quantizer.symmetric
 
-    report = CalibrationReport(calibration_tokens=int(batches.numel()))
+    report = CalibrationReport(calibration_tokens=int(batches.numel()), batch_shape=list(batches.shape))
     was_training = model.training
     model.eval()
     names = [l.name for l in find_moe_layers(model)]

@@ -22,8 +22,9 @@ from tqdm import tqdm
 from moe_export.plan.allocation import bits_from_order, level_counts, rearrange
 from moe_export.repro import synthetic as syn
 
-METHODS = ["ours (smallest change first)", "ours + MaxVar", "largest change first", "frequency first", "random"]
-OURS, OURS_MAXVAR, REVERSE, FREQUENCY, RANDOM = METHODS
+METHODS = ["ours (smallest change first)", "ours + MaxVar", "largest change first", "frequency first", "random",
+           "infrequent-feature first (oracle)"]
+OURS, OURS_MAXVAR, REVERSE, FREQUENCY, RANDOM, ORACLE = METHODS
 
 
 @dataclass
@@ -66,11 +67,15 @@ def orders(scores: dict, n_experts: int, zeta: float) -> dict[str, list[int]]:
     """Rankings, highest priority (most bits) first."""
     lam, freq, var = scores["lambda"], scores["activation_frequency"], scores["maxvar"]
     ours = sorted(range(n_experts), key=lambda s: lam[s])
+    # The theory's prescription with the features known: infrequent-feature experts, then frequent, then the rest.
+    group = {2: 0, 3: 0, 0: 1, 1: 1, -1: 2}
+    oracle = sorted(range(n_experts), key=lambda s: (group[scores["feature"][s]], lam[s]))
     return {
         OURS: ours,
         OURS_MAXVAR: rearrange(ours, var, zeta),
         REVERSE: ours[::-1],
         FREQUENCY: sorted(range(n_experts), key=lambda s: -freq[s]),
+        ORACLE: oracle,
     }
 
 

@@ -179,9 +179,13 @@ def token_stream(tokenizer, corpus: str, split: str) -> torch.Tensor:
         return _STREAMS[key]
     c = load_corpus(corpus)
     disk = None
-    if src and (Path(src) / "tokenizer_meta.json").exists():
+    tj = Path(src) / "tokenizer.json" if src else None
+    if tj is not None and tj.exists():  # any tokenizer saved in HF format: cache by its content
+        from moe_export.zoo.tokenizer import moe_export_home
+
+        tok_hash = hashlib.sha256(tj.read_bytes()).hexdigest()[:16]
         digest = hashlib.sha256(c.splits[split].encode()).hexdigest()[:16]
-        disk = Path(src) / "streams" / f"{corpus}-{split}-{digest}.pt"
+        disk = moe_export_home() / "streams" / tok_hash / f"{corpus}-{split}-{digest}.pt"
     if disk is not None and disk.exists():
         ids = torch.load(disk)
     else:

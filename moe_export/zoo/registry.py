@@ -35,6 +35,7 @@ class Entry:
     pretrain: TrainSpec
     finetune: TrainSpec
     eval_tokens: int = 16384  # held-out tokens per corpus scored at the end of a build
+    eval_cloze: int = 100  # cloze items per corpus scored at the end of a build
     notes: tuple[str, ...] = field(default=())
 
     @property

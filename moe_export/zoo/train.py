@@ -172,7 +172,7 @@ def default_dir(name: str, seed: int) -> Path:
 
 def fingerprint(entry: Entry, seed: int) -> str:
     corpora = {c: load_corpus(c).sha256 for c in entry.corpora}
-    recipe = {k: v for k, v in entry.to_json().items() if k not in ("name", "description", "notes", "eval_tokens")}
+    recipe = {k: v for k, v in entry.to_json().items() if k not in ("name", "description", "notes", "eval_tokens", "eval_cloze")}
     blob = json.dumps({"format": FORMAT_VERSION, "recipe": recipe, "seed": seed, "corpora": corpora}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -278,7 +278,7 @@ def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, th
         results = {}
         for which in ("pretrained", "finetuned"):
             results[which] = evaluate_checkpoint(out / which, corpora=entry.corpora, max_tokens=entry.eval_tokens,
-                                                 seq_len=entry.seq_len, n_cloze=100, progress=progress)
+                                                 seq_len=entry.seq_len, n_cloze=entry.eval_cloze, progress=progress)
         tb = token_bytes(tok)
         baselines = {}
         for c in entry.corpora:
@@ -301,6 +301,7 @@ def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, th
         "eval": results, "baselines": baselines,
         "train_wall_s": round(sum(st["wall_s"] for st in stages.values()), 1),
         "build_wall_s": round(time.perf_counter() - t_start, 1), "threads": threads, "versions": _versions(),
+        "router_init_std": entry.model.get("router_init"),  # None: the architecture's own init
         "notes": list(entry.notes),
     }
     atomic_write_json(out / "manifest.json", manifest)

@@ -1,0 +1,57 @@
+"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode packed,xnnpack] [--float MODEL_DIR]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(name="export", help="Export the quantized checkpoint QDIR to ExecuTorch (.pte) and/or ONNX, check "
+               "parity against the eager quantized model and measure decode latency.")
+@click.argument("qdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--to", "targets", default="pte,onnx", show_default=True, help="Comma-separated targets: pte, onnx.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the artifacts.")
+@click.option("--pte-mode", "pte_modes", default="packed", show_default=True,
+              help="Comma-separated: packed (portable kernels, every expert at its width: smallest) and/or xnnpack "
+                   "(same packed experts, XNNPACK delegate for the float ops).")
+@click.option("--float", "float_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The float model the checkpoint was quantized from: adds SQNR vs float and float artifacts for latency.")
+@click.option("--max-seq-len", type=int, default=128, show_default=True, help="KV cache length baked into the artifacts.")
+@click.option("--no-check", is_flag=True, help="Skip the parity checks.")
+@click.option("--no-latency", is_flag=True, help="Skip the decode latency measurement.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def command(qdir: Path, targets: str, output: Path, pte_modes: str, float_dir, max_seq_len: int, no_check: bool,
+            no_latency: bool, quiet: bool):
+    import torch
+
+    from moe_export.checkpoint import load_quantized
+    from moe_export.export.executorch import PTE_MODES
+    from moe_export.export.parity import ParityError
+    from moe_export.export.pipeline import TARGETS, export_artifacts, format_report
+    from moe_export.io import CheckpointError
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tlist = [t.strip() for t in targets.split(",") if t.strip()]
+    mlist = [m.strip() for m in pte_modes.split(",") if m.strip()]
+    bad = [t for t in tlist if t not in TARGETS] + [m for m in mlist if m not in PTE_MODES]
+    if bad or not tlist:
+        raise click.ClickException(f"unknown target/mode {bad}; --to takes {', '.join(TARGETS)}, "
+                                   f"--pte-mode takes {', '.join(PTE_MODES)}")
+    try:
+        qmodel = load_quantized(qdir)
+    except CheckpointError as err:
+        raise click.ClickException(str(err)) from None
+    fmodel = None
+    if float_dir is not None:
+        from moe_export.commands.quantize import _model_folder, load_float_model
+
+        fmodel = load_float_model(_model_folder(float_dir))
+    try:
+        report = export_artifacts(qmodel, output, targets=tlist, pte_modes=mlist, float_model=fmodel,
+                                  max_seq_len=max_seq_len, check=not no_check, latency=not no_latency,
+                                  progress=not quiet)
+    except ParityError as err:
+        raise click.ClickException(f"parity check failed: {err}") from None
+    click.echo(format_report(report))
+    click.echo(f"artifacts and export_report.json in {output}")

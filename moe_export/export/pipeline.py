@@ -1,0 +1,145 @@
+"""Export a quantized model to every requested target, check each artifact, measure it: one call.
+
+    from moe_export.export import export_artifacts
+    report = export_artifacts(qmodel, "out/", targets=("pte", "onnx"), pte_modes=("packed", "xnnpack"),
+                              float_model=fmodel)
+    report["artifacts"]  # one row per file: size vs theoretical, parity, decode latency
+
+``moe-export export`` and the demo call this.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moe_export.io import atomic_write_json
+
+TARGETS = ("pte", "onnx")
+
+
+def _artifact_name(target: str, mode: str | None) -> str:
+    return "model.onnx" if target == "onnx" else f"model-{mode}.pte"
+
+
+def export_artifacts(
+    qmodel: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    targets=TARGETS,
+    pte_modes=("packed",),
+    float_model: torch.nn.Module | None = None,
+    max_seq_len: int = 128,
+    check: bool = True,
+    latency: bool = True,
+    float_baseline: bool = True,
+    prompt: torch.Tensor | None = None,
+    new_tokens: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Write the artifacts into ``out_dir`` and return (and save as ``export_report.json``) their report.
+
+    ``check``: parity vs the eager quantized model (raises :class:`ParityError` on a mismatch, after the
+    report is written). ``float_baseline``: also export ``float_model`` to each target so decode latency
+    is compared in the same run. ``prompt``: token ids for the parity checks (default: random ids).
+    """
+    from moe_export.export.executorch import PTE_MODES, export_pte, pte_ops
+    from moe_export.export.onnx import export_onnx, onnx_initializer_types, onnx_ops
+    from moe_export.export.parity import ParityError, check_parity, compare, hf_logits_fn
+    from moe_export.export.prepare import prepare_for_export, theoretical_size
+    from moe_export.export.runners import decode_latency_ms, open_runner
+    from moe_export.export.wrapper import DecoderStep
+
+    targets = tuple(targets)
+    for t in targets:
+        if t not in TARGETS:
+            raise ValueError(f"unknown export target {t!r}; choose from {', '.join(TARGETS)}")
+    for m in pte_modes:
+        if m not in PTE_MODES:
+            raise ValueError(f"unknown pte mode {m!r}; choose from {', '.join(PTE_MODES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_for_export(qmodel)
+    theory = theoretical_size(prepared)
+    step = DecoderStep(prepared, max_seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = step.vocab_size
+    if prompt is None:
+        prompt = torch.randint(0, vocab, (8,), generator=gen)
+    prompt = prompt.reshape(-1)
+    if prompt.numel() + new_tokens > max_seq_len:
+        raise ValueError(f"prompt of {prompt.numel()} + {new_tokens} new tokens exceed max_seq_len={max_seq_len}")
+    check_ids = torch.randint(0, vocab, (1, min(24, max_seq_len)), generator=gen)
+    eager_fn = hf_logits_fn(qmodel)
+    float_fn = hf_logits_fn(float_model) if float_model is not None else None
+
+    jobs = [(t, m) for t in targets for m in (pte_modes if t == "pte" else (None,))]
+    if float_model is not None and float_baseline:
+        jobs += [(f"{t}-float", "xnnpack" if t == "pte" else None) for t in targets]
+    rows, failures = [], []
+    bar = tqdm(jobs, desc="export", disable=not progress)
+    for target, mode in bar:
+        is_float = target.endswith("-float")
+        base = target.removesuffix("-float")
+        bar.set_postfix_str(f"{target} {mode or ''}".strip())
+        name = _artifact_name(base, mode)
+        if is_float:
+            name = name.replace("model", "float", 1)
+        path = out_dir / name
+        src = DecoderStep(prepare_for_export(float_model), max_seq_len) if is_float else step
+        t0 = time.perf_counter()
+        if base == "pte":
+            export_pte(src, path, mode=mode)
+            ops = pte_ops(path)
+        else:
+            export_onnx(src, path)
+            ops = onnx_ops(path)
+        row = {
+            "target": target, "mode": mode, "path": str(path), "export_s": round(time.perf_counter() - t0, 1),
+            "bytes": path.stat().st_size, "ops": ops,
+        }
+        if base == "onnx":
+            row["initializer_bytes"] = onnx_initializer_types(path)
+        if not is_float:
+            row["theoretical_bytes"] = theory["total"]
+            row["size_vs_theoretical"] = row["bytes"] / theory["total"]
+        runner = open_runner(path)
+        if check and not is_float:
+            rep = compare(runner, eager_fn, check_ids, float_fn, gen_model=qmodel, gen_prompt=prompt, new_tokens=new_tokens)
+            row["parity"] = rep.to_dict()
+            try:
+                check_parity(rep)
+                row["parity_ok"] = True
+            except ParityError as err:
+                row["parity_ok"] = False
+                failures.append(str(err))
+        if latency:
+            row["decode_ms"] = round(decode_latency_ms(runner), 3)
+        rows.append(row)
+    report = {"theoretical": theory, "max_seq_len": max_seq_len, "artifacts": rows}
+    atomic_write_json(out_dir / "export_report.json", report)
+    if failures:
+        raise ParityError("; ".join(failures) + f" (report: {out_dir / 'export_report.json'})")
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A terminal table of an :func:`export_artifacts` report."""
+    head = f"{'artifact':<22} {'MB':>8} {'vs theory':>9} {'max|err| vs eager':>18} {'SQNR vs float':>13} {'greedy':>7} {'decode ms':>9}"
+    lines = [head, "-" * len(head)]
+    for r in report["artifacts"]:
+        p = r.get("parity") or {}
+        sq = p.get("sqnr_vs_float_db")
+        greedy = f"{p['greedy_match']}/{p['greedy_len']}" if p.get("greedy_len") else "-"
+        ratio = f"{r['size_vs_theoretical']:.3f}" if "size_vs_theoretical" in r else "-"
+        err = f"{p['max_abs_err_vs_eager']:.2e}" if p else "-"
+        sqs = f"{sq:.1f} dB" if sq is not None else "-"
+        ms = f"{r['decode_ms']:.2f}" if "decode_ms" in r else "-"
+        lines.append(f"{Path(r['path']).name:<22} {r['bytes'] / 1e6:>8.3f} {ratio:>9} {err:>18} {sqs:>13} {greedy:>7} {ms:>9}")
+    lines.append(f"theoretical size (docs/architecture.md): {report['theoretical']['total'] / 1e6:.3f} MB "
+                 f"({report['theoretical']['packed'] / 1e6:.3f} MB packed experts)")
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Zoo part of the reproduction: every plan method x average bits x build seed on models trained here.
+
+Per zoo build (``moe_export.zoo.build``: ``pretrained/`` then ``finetuned/``):
+  * router scores of every MoE layer: the signed change over the fine-tune (``finetuned - pretrained``,
+    the paper's Switch setting), the final norm alone (its Mixtral setting: pre-trained model, no
+    init), and for Switch the absolute change;
+  * for each level set and average width, a plan per method (``moe_export.plan.methods.make_plan``,
+    timed), ``quantize_`` of a fresh copy of the fine-tuned model, and held-out bits per byte on the
+    fine-tune corpus (lower is better) plus continuation-cloze accuracy;
+  * across build seeds: Spearman correlation of the per-layer expert rankings.
+Group size: the paper's 128 where it divides every expert input dim, else the largest power of two that does.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+LEVEL_SETS = {
+    "3,2": ([3, 2], [2.0 + 0.125 * i for i in range(9)]),
+    "3,2,1": ([3, 2, 1], [1.5 + 0.125 * i for i in range(9)]),
+}
+
+
+@dataclass
+class ZooSweep:
+    models: tuple[str, ...] = ("tiny",)
+    seeds: tuple[int, ...] = (0,)
+    level_sets: tuple[str, ...] = ("3,2", "3,2,1")
+    methods: tuple[str, ...] = ("router", "router+maxvar", "maxvar", "weight-error", "frequency", "routing-weight",
+                                "pmq", "random", "uniform")
+    avg_bits: dict = field(default_factory=dict)  # level set -> grid override (the quick mode thins the grid)
+    eval_tokens: int = 4096
+    n_cloze: int = 0
+    calib_tokens: int = 2048
+    random_seeds: tuple[int, ...] = (0, 1, 2)  # random plans averaged per point
+    # "finetune": plan the fine-tuned model, router score = change over the fine-tune (paper's Switch setting);
+    # "pretrain-only": plan the pre-trained model, router score = final norm (paper's Mixtral setting),
+    # evaluated on the pre-training corpus.
+    settings: tuple[str, ...] = ("finetune", "pretrain-only")
+
+    def grid(self, level_set: str) -> tuple[list[int], list[float]]:
+        levels, grid = LEVEL_SETS[level_set]
+        return levels, list(self.avg_bits.get(level_set, grid))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def group_size_for(layers) -> int:
+    dims = {d for l in layers for d in (l.hidden_size, l.intermediate_size)}
+    g = 128
+    while any(d % g for d in dims):
+        g //= 2
+    return g
+
+
+def spearman(a, b) -> float:
+    ra = torch.tensor(a).argsort().argsort().double()
+    rb = torch.tensor(b).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def router_scores(model_dir) -> dict:
+    """Per MoE layer: signed change, absolute change and final norm of each router row."""
+    from moe_export.models import find_moe_layers
+    from moe_export.zoo.train import load
+
+    ft, _ = load(model_dir, which="finetuned")
+    pre, _ = load(model_dir, which="pretrained")
+    out = {}
+    for a, b in zip(find_moe_layers(ft), find_moe_layers(pre)):
+        n_ft, n_pre = a.router_weight.norm(dim=1), b.router_weight.norm(dim=1)
+        out[a.name] = {"change": (n_ft - n_pre).tolist(), "abs_change": (n_ft - n_pre).abs().tolist(),
+                       "final_norm": n_ft.tolist(), "pretrained_norm": n_pre.tolist()}
+    return out
+
+
+def run_model(sweep: ZooSweep, name: str, seed: int, progress: bool = True) -> dict:
+    from moe_export.api import MoEQuantConfig, quantize_
+    from moe_export.eval import bits_per_byte, cloze, logits_fn_for
+    from moe_export.models import find_moe_layers
+    from moe_export.plan.methods import PlanConfig, make_plan
+    from moe_export.zoo import build
+    from moe_export.zoo.data import calibration_batches, token_stream
+    from moe_export.zoo.registry import get_entry
+    from moe_export.zoo.train import load
+
+    entry = get_entry(name)
+    folder = build(name, seed=seed, progress=progress)
+    rec = {"model": name, "seed": seed, "arch": entry.arch, "scores": router_scores(folder), "points": [], "float": {}}
+    for setting in sweep.settings:
+        which, corpus = ("finetuned", entry.finetune.corpus) if setting == "finetune" else ("pretrained", entry.pretrain.corpus)
+        reference = folder / "pretrained" if setting == "finetune" else None  # None: final-norm proxy
+        model, tok = load(folder, which=which)
+        seq_len = entry.seq_len
+        test = token_stream(tok, corpus, "test")
+        calib = list(calibration_batches(tok, sweep.calib_tokens, seq_len, seed=seed, corpus=corpus).split(8))  # [8, T]
+        gs = group_size_for(find_moe_layers(model))
+        rec["group_size"] = gs
+
+        def quality(m) -> dict:
+            r = {"bpb": bits_per_byte(logits_fn_for(m), tok, test, seq_len, max_tokens=sweep.eval_tokens,
+                                      progress=False)["bits_per_byte"]}
+            if sweep.n_cloze:
+                r["cloze"] = cloze(logits_fn_for(m), tok, corpus, seq_len, sweep.n_cloze, progress=False)["accuracy"]
+            return r
+
+        rec["float"][setting] = {**quality(model), "corpus": corpus}
+        jobs = [(ls, avg, m) for ls in sweep.level_sets for avg in sweep.grid(ls)[1] for m in sweep.methods]
+        for ls, avg, method in tqdm(jobs, desc=f"{name} s{seed} {setting}", disable=not progress):
+            levels = sweep.grid(ls)[0]
+            if method == "uniform" and float(avg) not in levels:
+                continue
+            res = []
+            for rs in sweep.random_seeds if method == "random" else (0,):
+                cfg = PlanConfig(avg_bits=avg, levels=list(levels), method=method, group_size=gs, seed=rs,
+                                 absolute_change=entry.arch == "switch")
+                t0 = time.perf_counter()
+                plan = make_plan(model, cfg, reference=reference, batches=calib, progress=False)
+                plan_s = time.perf_counter() - t0
+                q = quantize_(copy.deepcopy(model), MoEQuantConfig(plan=plan), progress=False)
+                res.append({"plan_s": plan_s, **quality(q), "bits": [l.bits for l in plan.layers]})
+                del q
+            rec["points"].append({"setting": setting, "levels": ls, "avg_bits": avg, "method": method,
+                                  **{k: sum(r[k] for r in res) / len(res) for k in res[0] if k != "bits"},
+                                  "bits": res[0]["bits"]})
+    return rec
+
+
+def run_zoo(sweep: ZooSweep, progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    runs = [run_model(sweep, name, seed, progress) for name in sweep.models for seed in sweep.seeds]
+    stability = {}
+    for name in sweep.models:
+        rs = [r for r in runs if r["model"] == name]
+        for i in range(len(rs)):
+            for j in range(i + 1, len(rs)):
+                for layer in rs[i]["scores"]:
+                    for key in ("change", "final_norm"):
+                        stability.setdefault(f"{name}/{key}", []).append(
+                            spearman(rs[i]["scores"][layer][key], rs[j]["scores"][layer][key]))
+    return {"sweep": sweep.to_dict(), "runs": runs, "rank_stability": stability, "wall_s": time.perf_counter() - t0}
+
+
+QUICK = ZooSweep(avg_bits={"3,2": [2.0, 2.5, 3.0], "3,2,1": [1.5, 2.0, 2.5]}, random_seeds=(0, 1))
+FULL = ZooSweep(seeds=(0, 1, 2))

@@ -1,0 +1,111 @@
+"""CPU timings of one Mixtral-shaped MoE block (H=1024, I=2816, E=8, top-2): float vs packed mixed-width experts.
+
+    python tools/bench_mixed_experts_cpu.py [--tokens 1 64] [--threads 1] [--json out.json]
+
+Rows: float experts under transformers' ``batched_mm`` / ``grouped_mm``; packed experts (half the experts at
+3 bits, half at 2, RTN group 128) under ``moe_export_mixed`` and, as the dequantize-then-matmul baseline,
+under ``batched_mm`` (whose gather dequantizes the routed experts to float). Eager and ``torch.compile``
+(fullgraph, static shapes), median ms of N calls after warm-up, plus the compile time of the first call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def build_block(hidden, inter, experts, top_k, seed=0):
+    from moe_export.model_configs import tiny_config
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = tiny_config("MixtralForCausalLM", hidden_size=hidden, expert_intermediate_size=inter, num_experts=experts,
+                      top_k=top_k)
+    torch.manual_seed(seed)
+    block = MixtralSparseMoeBlock(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    return block
+
+
+def quantize_block(block, bits, group_size):
+    from moe_export.quant.rtn import RTNQuantizer
+    from moe_export.tensors import MixedWidthExpertsTensor
+
+    rtn = RTNQuantizer()
+    for proj in ("gate_up_proj", "down_proj"):
+        w = getattr(block.experts, proj).detach()
+        qws = [rtn.quantize(w[e], bits[e], group_size, False) for e in range(w.shape[0])]
+        setattr(block.experts, proj, torch.nn.Parameter(MixedWidthExpertsTensor.from_quantized(qws), requires_grad=False))
+    return block
+
+
+def timed(fn, x, n):
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fn(x)
+        first = time.perf_counter() - t0
+        fn(x)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return first, 1e3 * statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--inter", type=int, default=2816)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import moe_export.experts  # noqa: F401
+
+    E, k = 8, 2
+    bits = [3, 2] * (E // 2)
+    rows = []
+    float_block = build_block(args.hidden, args.inter, E, k)
+    q_block = quantize_block(build_block(args.hidden, args.inter, E, k), bits, 128)
+    variants = [("float", float_block, "batched_mm"), ("float", float_block, "grouped_mm"),
+                ("packed 2/3-bit", q_block, "moe_export_mixed"), ("packed 2/3-bit", q_block, "batched_mm")]
+    for t in args.tokens:
+        x = torch.randn(1, t, args.hidden)
+        ref = None
+        for name, block, impl in variants:
+            block.experts.config._experts_implementation = impl
+            for mode in ("eager", "compiled"):
+                if name.startswith("packed") and impl == "batched_mm" and mode == "eager" and t > 1:
+                    continue  # gathers T*k dequantized experts: minutes, and the compiled row says enough
+                torch._dynamo.reset()
+                fn = block if mode == "eager" else torch.compile(block, fullgraph=True, dynamic=False)
+                first, ms = timed(fn, x, args.iters if t == 1 else max(3, args.iters // 3))
+                with torch.no_grad():
+                    out = fn(x)
+                if name == "float" and impl == "batched_mm" and mode == "eager":
+                    ref = out
+                row = {"tokens": t, "weights": name, "experts_impl": impl, "mode": mode, "ms": round(ms, 2),
+                       "first_call_s": round(first, 1),
+                       "sqnr_vs_float_db": round((10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())).item(), 1)
+                       if name != "float" else None}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    exp_bytes = q_block.experts.gate_up_proj.nbytes_stored() + q_block.experts.down_proj.nbytes_stored()
+    print(f"expert bytes: float {sum(p.numel() * 4 for p in float_block.experts.parameters()) / 1e6:.1f} MB, "
+          f"packed {exp_bytes / 1e6:.1f} MB")
+    if args.json:
+        from moe_export.io import atomic_write_json
+
+        atomic_write_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
