@@ -28,6 +28,7 @@ class CompiledKernel:
     kind: str
     arch: int
     bits: int
+    x_dtype: str
     config: str
     registers: int
     spill_bytes: int  # stack + local memory per thread: > 0 means the tile spills out of registers
@@ -95,22 +96,32 @@ def compile_one(kind: str, arch: int, bits: int, config, *, group_size: int = 12
                               target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     seconds = time.perf_counter() - t0
-    regs, local = _resources(compiled.asm["cubin"])
+    regs, spill = _resources(compiled.asm["cubin"])
     blocks = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return CompiledKernel(kind, arch, bits, f"{blocks},w={config.num_warps},s={config.num_stages}", regs, local,
-                          compiled.metadata.shared, seconds)
+    return CompiledKernel(kind, arch, bits, str(x_dtype).removeprefix("torch."),
+                          f"{blocks},w={config.num_warps},s={config.num_stages}", regs, spill, compiled.metadata.shared,
+                          seconds)
 
 
-def sweep(archs=(80, 90), widths=(1, 2, 3, 4, 8), kinds=("gather", "grouped"), **kw) -> list[CompiledKernel]:
-    """Every autotune config of every kind, width and architecture."""
+def configs_for(kind: str, arch: int, x_dtype: torch.dtype) -> list:
+    """The autotune list a launch on this architecture with these activations uses."""
     from moe_export.kernels import mixed_width_matmul as mwm
 
+    table = {"gather": mwm.GATHER_CONFIGS, "grouped": mwm.GROUPED_CONFIGS}[kind]
+    if kind == "grouped" and x_dtype == torch.float32:
+        return table["fp32"]
+    return table["hopper" if arch >= 90 else "ampere"]
+
+
+def sweep(archs=(80, 90), widths=(1, 2, 3, 4, 8), kinds=("gather", "grouped"), x_dtypes=(torch.bfloat16,),
+          **kw) -> list[CompiledKernel]:
+    """Every autotune config of every kind, width, activation dtype and architecture."""
     from tqdm import tqdm
 
-    table = {"gather": mwm.GATHER_CONFIGS, "grouped": mwm.GROUPED_CONFIGS}
-    jobs = [(kind, arch, bits, config) for arch in archs for kind in kinds for bits in widths
-            for config in table[kind]["hopper" if arch >= 90 else "ampere"]]
-    return [compile_one(*job, **kw) for job in tqdm(jobs, desc="compiling", unit="kernel")]
+    jobs = [(kind, arch, bits, config, dt) for dt in x_dtypes for arch in archs for kind in kinds for bits in widths
+            for config in configs_for(kind, arch, dt)]
+    return [compile_one(kind, arch, bits, config, x_dtype=dt, **kw)
+            for kind, arch, bits, config, dt in tqdm(jobs, desc="compiling", unit="kernel")]
 
 
 def main() -> None:
@@ -118,13 +129,15 @@ def main() -> None:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4, 8])
     parser.add_argument("--kind", nargs="+", default=["gather", "grouped"])
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("unset TRITON_INTERPRET: AOT compilation needs real Triton kernels")
-    rows = sweep(tuple(args.arch), tuple(args.bits), tuple(args.kind))
-    print(f"{'kind':8} {'sm':>3} {'b':>2} {'regs':>4} {'spill':>5} {'smem':>6} {'s':>5}  config")
+    rows = sweep(tuple(args.arch), tuple(args.bits), tuple(args.kind), tuple(getattr(torch, d) for d in args.dtype))
+    print(f"{'kind':8} {'sm':>3} {'b':>2} {'x':9} {'regs':>4} {'spill':>5} {'smem':>6} {'s':>5}  config")
     for r in rows:
-        print(f"{r.kind:8} {r.arch:>3} {r.bits:>2} {r.registers:>4} {r.spill_bytes:>5} {r.shared_bytes:>6} {r.seconds:5.1f}  {r.config}")
+        print(f"{r.kind:8} {r.arch:>3} {r.bits:>2} {r.x_dtype:9} {r.registers:>4} {r.spill_bytes:>5} {r.shared_bytes:>6} "
+              f"{r.seconds:5.1f}  {r.config}")
 
 
 if __name__ == "__main__":

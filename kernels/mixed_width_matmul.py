@@ -268,7 +268,8 @@ GATHER_CONFIGS = {
 }
 
 # Grouped GEMM: mma.sync tiles on Ampere, larger tiles and deeper pipelines on Hopper. Small BLOCK_M
-# entries serve experts that receive few rows.
+# entries serve experts that receive few rows. float32 activations take an exact ("ieee") dot, which
+# runs on FMA units with operands in registers: only small tiles fit without spilling (kernels/aot.py).
 GROUPED_CONFIGS = {
     "ampere": [
         _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
@@ -279,6 +280,10 @@ GROUPED_CONFIGS = {
         _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), _cfg(8, 4, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64),
         _cfg(4, 5, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128), _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128),
+    ],
+    "fp32": [
+        _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), _cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+        _cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32),
     ],
 }
 
@@ -292,11 +297,18 @@ def arch_class(device: torch.device) -> str:
     return "hopper" if major >= 9 else "ampere"
 
 
-def _tuned(kind: str, arch: str):
-    if (kind, arch) not in _TUNED:
+def config_table(kind: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Which config list a launch autotunes over: the GPU class, or ``"fp32"`` for float32 grouped GEMMs."""
+    if kind == "grouped" and dtype == torch.float32:
+        return "fp32"
+    return arch_class(device)
+
+
+def _tuned(kind: str, table: str):
+    if (kind, table) not in _TUNED:
         kernel, configs = {"gather": (_gather_mm_kernel, GATHER_CONFIGS), "grouped": (_grouped_mm_kernel, GROUPED_CONFIGS)}[kind]
-        _TUNED[kind, arch] = triton.autotune(configs=configs[arch], key=_TUNE_KEYS)(kernel)
-    return _TUNED[kind, arch]
+        _TUNED[kind, table] = triton.autotune(configs=configs[table], key=_TUNE_KEYS)(kernel)
+    return _TUNED[kind, table]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +369,7 @@ def gather_mm(x, expert_ids, packed, scales, zeros, bits, expert_bits, slot, *,
                 n, k, x.stride(0), out.stride(0), p.stride(0), p.stride(1), sc.stride(0), sc.stride(1), _bucket(s_rows))
         meta = _group_args(b, p, sc, z, k)
         if config is None:
-            kernel = _tuned("gather", arch_class(x.device))
+            kernel = _tuned("gather", config_table("gather", x.device, x.dtype))
             grid = lambda m: (s_rows, triton.cdiv(n, m["BLOCK_N"]))  # noqa: E731
             kernel[grid](*args, **meta, FAULT_BIT_SHIFT=fault_bit_shift)
         else:
@@ -385,7 +397,7 @@ def grouped_mm(x, offs, packed, scales, zeros, bits, expert_bits, slot, *,
                 _bucket(s_rows))
         meta = dict(_group_args(b, p, sc, z, k), E_POW2=triton.next_power_of_2(e), DOT_PRECISION=precision)
         if config is None:
-            kernel = _tuned("grouped", arch_class(x.device))
+            kernel = _tuned("grouped", config_table("grouped", x.device, x.dtype))
             grid = lambda m: (triton.cdiv(s_rows, m["BLOCK_M"]) + e, triton.cdiv(n, m["BLOCK_N"]))  # noqa: E731
             kernel[grid](*args, **meta, FAULT_BIT_SHIFT=fault_bit_shift)
         else:

@@ -43,15 +43,19 @@ def validate(op: str, x, index, packed, scales, zeros, bits, expert_bits, slot, 
     num_experts = expert_bits.shape[0]
     if slot.shape[0] != num_experts:
         _fail(op, f"slot has {slot.shape[0]} entries but expert_bits has {num_experts}")
-    if index_name == "offs":
-        torch._check(index.shape[0] == num_experts, lambda: f"moe_export::{op}: offs must have one entry per expert ({num_experts}), got {index.shape[0]}")
-    else:
-        torch._check(index.shape[0] == x.shape[0], lambda: f"moe_export::{op}: expert_ids must have one entry per row of x ({x.shape[0]}), got {index.shape[0]}")
+    want = num_experts if index_name == "offs" else x.shape[0]
+    what = "one entry per expert" if index_name == "offs" else "one entry per row of x"
+    if isinstance(want, int) and isinstance(index.shape[0], int):
+        if index.shape[0] != want:
+            _fail(op, f"{index_name} must have {what} ({want}), got {index.shape[0]}")
+    else:  # symbolic sizes while tracing with dynamic shapes: a runtime assert, not a guard
+        torch._check(index.shape[0] == want, lambda: f"moe_export::{op}: {index_name} must have {what} ({want}), got {index.shape[0]}")
     if not (len(packed) == len(scales) == len(zeros) == len(bits)) or not packed:
         _fail(op, f"packed/scales/zeros/bits must be non-empty lists of one length, got {len(packed)}/{len(scales)}/{len(zeros)}/{len(bits)}")
     if len(set(bits)) != len(bits):
         _fail(op, f"each width must appear once in bits, got {list(bits)}")
     n = packed[0].shape[1] if packed[0].dim() == 3 else None
+    device = x.device
     groups_total = 0
     for b, p, s, z in zip(bits, packed, scales, zeros):
         if b not in range(1, 9):
@@ -64,9 +68,8 @@ def validate(op: str, x, index, packed, scales, zeros, bits, expert_bits, slot, 
             _fail(op, f"scales ({b}-bit) have {s.shape[2]} groups per row, which does not divide K = {k}")
         if z is not None and (z.dtype != torch.float16 or z.shape != s.shape):
             _fail(op, f"zeros ({b}-bit) must be None or float16 of the scales' shape {tuple(s.shape)}, got {z.dtype} {tuple(z.shape)}")
-        for name, t in (("packed", p), ("scales", s), ("zeros", z)):
-            if t is not None and t.device != x.device:
-                _fail(op, f"{name} ({b}-bit) is on {t.device} but x is on {x.device}")
+        if p.device != device or s.device != device or (z is not None and z.device != device):
+            _fail(op, f"the {b}-bit group is on {p.device} but x is on {device}")
         groups_total += p.shape[0]
     if groups_total != num_experts:
         _fail(op, f"the width groups hold {groups_total} experts but expert_bits lists {num_experts}")

@@ -6,6 +6,7 @@ optional dependency of one subcommand does not take down the others.
 
 from __future__ import annotations
 
+import errno
 import importlib
 
 import click
@@ -27,6 +28,18 @@ SUBCOMMANDS = {
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return list(SUBCOMMANDS)
+
+    def invoke(self, ctx):
+        # A full disk or a read-only output is the user's to fix: one line (moe_export.io names the file), exit 1.
+        try:
+            return super().invoke(ctx)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            msg = err.strerror or str(err)
+            if err.filename and str(err.filename) not in msg:
+                msg = f"{err.filename}: {msg}"
+            raise click.ClickException(msg) from None
 
     def get_command(self, ctx, name):
         if name not in SUBCOMMANDS:

@@ -7,6 +7,7 @@ so an interrupted run never leaves a partial file under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -16,12 +17,28 @@ from typing import Iterator
 import torch
 
 
+# errors that mean "this destination cannot take the file", as opposed to a bug or a bad source
+_WRITE_ERRNOS = {errno.ENOSPC: "free space or write somewhere else", errno.EDQUOT: "free space or write somewhere else",
+                 errno.EFBIG: "write somewhere else", errno.EROFS: "pick a writable output location",
+                 errno.EACCES: "pick a writable output location or fix its permissions",
+                 errno.EPERM: "pick a writable output location or fix its permissions"}
+
+
+def _write_error(err: OSError, path: Path) -> OSError:
+    # The error would otherwise name the temp file; name the artifact and say what to do.
+    hint = _WRITE_ERRNOS.get(err.errno, "")
+    return type(err)(err.errno, f"{err.strerror} while writing {path}" + (f"; {hint}" if hint else ""), str(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(err, path) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -29,6 +46,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise _write_error(err, path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

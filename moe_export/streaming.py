@@ -251,8 +251,8 @@ def check_output_dir(out: Path) -> None:
 
 
 def disk_full_message(err: OSError, where) -> str:
-    return (f"no space left on the device while writing {where} ({err.strerror}); free space (or pass -o on another "
-            "disk) and rerun the same command: the finished shards are kept and skipped, no partial file is left")
+    return (f"{err.strerror or err} (output {where}); then rerun the same command: the finished shards are kept "
+            "and skipped, no partial file is left")
 
 
 # ------------------------------------------------------------------------------------------ the call
@@ -271,7 +271,7 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
     from moe_export.distributed import assign
     from moe_export.io import SafetensorsCheckpoint
     from moe_export.models import checkpoint_moe_layout
-    from moe_export.plan.bitplan import BitPlan
+    from moe_export.plan.bitplan import BitPlan, BitPlanError
     from moe_export.plan.reader import StreamReader
     from moe_export.quant.base import get_quantizer
 
@@ -282,6 +282,7 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
                              f"{quantizer!r}; drop --streaming to run {quantizer} on the loaded model")
     if src.resolve() == out.resolve():
         raise StreamingError(f"output {out} is the source checkpoint folder; pass -o a different folder")
+    label = "bit plan" if isinstance(plan, BitPlan) else str(plan)
     if not isinstance(plan, BitPlan):
         plan = BitPlan.load(plan)
     if plan.quantizer.name != quantizer:  # as quantize_ records it
@@ -291,7 +292,10 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
     ckpt.verify()  # truncated / corrupt files fail here, before anything is written
     cfg = ckpt.config()
     layout = checkpoint_moe_layout(src)
-    plan.validate_against(src)  # layers, expert counts, group size, router hash
+    try:
+        plan.validate_against(src)  # layers, expert counts, group size, router hash
+    except BitPlanError as err:
+        raise BitPlanError(f"{label}: {err}") from None
     check_output_dir(out)
     reader = StreamReader(src)
     units = make_units(reader, layout)
@@ -340,10 +344,10 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
     except OSError as err:
         # Finished shards are complete (atomic) and fingerprinted: keep them so that the rerun resumes.
         _cleanup(out, [], created)
-        if err.errno == errno.ENOSPC:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise StreamingError(disk_full_message(err, out)) from None
         if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise StreamingError(f"cannot write into {out} ({err.strerror}); pick another -o or fix its permissions") from None
+            raise StreamingError(f"{err.strerror or err}; pick another -o or fix its permissions") from None
         raise
     return out
 

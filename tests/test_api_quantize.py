@@ -106,3 +106,28 @@ def test_bad_inputs_fail_with_one_clear_message(tmp_path):
         quantize_(model, {"plan": "x"})
     # nothing was half-applied
     assert not isinstance(model.model.layers[0].mlp.experts.gate_up_proj, MixedWidthExpertsTensor)
+
+
+def test_zoo_tiny_at_2_5_bits_parity_memory_and_bits_per_byte(tiny_zoo_dir):
+    """Trained weights (zoo `tiny`, Mixtral): half the experts at 3 bits, half at 2 (2.5 mean), RTN g=64."""
+    from moe_export.eval import bits_per_byte, logits_fn_for
+    from moe_export.zoo.data import token_stream
+    from moe_export.zoo.train import load
+
+    model, tok = load(tiny_zoo_dir, which="finetuned")
+    ids = token_stream(tok, "python-stdlib", "test")[: 64 * 16]
+    float_bpb = bits_per_byte(logits_fn_for(model), tok, ids, 64, progress=False)["bits_per_byte"]
+    x = ids[: 64 * 4].view(4, 64)
+    float_logits = _logits(model, x)
+    plan = mixed_plan(model, widths=(3, 2), group_size=64)
+    quantize_(model, MoEQuantConfig(plan), progress=False)
+    held, theory = expert_bytes(model), theoretical_expert_bytes(model, plan)
+    assert abs(held / theory - 1) < 0.03, f"experts hold {held} B, theoretical {theory:.0f} B"
+    q_logits = _logits(model, x)
+    sqnr = 10 * torch.log10(float_logits.pow(2).mean() / (float_logits - q_logits).pow(2).mean()).item()
+    q_bpb = bits_per_byte(logits_fn_for(model), tok, ids, 64, progress=False)["bits_per_byte"]
+    # measured on tiny-s0: logits SQNR ~SQNR_DB dB, bpb float ~FLOAT / quantized ~Q (see report); loose bounds
+    # that a broken packing (SQNR < 5 dB, bpb blown up) would fail
+    assert sqnr > 8, f"zoo tiny logits SQNR vs float {sqnr:.2f} dB"
+    assert float_bpb < q_bpb < float_bpb * 1.5, f"bits per byte float {float_bpb:.4f}, 2.5-bit RTN {q_bpb:.4f}"
+    print(f"zoo tiny: logits SQNR {sqnr:.2f} dB, bpb float {float_bpb:.4f} -> 2.5-bit RTN {q_bpb:.4f}")

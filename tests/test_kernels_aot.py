@@ -25,13 +25,13 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _SCRIPT = """
 import dataclasses, json, sys, torch
 torch.set_num_threads(1)
-from moe_export.kernels import aot, mixed_width_matmul as mwm
+from moe_export.kernels import aot
 jobs = json.loads(sys.argv[1])
 out = []
-for kind, arch, bits, i in jobs:
-    configs = (mwm.GATHER_CONFIGS if kind == "gather" else mwm.GROUPED_CONFIGS)["hopper" if arch >= 90 else "ampere"]
+for kind, arch, bits, dtype, i in jobs:
+    configs = aot.configs_for(kind, arch, getattr(torch, dtype))
     for c in (configs if i is None else [configs[i]]):
-        out.append(dataclasses.asdict(aot.compile_one(kind, arch, bits, c)))
+        out.append(dataclasses.asdict(aot.compile_one(kind, arch, bits, c, x_dtype=getattr(torch, dtype))))
 print("RESULT" + json.dumps(out))
 """
 
@@ -49,7 +49,7 @@ def _compile(jobs) -> list[dict]:
 def _check(results):
     assert results
     for r in results:
-        where = f"{r['kind']} sm{r['arch']} {r['bits']}-bit {r['config']}"
+        where = f"{r['kind']} sm{r['arch']} {r['bits']}-bit {r['x_dtype']} {r['config']}"
         assert r["registers"] <= 255, where
         assert r["spill_bytes"] == 0, f"{where}: spills {r['spill_bytes']} bytes/thread"
         assert r["shared_bytes"] <= SHARED_LIMIT[r["arch"]], f"{where}: {r['shared_bytes']} bytes of shared memory"
@@ -57,11 +57,14 @@ def _check(results):
 
 def test_grouped_kernel_compiles_for_hopper_3bit():
     # the most involved kernel (tile map + straddling 3-bit unpack + tl.dot) at Hopper's largest tile
-    _check(_compile([["grouped", 90, 3, 1]]))
+    _check(_compile([["grouped", 90, 3, "bfloat16", 1]]))
 
 
 @pytest.mark.slow
 def test_every_config_compiles_without_spills():
-    # 2 archs x 2 kernels x 5 widths x 6 configs = 120 compiles, ~3 s each on an idle core
-    jobs = [[kind, arch, bits, None] for arch in (80, 90) for kind in ("gather", "grouped") for bits in (1, 2, 3, 4, 8)]
+    # bf16: 2 archs x 2 kernels x 5 widths x 6 configs; float32 grouped: 2 archs x 5 widths x 3 configs.
+    # 150 compiles, ~3 s each on an idle core
+    jobs = [[kind, arch, bits, "bfloat16", None] for arch in (80, 90) for kind in ("gather", "grouped")
+            for bits in (1, 2, 3, 4, 8)]
+    jobs += [["grouped", arch, bits, "float32", None] for arch in (80, 90) for bits in (1, 2, 3, 4, 8)]
     _check(_compile(jobs))

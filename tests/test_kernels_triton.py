@@ -170,6 +170,19 @@ def test_grouped_mm_per_width(mwm, bits, group_size):
     assert_close(out, reference.grouped_mm(x, offs, *args), f"grouped {bits}-bit g={group_size}")
 
 
+@pytest.mark.parametrize("group_size", [32, None], ids=["g32-tail", "row96-gather"])
+def test_k_not_a_multiple_of_the_block(mwm, group_size):
+    # K = 96 with 64-wide K blocks: a masked K tail; a 96-wide row group takes the per-element scale path
+    args = width_groups([3, 4], 40, 96, group_size, False)
+    x = torch.randn(6, 96, device=DEVICE)
+    ids = torch.tensor([1, 0, 0, 1, 1, 0], device=DEVICE)
+    out = mwm.gather_mm(x, ids, *args, config=dict(BLOCK_N=64, BLOCK_K=64))
+    assert_close(out, reference.gather_mm(x, ids, *args), f"gather K=96 g={group_size}")
+    offs = torch.tensor([2, 6], dtype=torch.int32, device=DEVICE)
+    out = mwm.grouped_mm(x, offs, *args, config=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64))
+    assert_close(out, reference.grouped_mm(x, offs, *args), f"grouped K=96 g={group_size}")
+
+
 MIXED = [3, 1, 8, 2, 4, 3, 2, 4]  # all five widths in one layer, several experts per width
 MIXED_SYM = {1: True, 2: False, 3: True, 4: False, 8: True}
 
@@ -204,3 +217,19 @@ def test_half_precision_inputs(mwm):
     ref = reference.gather_mm(x, ids, *args)
     # both accumulate in float32 and round once to float16: within 1 ulp of float16
     assert (out.float() - ref.float()).abs().max() <= 2 ** -10 * ref.abs().max().float()
+
+
+def test_autotune_configs_are_well_formed(mwm):
+    for kind, kernel, table in (("gather", mwm._gather_mm_kernel, mwm.GATHER_CONFIGS),
+                                ("grouped", mwm._grouped_mm_kernel, mwm.GROUPED_CONFIGS)):
+        assert {"ampere", "hopper"} <= set(table)
+        for name, configs in table.items():
+            tuned = mwm._tuned(kind, name)
+            assert tuned.configs == configs and set(tuned.keys) <= set(kernel.arg_names)
+            for c in configs:
+                blocks = c.kwargs
+                assert set(blocks) <= set(kernel.arg_names), (kind, name, blocks)
+                assert all(v & (v - 1) == 0 for v in blocks.values()), (kind, name, blocks)  # powers of two
+                assert blocks["BLOCK_K"] % 8 == 0, (kind, name, blocks)  # whole octets per K block
+                if kind == "grouped":
+                    assert min(blocks.values()) >= 16, (kind, name, blocks)  # tl.dot's smallest tile

@@ -254,3 +254,26 @@ def test_cli_errors_are_one_line(zoo, tmp_path):
     assert r.exit_code == 2 and "ROLE=float" in r.output
     r = CliRunner().invoke(main, ["plan", str(root), "--avg-bits", "2.5", "-o", str(out), "-q"])  # group 128 vs hidden 64
     assert r.exit_code == 1 and "group size 128 does not divide" in r.output
+
+
+@pytest.mark.slow
+def test_cli_calibrated_method_loads_model_and_corpus(zoo, tmp_path):
+    """--method pmq through the CLI: loads finetuned/ with its tokenizer and calibrates on a local corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from moe_export.cli import main
+
+    root, _, _ = zoo
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(root / "finetuned")
+    out = tmp_path / "pmq.json"
+    r = CliRunner().invoke(main, ["plan", str(root), "--avg-bits", "2.0", "--levels", "3,2,1", "--group-size", "32",
+                                  "--method", "pmq", "--calib-tokens", "1024", "--calib-seq-len", "64", "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    plan = BitPlan.load(out)
+    assert plan.provenance["calibration_tokens"] == 1024 and "shakespeare" in plan.provenance["calibration"]
+    assert all(3 in l.bits and 2 in l.bits and sum(l.bits) == 16 for l in plan.layers)

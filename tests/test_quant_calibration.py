@@ -9,6 +9,7 @@ import torch
 from moe_export.model_configs import tiny_random_model
 from moe_export.models import find_moe_layers
 from moe_export.plan.bitplan import BitPlan
+from moe_export.quant.base import get_quantizer
 from moe_export.quant.calibration import (
     CalibrationConfig,
     _capture_layer_inputs,
@@ -66,8 +67,6 @@ def test_starved_expert_falls_back_to_rtn_and_is_reported():
     assert prov["config"]["all_experts"] is False
     assert BitPlan.from_json(cfg.plan.to_json()).provenance["calibration"]["rtn_fallback"] == prov["rtn_fallback"]
     # the fallback expert holds exactly RTN's weights, and nothing is NaN
-    from moe_export.quant.base import get_quantizer
-
     float_model = tiny_random_model(MIXTRAL, seed=0)
     for lq, lf in zip(find_moe_layers(model), find_moe_layers(float_model)):
         for proj in lq.projections:
@@ -99,7 +98,7 @@ def test_gptq_model_output_on_calibration_text_closer_to_float_than_rtn(bits):
         if quantizer == "gptq":
             quantize_sequential(model, _config(model, bits), batches=x, install=install_fake_quant, progress=False)
         else:
-            rtn = __import__("moe_export.quant.base", fromlist=["get_quantizer"]).get_quantizer("rtn")
+            rtn = get_quantizer("rtn")
             for layer in find_moe_layers(model):
                 install_fake_quant(model, layer, {p: [rtn.quantize(layer.expert_weight(p, e), bits, 32, False)
                                                       for e in range(layer.num_experts)] for p in layer.projections})
@@ -117,7 +116,7 @@ def test_each_layer_calibrates_on_the_quantized_outputs_of_the_previous_one():
     cfg = _config(model, bits=2, all_experts=False)
     x = _batches(model)
     quantize_sequential(model, cfg, batches=x, install=install_fake_quant, progress=False)
-    quantizer = __import__("moe_export.quant.gptq", fromlist=["GPTQQuantizer"]).GPTQQuantizer()
+    quantizer = get_quantizer("gptq")
     q_layer1, f_layer1 = find_moe_layers(model)[1], find_moe_layers(float_model)[1]
     fresh = copy.deepcopy(float_model)
     fresh_layer1 = find_moe_layers(fresh)[1]
@@ -185,7 +184,6 @@ def test_gptq_beats_rtn_on_held_out_text_of_the_trained_tiny_model(tiny_zoo_dir)
     # measured on tiny (g=32, 2 bits uniform, 4096 calibration tokens of python-stdlib train):
     # float 2.633, RTN 2.658, GPTQ 2.637 bpb on python-stdlib test
     from moe_export.eval import bits_per_byte, logits_fn_for
-    from moe_export.quant.base import get_quantizer
     from moe_export.zoo import load
     from moe_export.zoo.data import token_stream
 

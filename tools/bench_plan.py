@@ -100,13 +100,13 @@ def job_read(folder: Path) -> dict:
     rd = StreamReader(folder)
     layout = checkpoint_moe_layout(folder)
     base = _rss_mb()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     nbytes = 0
     for k in layout:
         nbytes += rd.read(k.router_key).numel() * 2
         for s in k.first:
             nbytes += rd.read_slice(s, slot=0).numel() * 2
-    return {"seconds": time.perf_counter() - t, "bytes": nbytes, "base_rss_mb": base}
+    return {"seconds": time.perf_counter() - t, "cpu_s": time.process_time() - c, "bytes": nbytes, "base_rss_mb": base}
 
 
 def job_plan(folder: Path, method: str) -> dict:
@@ -114,10 +114,11 @@ def job_plan(folder: Path, method: str) -> dict:
 
     levels = [3, 2, 1] if method == "weight-error" else [3, 2]
     base = _rss_mb()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     plan = make_plan(folder, PlanConfig(2.5 if len(levels) == 2 else 2.0, levels, method=method, group_size=128),
                      progress=False)
-    return {"seconds": time.perf_counter() - t, "base_rss_mb": base, "bits": [l.bits for l in plan.layers]}
+    return {"seconds": time.perf_counter() - t, "cpu_s": time.process_time() - c, "base_rss_mb": base,
+            "bits": [l.bits for l in plan.layers]}
 
 
 def job_pmq(folder: Path, tokens: int) -> dict:
@@ -132,7 +133,7 @@ def job_pmq(folder: Path, tokens: int) -> dict:
     q = get_quantizer("rtn")
     levels = [3, 2]
     base = _rss_mb()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     g = torch.Generator().manual_seed(0)
     bits = []
     for k in checkpoint_moe_layout(folder):
@@ -149,7 +150,8 @@ def job_pmq(folder: Path, tokens: int) -> dict:
             gate, up, down = (rd.read_slice(s[e]).float() for s in (k.gate, k.up, k.down))
             err.append(pmq.output_errors(x, gate, up, down, torch.nn.functional.silu, levels, q, 128, False))
         bits.append(pmq.allocate(freq, mean_w, torch.stack(err), levels, 2.5))
-    return {"seconds": time.perf_counter() - t, "base_rss_mb": base, "bits": bits, "tokens": tokens}
+    return {"seconds": time.perf_counter() - t, "cpu_s": time.process_time() - c, "base_rss_mb": base, "bits": bits,
+            "tokens": tokens}
 
 
 def child(args) -> None:
@@ -200,7 +202,7 @@ def main() -> None:
     folder = Path(args.dir)
     write_checkpoint(folder, args.layers)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    res = {"layers": args.layers, "checkpoint_gb": size / 1e9, "cpu_threads": 1}
+    res = {"layers": args.layers, "checkpoint_gb": size / 1e9, "cpu_threads": 1, "loadavg": os.getloadavg()}
     for cache in ("warm", "cold"):
         reads, plans = [], []
         for _ in range(args.repeats):  # interleaved so load from other processes hits both alike
@@ -210,6 +212,7 @@ def main() -> None:
         res[cache] = {
             "read_s": r["seconds"], "read_gb": r["bytes"] / 1e9, "read_gb_per_s": r["bytes"] / 1e9 / r["seconds"],
             "plan_s": p["seconds"], "ratio": p["seconds"] / r["seconds"],
+            "read_cpu_s": r["cpu_s"], "plan_cpu_s": p["cpu_s"],
             "plan_peak_rss_mb": max(d["peak_rss_mb"] for d in plans),
             "plan_base_rss_mb": p["base_rss_mb"],
             "all_read_s": [round(d["seconds"], 3) for d in reads], "all_plan_s": [round(d["seconds"], 3) for d in plans],
@@ -217,23 +220,28 @@ def main() -> None:
         res["bits"] = p["bits"]
     if args.weight_error:
         w = run_child(args, "weight-error", cold=False)
-        res["weight_error"] = {"plan_s": w["seconds"], "peak_rss_mb": w["peak_rss_mb"], "bits": w["bits"]}
+        res["weight_error"] = {"plan_s": w["seconds"], "cpu_s": w["cpu_s"], "peak_rss_mb": w["peak_rss_mb"], "bits": w["bits"]}
     if not args.skip_pmq:
         q = run_child(args, "pmq", cold=False)
-        res["pmq"] = {"plan_s": q["seconds"], "peak_rss_mb": q["peak_rss_mb"], "tokens": q["tokens"], "bits": q["bits"]}
+        res["pmq"] = {"plan_s": q["seconds"], "cpu_s": q["cpu_s"], "peak_rss_mb": q["peak_rss_mb"], "tokens": q["tokens"],
+                      "bits": q["bits"]}
 
     print(f"Mixtral-8x7B shapes, {args.layers} MoE layers, {res['checkpoint_gb']:.2f} GB on disk, 1 CPU thread")
-    print(f"{'cache':6s} {'read GB':>8s} {'read s':>8s} {'GB/s':>6s} {'plan s':>8s} {'ratio':>6s} {'peak RSS MB':>12s}")
+    print(f"load average before: {res['loadavg']}")
+    print(f"{'cache':6s} {'read GB':>8s} {'read s':>8s} {'GB/s':>6s} {'plan s':>8s} {'ratio':>6s} "
+          f"{'read cpu s':>10s} {'plan cpu s':>10s} {'peak RSS MB':>12s} {'(base)':>7s}")
     for cache in ("warm", "cold"):
         c = res[cache]
         print(f"{cache:6s} {c['read_gb']:8.2f} {c['read_s']:8.3f} {c['read_gb_per_s']:6.2f} {c['plan_s']:8.3f} "
-              f"{c['ratio']:6.2f} {c['plan_peak_rss_mb']:12.0f}")
+              f"{c['ratio']:6.2f} {c['read_cpu_s']:10.2f} {c['plan_cpu_s']:10.2f} {c['plan_peak_rss_mb']:12.0f} "
+              f"{c['plan_base_rss_mb']:7.0f}")
     if "weight_error" in res:
         print(f"weight-error plan (all projections, 3 widths): {res['weight_error']['plan_s']:.1f} s, "
               f"peak RSS {res['weight_error']['peak_rss_mb']:.0f} MB")
     if "pmq" in res:
-        print(f"PMQ-like plan ({res['pmq']['tokens']} tokens/layer, synthetic hidden states): {res['pmq']['plan_s']:.1f} s, "
-              f"peak RSS {res['pmq']['peak_rss_mb']:.0f} MB  ({res['pmq']['plan_s'] / res['warm']['plan_s']:.0f}x router+maxvar)")
+        print(f"PMQ-like plan ({res['pmq']['tokens']} tokens/layer, synthetic hidden states): {res['pmq']['plan_s']:.1f} s "
+              f"(cpu {res['pmq']['cpu_s']:.1f} s), peak RSS {res['pmq']['peak_rss_mb']:.0f} MB; "
+              f"{res['pmq']['plan_s'] / res['warm']['plan_s']:.0f}x router+maxvar (warm)")
     if args.json:
         from moe_export.io import atomic_write_json
 

@@ -53,6 +53,8 @@ def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_js
     cmd += (f" --zoo-models {zoo_models}" if zoo and zoo_models != "tiny" else "")
     cmd += (f" --zoo-seeds {zoo_seeds}" if zoo and zoo_seeds else "")
 
+    cmd += (f" --from-json {shlex.quote(from_json)}" if from_json else "")
+    cmd += (f" --zoo-json {shlex.quote(zoo_json)}" if zoo_json else "")
     if from_json:
         results = report.load_results(from_json)
     else:
@@ -62,6 +64,7 @@ def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_js
         if routings:
             sweep = replace(sweep, routings=tuple(routings))
         results = experiments.run_synthetic(sweep)
+        results["command"] = cmd
 
     zoo_results = None
     if zoo_json:
@@ -69,7 +72,11 @@ def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_js
     elif zoo:
         zs = zoo_sweep.QUICK if quick else zoo_sweep.FULL
         zs = replace(zs, models=models, **({"seeds": zoo_seed_t} if zoo_seed_t else {}))
-        zoo_results = zoo_sweep.run_zoo(zs)
+        from moe_export.zoo.tokenizer import moe_export_home
+
+        # finished (model, seed) records are kept outside the repo so an interrupted sweep resumes
+        zoo_results = zoo_sweep.run_zoo(zs, cache_dir=moe_export_home() / "reproduce")
+        zoo_results["command"] = cmd
     md = report.write_report(results, out_dir, cmd, zoo=zoo_results)
     extra = f", zoo {zoo_results['wall_s']:.0f} s" if zoo_results else ""
     click.echo(f"wrote {md} ({len(results['runs'])} synthetic runs, {results['wall_s']:.0f} s{extra})")

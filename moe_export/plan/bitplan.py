@@ -251,13 +251,16 @@ class BitPlan:
         if not isinstance(d["layers"], list):
             raise BitPlanError("'layers' must be a list")
         for i, l in enumerate(d["layers"]):
-            if not isinstance(l, dict) or "name" not in l or not isinstance(l.get("bits"), list):
+            if not isinstance(l, dict) or not isinstance(l.get("name"), str) or not isinstance(l.get("bits"), list):
                 raise BitPlanError(f"layers[{i}] must be {{\"name\", \"num_experts\", \"bits\": [...]}}, got {l!r}")
             if "num_experts" in l and l["num_experts"] != len(l["bits"]):
                 raise BitPlanError(
                     f"layer {l['name']!r}: num_experts is {l['num_experts']} but bits lists {len(l['bits'])} experts"
                 )
-            layers.append(LayerPlan(l["name"], list(l["bits"]), l.get("in_dims")))
+            dims = l.get("in_dims")
+            if dims is not None and (not isinstance(dims, list) or not all(_is_int(k) and k > 0 for k in dims)):
+                raise BitPlanError(f"layer {l['name']!r}: in_dims must be a list of positive integers, got {dims!r}")
+            layers.append(LayerPlan(l["name"], list(l["bits"]), dims))
         return cls(
             model=d["model"],
             target_avg_bits=d["target_avg_bits"],
@@ -265,15 +268,17 @@ class BitPlan:
             quantizer=QuantizerSpec(q.get("name", "rtn"), q.get("group_size", 128), q.get("symmetric", False)),
             layers=layers,
             non_expert=d.get("non_expert", default_non_expert()),
-            provenance=d.get("provenance", {}),
+            provenance=_object(d.get("provenance", {}), "provenance"),
         )
 
     @classmethod
     def from_json(cls, text: str, source: str = "<string>") -> "BitPlan":
         try:
-            d = json.loads(text)
+            d = json.loads(text, parse_constant=_non_finite)  # NaN/Infinity are not JSON and cannot be saved back
         except json.JSONDecodeError as err:
             raise BitPlanError(f"{source}: not valid JSON ({err})") from None
+        except ValueError as err:
+            raise BitPlanError(f"{source}: {err}") from None
         return cls.from_dict(d, source)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -359,6 +364,16 @@ def _created_by() -> str:
         return f"moe_export {version('moe-export')}"
     except Exception:
         return "moe_export"
+
+
+def _non_finite(token: str):
+    raise ValueError(f"{token} is not a valid number in a bit plan (JSON has no NaN/Infinity)")
+
+
+def _object(x, field: str) -> dict:
+    if not isinstance(x, dict):
+        raise BitPlanError(f"bit plan {field!r} must be an object, got {x!r}")
+    return x
 
 
 def _is_int(x) -> bool:

@@ -67,6 +67,8 @@ def maxvar(W1: torch.Tensor, variant: str = "paper") -> float:
         raise ValueError(f"unknown MaxVar variant {variant!r}; choose one of {VARIANTS}")
     H = W1.shape[1]
     q = row_sq_norms(W1)  # [I]
+    if not bool(torch.isfinite(q).all()):
+        return float("nan")  # NaN/Inf weights (the pruning below would skip them): make_plan names the expert
     if variant == "largest-norm-row":
         r = int(torch.argmax(q))
         return float(exact_row_var(W1[r : r + 1])[0])

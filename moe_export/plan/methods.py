@@ -192,7 +192,14 @@ def make_plan(model_or_dir, config: PlanConfig, reference=None, batches=None, mo
     for li, s in enumerate(tqdm(sources, desc=f"plan {cfg.method}", disable=not progress, leave=False)):
         W = s.router()  # [E, H]
         routers.append(W)
-        bits = _plan_layer(cfg, s, W, ref_routers.get(s.name), stats, quantizer, gen, scores)
+        W_ref = ref_routers.get(s.name)
+        if not bool(torch.isfinite(W).all()) or (W_ref is not None and not bool(torch.isfinite(W_ref).all())):
+            raise PlanError(f"{s.name}: router weights of {model_or_dir if is_dir else 'the model'}"
+                            f"{'' if W_ref is None else f' or of reference {reference}'} hold NaN/Inf; fix or re-export the checkpoint")
+        if W_ref is not None and W_ref.shape != W.shape:
+            raise PlanError(f"reference {reference}: {s.name} router is {tuple(W_ref.shape)} but the model's is "
+                            f"{tuple(W.shape)} (another expert count or hidden size); pass the checkpoint this one was trained from")
+        bits = _plan_layer(cfg, s, W, W_ref, stats, quantizer, gen, scores)
         layer_plans.append(LayerPlan(s.name, bits, s.in_dims))
 
     provenance = {
@@ -258,6 +265,9 @@ def _plan_layer(cfg: PlanConfig, s: LayerSource, W, W_ref, stats, quantizer, gen
         record("L_s", L_s)
     if m in USES_MAXVAR:
         var = maxvar_mod.layer_maxvar(s.first, cfg.maxvar_variant)  # [E]
+        if not bool(torch.isfinite(var).all()):
+            raise PlanError(f"{s.name}: first-layer weights of expert(s) {torch.nonzero(~torch.isfinite(var)).flatten().tolist()} "
+                            "hold NaN/Inf; fix or re-export the checkpoint")
         record("maxvar", var)
     if m in USES_ROUTER:
         order = router_norm.ascending_order(L_s)

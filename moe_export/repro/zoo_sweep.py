@@ -133,9 +133,28 @@ def run_model(sweep: ZooSweep, name: str, seed: int, progress: bool = True) -> d
     return rec
 
 
-def run_zoo(sweep: ZooSweep, progress: bool = True) -> dict:
+def run_zoo(sweep: ZooSweep, progress: bool = True, cache_dir=None) -> dict:
+    """``cache_dir``: each (model, seed) record is saved there as it finishes and reused by a rerun of the
+    same sweep, so an interrupted sweep resumes and a partial one can still be reported."""
+    import json
+    from pathlib import Path
+
+    from moe_export.io import atomic_write_json
+
     t0 = time.perf_counter()
-    runs = [run_model(sweep, name, seed, progress) for name in sweep.models for seed in sweep.seeds]
+    runs = []
+    for name in sweep.models:
+        for seed in sweep.seeds:
+            cached = Path(cache_dir) / f"{name}-s{seed}.json" if cache_dir else None
+            if cached is not None and cached.exists():
+                saved = json.loads(cached.read_text())
+                if saved.get("sweep") == json.loads(json.dumps(sweep.to_dict())):
+                    runs.append(saved["run"])
+                    continue
+            rec = run_model(sweep, name, seed, progress)
+            if cached is not None:
+                atomic_write_json(cached, {"sweep": sweep.to_dict(), "run": rec})
+            runs.append(rec)
     stability = {}
     for name in sweep.models:
         rs = [r for r in runs if r["model"] == name]
@@ -149,4 +168,4 @@ def run_zoo(sweep: ZooSweep, progress: bool = True) -> dict:
 
 
 QUICK = ZooSweep(avg_bits={"3,2": [2.0, 2.5, 3.0], "3,2,1": [1.5, 2.0, 2.5]}, random_seeds=(0, 1))
-FULL = ZooSweep(seeds=(0, 1, 2))
+FULL = ZooSweep(seeds=(0, 1, 2), eval_tokens=2048, random_seeds=(0, 1))

@@ -73,18 +73,69 @@ def packed_matvec(
 ) -> torch.Tensor:  # [S, N]
     s, k = x.shape
     n_groups = scale.shape[-1]
-    g = k // n_groups
     dtype = x.dtype
-    q = unpack_bits(packed, bits, k).reshape(s, -1, n_groups, g).to(dtype)  # [S, N, G, g]
-    xg = x.reshape(s, 1, n_groups, g)  # [S, 1, G, g]
-    qx = (q * xg).sum(-1)  # [S, N, G]
+    qx = _codes_dot(x, packed, bits, n_groups)  # [S, N, G] = sum_j q[n,g,j] x[g,j]
+    xsum = x.reshape(s, 1, n_groups, k // n_groups).sum(-1)  # [S, 1, G]
     scale = scale.to(dtype)
     if zero is None:
-        # symmetric: zero is a constant, so the correction is one scalar per group
-        corr = xg.sum(-1) * symmetric_zero(bits)  # [S, 1, G]
+        corr = xsum * symmetric_zero(bits)  # symmetric: the zero is one constant
     else:
-        corr = xg.sum(-1) * zero.to(dtype)  # [S, N, G]
+        corr = xsum * zero.to(dtype)  # [S, N, G]
     return ((qx - corr) * scale).sum(-1)  # [S, N]
+
+
+def _block(g: int) -> int:
+    # reduction block: the quantization group, capped so the in-block permutation matrix stays small
+    for blk in (g, 256, 128, 64, 32, 16, 8):
+        if blk <= 256 and g % blk == 0:
+            return blk
+    return 8
+
+
+def _split_positions(x: torch.Tensor, blk: int, per_unit: int) -> torch.Tensor:
+    """``x [S, K]`` -> ``[S, K/blk, per_unit, blk/per_unit]``: inside every block, value ``u*per_unit + p``
+    moves to ``[p, u]``. Done as a tiny matmul with a permutation matrix, which inductor keeps as its own
+    buffer, so the reduction below reads x contiguously instead of gathering it per weight element."""
+    s, k = x.shape
+    units = blk // per_unit
+    perm = torch.arange(blk, device=x.device).reshape(units, per_unit).t().reshape(-1)  # new index -> old
+    pmat = (torch.arange(blk, device=x.device).unsqueeze(1) == perm.unsqueeze(0)).to(x.dtype)  # [blk, blk]
+    return (x.reshape(s * (k // blk), blk) @ pmat).reshape(s, k // blk, per_unit, units)
+
+
+def _codes_dot(x: torch.Tensor, packed: torch.Tensor, bits: int, n_groups: int) -> torch.Tensor:
+    """``sum_j q[s,n,g,j] * x[s,g,j]`` straight from the packed bytes -> ``[S, N, G]``.
+
+    Written per bit position so every load in the reduction is contiguous (or a fixed stride) and
+    inductor vectorizes it: value p of every packed unit is a shift + mask of whole byte planes, and it
+    meets the matching slice of x, rearranged once (``_split_positions``).
+    """
+    s, k = x.shape
+    g = k // n_groups
+    blk = _block(g)
+    nblk = k // blk  # blocks per row; blocks never straddle a group
+    mask = (1 << bits) - 1
+    if bits in (1, 2, 4, 8):
+        per_unit, unit_bytes = 8 // bits, 1  # values never straddle a byte
+    else:
+        per_unit, unit_bytes = 8, bits  # 8 values fill `bits` bytes
+    units = blk // per_unit
+    xp = _split_positions(x, blk, per_unit).unsqueeze(1)  # [S, 1, nblk, per_unit, units]
+    planes = packed.reshape(s, -1, nblk, units, unit_bytes)  # [S, N, nblk, units, unit_bytes]
+    if bits == 8:
+        acc = planes[..., 0].to(x.dtype) * xp[:, :, :, 0]
+    else:
+        planes = planes.to(torch.int32)
+        acc = None
+        for p in range(per_unit):
+            lo, sh = divmod(p * bits, 8)
+            v = planes[..., lo] >> sh
+            if sh + bits > 8:  # straddles into the next byte
+                v = v | (planes[..., lo + 1] << (8 - sh))
+            term = (v & mask).to(x.dtype) * xp[:, :, :, p]
+            acc = term if acc is None else acc + term
+    qx = acc.sum(-1)  # [S, N, nblk]
+    return qx.reshape(s, qx.shape[1], n_groups, nblk // n_groups).sum(-1)  # [S, N, G]
 
 
 def packed_linear(

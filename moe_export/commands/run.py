@@ -1,0 +1,34 @@
+"""``moe-export run RECIPE``: the whole pipeline of one recipe from recipes/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(name="run", help="Run RECIPE (a recipes/*.json path or a shipped recipe name) end to end: "
+               "model, plan, quantize, compile, export, parity, one summary table.")
+@click.argument("recipe")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Work folder (default: runs/<recipe name>).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the zoo model and the parity inputs.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def command(recipe, output, seed, threads, quiet):
+    run(recipe, output, seed, threads, quiet)
+
+
+def run(recipe, output, seed, threads, quiet):
+    import torch
+
+    from moe_export.pipeline import run_recipe
+    from moe_export.recipes import Recipe, RecipeError
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        r = Recipe.load(recipe)
+        run_recipe(r, output, seed=seed, progress=not quiet, echo=click.echo)
+    except RecipeError as err:
+        raise click.ClickException(str(err)) from None

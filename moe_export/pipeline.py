@@ -1,0 +1,194 @@
+"""The whole pipeline of a recipe: model -> plan -> quantize -> compile -> export -> parity -> one table.
+
+``moe-export run RECIPE`` and ``moe-export demo`` (= ``run tiny-demo``) call :func:`run_recipe`.
+Every step writes its artifact into the work folder, so the printed table says where each one is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from moe_export.io import atomic_write_json
+from moe_export.recipes import Recipe, RecipeError
+
+
+def _model_root(recipe: Recipe, seed: int, echo) -> Path:
+    model = recipe.model
+    if "zoo" in model:
+        from moe_export.zoo import build
+
+        echo(f"[1/6] zoo model {model['zoo']!r} (built once, then reused from the cache)")
+        return Path(build(model["zoo"], seed=seed))
+    if "path" in model:
+        root = Path(model["path"]).expanduser()
+        if not root.exists():
+            raise RecipeError(f"{recipe.source}: model.path {root} does not exist")
+        echo(f"[1/6] local model {root}")
+        return root
+    raise RecipeError(
+        f"{recipe.source}: model {model['id']!r} is a hub id and nothing is downloaded at run time; "
+        "download it yourself and set model.path to the local folder"
+    )
+
+
+def _final_and_reference(root: Path) -> tuple[Path, Path | None]:
+    if (root / "finetuned" / "config.json").exists():
+        ref = root / "pretrained"
+        return root / "finetuned", ref if (ref / "config.json").exists() else None
+    return root, None
+
+
+def _decode_ms(model, input_ids: torch.Tensor, reps: int = 10) -> float:
+    """Median latency of one decoding step (one new token after a KV-cached prompt)."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(reps + 2):
+            cache = copy.deepcopy(out.past_key_values)
+            t0 = time.perf_counter()
+            model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times[2:])[len(times[2:]) // 2]
+
+
+def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, seed: int = 0,
+               progress: bool = True, echo=print) -> dict:
+    """Run ``recipe`` end to end into ``work_dir`` (default ``runs/<recipe name>``) and return its summary."""
+    from moe_export.api import MoEQuantConfig, quantize_
+    from moe_export.checkpoint import checkpoint_bytes, save_quantized, theoretical_model_bytes
+    from moe_export.commands.quantize import load_float_model
+    from moe_export.eval import evaluate, logits_fn_for
+    from moe_export.export.parity import max_abs_err, sqnr
+    from moe_export.export.pipeline import export_artifacts, format_report
+    from moe_export.plan.methods import PlanConfig, make_plan
+
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    work = Path(work_dir or Path("runs") / recipe.name)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    root = _model_root(recipe, seed, echo)
+    final_dir, reference = _final_and_reference(root)
+
+    echo(f"[2/6] plan: {recipe.plan.get('method', 'router+maxvar')} at {recipe.avg_bits} bits, levels {recipe.levels}"
+         + (f", reference {reference}" if reference else ""))
+    cfg = PlanConfig(
+        avg_bits=recipe.avg_bits, levels=recipe.levels, method=recipe.plan.get("method", "router+maxvar"),
+        zeta=float(recipe.plan.get("zeta", 3.0)), group_size=recipe.group_size,
+        symmetric=bool(recipe.quantizer.get("symmetric", False)), quantizer=recipe.quantizer["name"],
+        non_expert=recipe.non_expert,
+    )
+    plan = make_plan(final_dir, cfg, reference=reference, progress=progress)
+    plan_path = work / "plan.json"
+    plan.save(plan_path)
+    echo(plan.summary())
+
+    echo(f"[3/6] quantize with {recipe.quantizer['name']}")
+    float_model = load_float_model(final_dir)
+    qmodel = copy.deepcopy(float_model)
+    calibration = None
+    if recipe.quantizer["name"] == "gptq":
+        from moe_export.quant.calibration import CalibrationConfig
+
+        calibration = CalibrationConfig(n_tokens=int(recipe.quantizer.get("calib_tokens", 8192)))
+    quantize_(qmodel, MoEQuantConfig(plan, quantizer=recipe.quantizer["name"], calibration=calibration), progress=progress)
+    qdir = work / "quantized"
+    save_quantized(qmodel, qdir, plan=plan, source_dir=final_dir)
+    float_bytes = sum(p.numel() * p.element_size() for p in float_model.parameters())
+
+    echo("[4/6] quality (held-out bits per byte) and torch.compile")
+    manifest = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").exists() else {}
+    seq_len = manifest.get("entry", {}).get("seq_len", 64)
+    corpus = manifest.get("entry", {}).get("finetune", {}).get("corpus")
+    quality = {}
+    if corpus:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(final_dir))
+        for label, m in (("float", float_model), ("quantized", qmodel)):
+            quality[label] = evaluate(logits_fn_for(m), tok, [corpus], seq_len, max_tokens=4096, n_cloze=50,
+                                      progress=progress)[corpus]
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, float_model.config.vocab_size, (1, 16), generator=gen)
+    compiled = torch.compile(qmodel, fullgraph=True)
+    with torch.no_grad():
+        eager_logits = qmodel(input_ids=ids, use_cache=False).logits
+        compiled_logits = compiled(input_ids=ids, use_cache=False).logits
+        float_logits = float_model(input_ids=ids, use_cache=False).logits
+    compile_row = {
+        "max_abs_err_vs_eager": max_abs_err(eager_logits, compiled_logits),
+        "sqnr_vs_float_db": sqnr(float_logits, compiled_logits),
+    }
+    latency = {
+        "float eager": _decode_ms(float_model, ids),
+        "quantized eager": _decode_ms(qmodel, ids),
+    }
+
+    echo(f"[5/6] export to {', '.join(recipe.targets) or 'nothing'} with parity checks")
+    export_report = None
+    if recipe.targets:
+        pte_modes = tuple(recipe.export.get("pte_modes", ["packed"]))
+        export_report = export_artifacts(qmodel, work / "export", targets=recipe.targets, pte_modes=pte_modes,
+                                         float_model=float_model, progress=progress)
+        echo(format_report(export_report))
+
+    summary = {
+        "recipe": recipe.name,
+        "work_dir": str(work),
+        "model": str(final_dir),
+        "reference": str(reference) if reference else None,
+        "plan": {"path": str(plan_path), "mean_bits": plan.mean_bits(), "levels": plan.levels},
+        "quantized": {"path": str(qdir), "bytes": checkpoint_bytes(qdir), "theoretical_bytes": theoretical_model_bytes(qmodel),
+                      "float_bytes": float_bytes},
+        "quality": quality,
+        "compile": compile_row,
+        "latency_ms": latency,
+        "export": export_report,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    atomic_write_json(work / "summary.json", summary)
+    echo("[6/6] summary")
+    echo(format_summary(summary))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    """One table: bits, size vs float, parity, decode latency per runtime, and where each artifact is."""
+    q = s["quantized"]
+    rows = [("float (eager)", "32", q["float_bytes"], "-", "-", s["latency_ms"].get("float eager"), s["model"])]
+    quality = s.get("quality") or {}
+    bits = f"{s['plan']['mean_bits']:.3f}"
+    rows.append(("quantized (eager)", bits, q["bytes"], "reference", "-", s["latency_ms"].get("quantized eager"), q["path"]))
+    c = s["compile"]
+    rows.append(("quantized (torch.compile)", bits, q["bytes"], f"{c['max_abs_err_vs_eager']:.1e}",
+                 f"{c['sqnr_vs_float_db']:.1f}", None, "(in memory)"))
+    for a in (s.get("export") or {}).get("artifacts", []):
+        p = a.get("parity") or {}
+        float_art = a["target"].endswith("-float")
+        rows.append((
+            f"{a['target'].removesuffix('-float')} {a.get('mode') or ''}".strip() + (" float" if float_art else ""),
+            "32" if float_art else bits,
+            a["bytes"],
+            f"{p['max_abs_err_vs_eager']:.1e}" if p else "-",
+            f"{p['sqnr_vs_float_db']:.1f}" if p.get("sqnr_vs_float_db") is not None else "-",
+            a.get("decode_ms"),
+            a["path"],
+        ))
+    head = f"{'runtime':<26} {'bits':>6} {'MB':>8} {'vs float':>8} {'max|err| vs eager':>18} {'SQNR dB':>8} {'decode ms':>9}  artifact"
+    out = [head, "-" * len(head)]
+    for name, b, nbytes, err, sq, ms, path in rows:
+        ms_s = f"{ms:.2f}" if isinstance(ms, (int, float)) else "-"
+        out.append(f"{name:<26} {b:>6} {nbytes / 1e6:>8.3f} {nbytes / q['float_bytes']:>8.3f} {err:>18} {sq:>8} {ms_s:>9}  {path}")
+    if quality:
+        f, qq = quality["float"], quality["quantized"]
+        out.append(f"held-out bits per byte: float {f['bpb']['bits_per_byte']:.3f}, quantized {qq['bpb']['bits_per_byte']:.3f}; "
+                   f"cloze accuracy ({f['cloze']['n']} items, chance {f['cloze']['chance']:.2f}): "
+                   f"float {f['cloze']['accuracy']:.3f}, quantized {qq['cloze']['accuracy']:.3f}")
+    out.append(f"theoretical size of the quantized checkpoint: {q['theoretical_bytes'] / 1e6:.3f} MB; "
+               f"work folder: {s['work_dir']} (summary.json); {s['wall_s']} s in all")
+    return "\n".join(out)

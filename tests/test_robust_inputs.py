@@ -1,0 +1,327 @@
+"""Bad input through the CLI: one clear error naming the file or field and the fix, a non-zero exit code,
+and nothing partial left behind. Full disk and read-only output use a real tmpfs when this process may
+mount one (root), else the failing call is simulated; each test says which it ran."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moe_export.cli import main
+from moe_export.plan.bitplan import BitPlan, BitPlanError
+from moe_export.streaming import INDEX, quantize_checkpoint
+
+from _synthetic_ckpt import write_mixtral
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robust")
+    write_mixtral(root / "src", num_layers=2, hidden=64, inter=128, experts=4)
+    write_mixtral(root / "other", num_layers=2, hidden=64, inter=128, experts=4, seed=5)
+    write_mixtral(root / "src6", num_layers=2, hidden=64, inter=128, experts=6, seed=1)
+    for name in ("src", "other"):
+        res = CliRunner().invoke(main, ["plan", str(root / name), "--avg-bits", "2.5", "--group-size", "32", "-q",
+                                        "-o", str(root / f"plan_{name}.json")])
+        assert res.exit_code == 0, res.output
+    return root
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_failure(res, *needles, absent=()):
+    """Exit code != 0, a click error (not a traceback) with every needle in it, and no output left."""
+    assert res.exit_code != 0, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), (
+        f"unhandled {type(res.exception).__name__}: {res.exception}")
+    assert "Error:" in res.output, res.output
+    msg = res.output.split("Error:", 1)[1]
+    for n in needles:
+        assert str(n) in msg, f"{n!r} not in error: {msg}"
+    for p in absent:
+        assert not Path(p).exists(), f"{p} left behind after a failed run: {sorted(os.listdir(p)) if Path(p).is_dir() else ''}"
+    return msg
+
+
+def _copy(ws, name, to):
+    dst = ws / to
+    if not dst.exists():
+        shutil.copytree(ws / name, dst)
+    return dst
+
+
+def test_truncated_safetensors(ws):
+    src = _copy(ws, "src", "trunc")
+    f = src / "layer-001.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    assert_clean_failure(cli("quantize", src, "--plan", ws / "plan_src.json", "-o", ws / "q_trunc", "--streaming", "-q"),
+                         f, "truncated", "re-create", absent=[ws / "q_trunc"])
+    assert_clean_failure(cli("plan", src, "--avg-bits", "2.5", "--group-size", "32", "-q", "-o", ws / "p_trunc.json"),
+                         f, "re-create", absent=[ws / "p_trunc.json"])
+
+
+def test_corrupt_safetensors_header(ws):
+    src = _copy(ws, "src", "corrupt")
+    f = src / "layer-000.safetensors"
+    b = bytearray(f.read_bytes())
+    b[8:40] = b"\x00garbage" * 4
+    f.write_bytes(bytes(b))
+    assert_clean_failure(cli("quantize", src, "--plan", ws / "plan_src.json", "-o", ws / "q_corrupt", "--streaming", "-q"),
+                         f, "corrupt", absent=[ws / "q_corrupt"])
+    assert_clean_failure(cli("plan", src, "--avg-bits", "2.5", "--group-size", "32", "-q", "-o", ws / "p_corrupt.json"), f,
+                         absent=[ws / "p_corrupt.json"])
+
+
+@pytest.mark.parametrize("streaming", ["--streaming", "--no-streaming"])
+def test_plan_made_for_another_model(ws, streaming):
+    out = ws / f"q_other{streaming}"
+    assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / "plan_other.json", "-o", out, streaming, "-q"),
+                         "another checkpoint", "re-plan", absent=[out])
+
+
+def test_nan_and_inf_weights(ws):
+    # NaN in the last layer's expert: found after the first shards were written, which are removed again
+    bad = ws / "nan"
+    write_mixtral(bad, num_layers=2, hidden=64, inter=128, experts=4,
+                  poison=("model.layers.1.block_sparse_moe.experts.2.w2.weight", float("nan")))
+    plan = BitPlan.load(ws / "plan_src.json")
+    plan.model["router_sha256"] = ""  # same layers, other weights: let the run reach the poisoned tensor
+    plan.save(ws / "plan_nohash.json")
+    assert_clean_failure(cli("quantize", bad, "--plan", ws / "plan_nohash.json", "-o", ws / "q_nan", "--streaming", "-q"),
+                         "model.layers.1.block_sparse_moe.experts.2.w2.weight", "NaN/Inf", "re-export", absent=[ws / "q_nan"])
+    inf = ws / "inf"
+    write_mixtral(inf, num_layers=2, hidden=64, inter=128, experts=4,
+                  poison=("model.layers.0.block_sparse_moe.gate.weight", float("inf")))
+    assert_clean_failure(cli("plan", inf, "--avg-bits", "2.5", "--group-size", "32", "-q", "-o", ws / "p_inf.json"),
+                         "model.layers.0.mlp", "NaN/Inf", absent=[ws / "p_inf.json"])
+    w1 = ws / "nan_w1"
+    write_mixtral(w1, num_layers=2, hidden=64, inter=128, experts=4,
+                  poison=("model.layers.1.block_sparse_moe.experts.3.w1.weight", float("nan")))
+    assert_clean_failure(cli("plan", w1, "--avg-bits", "2.5", "--group-size", "32", "-q", "-o", ws / "p_nan.json"),
+                         "model.layers.1.mlp", "[3]", "NaN/Inf", absent=[ws / "p_nan.json"])
+
+
+def test_unsupported_architecture(ws):
+    src = _copy(ws, "src", "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    for args, out in ((("plan", src, "--avg-bits", "2.5", "--group-size", "32", "-q", "-o", ws / "p_llama.json"), ws / "p_llama.json"),
+                      (("quantize", src, "--plan", ws / "plan_src.json", "-o", ws / "q_llama", "--streaming", "-q"),
+                       ws / "q_llama")):
+        assert_clean_failure(cli(*args), "LlamaForCausalLM", "MixtralForCausalLM", "add an adapter", absent=[out])
+
+
+@pytest.mark.parametrize("bits", [0, 9])
+def test_bits_outside_1_to_8(ws, bits):
+    res = cli("plan", ws / "src", "--avg-bits", "2.5", "--levels", f"{bits},2", "-q", "-o", ws / "p_bits.json")
+    assert res.exit_code == 2 and "--levels" in res.output and "1..8" in res.output, res.output
+    assert not (ws / "p_bits.json").exists()
+    d = json.loads((ws / "plan_src.json").read_text())
+    d["layers"][1]["bits"][2] = bits
+    (ws / f"p_bits{bits}.json").write_text(json.dumps(d))
+    assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / f"p_bits{bits}.json", "-o", ws / "q_bits",
+                             "--streaming", "-q"),
+                         f"p_bits{bits}.json", "model.layers.1.mlp", "expert 2", f"{bits} bits", "1-8", absent=[ws / "q_bits"])
+
+
+def test_group_size_not_dividing_the_dim(ws):
+    assert_clean_failure(cli("plan", ws / "src", "--avg-bits", "2.5", "--group-size", "48", "-q", "-o", ws / "p_g.json"),
+                         "group size 48", "input dim 64", "--group-size", absent=[ws / "p_g.json"])
+    d = json.loads((ws / "plan_src.json").read_text())
+    d["quantizer"]["group_size"] = 48
+    (ws / "p_g48.json").write_text(json.dumps(d))
+    assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / "p_g48.json", "-o", ws / "q_g", "--streaming", "-q"),
+                         "p_g48.json", "group size 48", absent=[ws / "q_g"])
+
+
+def test_reference_with_another_expert_count(ws):
+    assert_clean_failure(cli("plan", ws / "src", "--avg-bits", "2.5", "--group-size", "32", "--reference", ws / "src6", "-q", "-o", ws / "p_ref.json"),
+                         str(ws / "src6"), "(6, 64)", "(4, 64)", "expert count", absent=[ws / "p_ref.json"])
+
+
+def test_streaming_refuses_a_calibrated_quantizer(ws):
+    assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / "plan_src.json", "--quantizer", "gptq", "-o",
+                             ws / "q_gptq", "--streaming", "-q"), "gptq", "data-free", absent=[ws / "q_gptq"])
+
+
+# ------------------------------------------------------------------------------ read-only output, full disk
+
+
+def _mount_tmpfs(where: Path, opts: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
+def _umount(where: Path) -> None:
+    subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_output_folder_not_writable(ws, monkeypatch):
+    ro = ws / "ro"
+    mounted = _mount_tmpfs(ro, "ro,size=64k")
+    try:
+        if not mounted:
+            if os.geteuid() != 0:
+                ro.chmod(0o555)  # a real permission error for a normal user
+            else:  # root without mount rights: simulate the refusal of the filesystem
+                real = os.access
+                monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p).startswith(str(ro)) else real(p, m, **k))
+                real_mkstemp = __import__("tempfile").mkstemp
+
+                def mkstemp(*a, dir=None, **k):
+                    if str(dir).startswith(str(ro)):
+                        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+                    return real_mkstemp(*a, dir=dir, **k)
+
+                monkeypatch.setattr("tempfile.mkstemp", mkstemp)
+        print("read-only output:", "tmpfs mounted ro" if mounted else "chmod 555 / simulated")
+        assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / "plan_src.json", "-o", ro / "q", "--streaming", "-q"),
+                             str(ro), "-o")
+        assert_clean_failure(cli("plan", ws / "src", "--avg-bits", "2.5", "--group-size", "32", "-q", "-o", ro / "plan.json"), str(ro / "plan.json"))
+        assert sorted(os.listdir(ro)) == []
+    finally:
+        if mounted:
+            _umount(ro)
+        else:
+            ro.chmod(0o755)
+
+
+def test_full_disk_then_resume(ws, monkeypatch, tmp_path):
+    """ENOSPC midway: one clear error, no temp file, no index, finished shards intact; after space is freed the
+    same command resumes and gives the bytes of a run that never failed."""
+    src = tmp_path / "big"
+    write_mixtral(src, num_layers=4, hidden=128, inter=256, experts=8)
+    r = cli("plan", src, "--avg-bits", "2.5", "--group-size", "32", "-q", "-o", tmp_path / "plan.json")
+    assert r.exit_code == 0, r.output
+    ref = quantize_checkpoint(src, tmp_path / "plan.json", tmp_path / "ref", progress=False)
+    total = sum(p.stat().st_size for p in ref.iterdir())
+    disk = tmp_path / "disk"
+    mounted = _mount_tmpfs(disk, f"size={total // 2}")
+    try:
+        if not mounted:  # simulate: the third shard write hits a full disk
+            import moe_export.io as mio
+
+            real, calls = mio.save_safetensors, []
+
+            def full(tensors, path, metadata=None):
+                calls.append(path)
+                if len(calls) == 3:
+                    with mio.atomic_path(path) as tmp:
+                        tmp.write_bytes(b"x" * 100)
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real(tensors, path, metadata)
+
+            monkeypatch.setattr(mio, "save_safetensors", full)
+        print("full disk:", f"tmpfs of {total // 2} bytes" if mounted else "simulated ENOSPC on the third shard")
+        out = disk / "q"
+        args = ("quantize", src, "--plan", tmp_path / "plan.json", "-o", out, "--streaming", "-q")
+        msg = assert_clean_failure(cli(*args), "No space left on device", "rerun the same command")
+        assert "model-" in msg  # names the shard it was writing
+        left = sorted(p.name for p in out.iterdir())
+        assert left and all(n.startswith("model-0") for n in left), left  # no .tmp, no index
+        from safetensors import safe_open
+
+        for n in left:  # what is there is complete
+            with safe_open(str(out / n), framework="pt") as f:
+                for k in f.keys():
+                    f.get_tensor(k)
+        if mounted:
+            subprocess.run(["mount", "-o", f"remount,size={4 * total}", str(disk)], check=True)
+        else:
+            monkeypatch.undo()
+        res = cli(*args)
+        assert res.exit_code == 0, res.output
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in ref.iterdir()}
+    finally:
+        if mounted:
+            _umount(disk)
+
+
+# ------------------------------------------------------------------------------------------------- fuzz
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 300) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = [("format",), ("version",), ("model",), ("model", "router_sha256"), ("target_avg_bits",), ("levels",),
+           ("quantizer",), ("quantizer", "name"), ("quantizer", "group_size"), ("quantizer", "symmetric"), ("layers",),
+           ("layers", 0), ("layers", 0, "name"), ("layers", 0, "bits"), ("layers", 0, "bits", 1), ("layers", 0, "num_experts"),
+           ("layers", 0, "in_dims"), ("non_expert",), ("non_expert", "attention"), ("provenance",)]
+
+
+def _valid_plan_dict() -> dict:
+    return {"format": "moe_export.bitplan", "version": 1,
+            "model": {"name": "m", "architecture": "MixtralForCausalLM", "router_sha256": ""},
+            "target_avg_bits": 2.5, "levels": [3, 2], "quantizer": {"name": "rtn", "group_size": 32, "symmetric": False},
+            "layers": [{"name": "model.layers.0.mlp", "num_experts": 4, "bits": [3, 2, 3, 2], "in_dims": [64, 128]}],
+            "non_expert": {"attention": "float"}, "provenance": {}}
+
+
+def _loads_or_bitplan_error(text: str) -> None:
+    try:
+        plan = BitPlan.from_json(text, source="fuzz.json")
+    except BitPlanError as err:
+        assert str(err).startswith("fuzz.json: "), err  # names the file
+        return
+    plan.validate()
+    assert BitPlan.from_json(plan.to_json()).to_json() == plan.to_json()  # what loads, round-trips
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=_json)
+def test_fuzz_bitplan_loader_arbitrary_json(doc):
+    _loads_or_bitplan_error(json.dumps(doc))
+
+
+@settings(max_examples=200, deadline=None)
+@given(field=st.sampled_from(_FIELDS), value=_json, delete=st.booleans())
+def test_fuzz_bitplan_loader_mutated_plan(field, value, delete):
+    d = _valid_plan_dict()
+    node = d
+    for k in field[:-1]:
+        node = node[k]
+    if delete and isinstance(node, dict):
+        node.pop(field[-1], None)
+    else:
+        node[field[-1]] = value
+    _loads_or_bitplan_error(json.dumps(d))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_cli_arguments(ws, data):
+    """Any mix of known options and junk values: exit 0, 1 or 2 with a message, never a traceback."""
+    sub = data.draw(st.sampled_from(["plan", "quantize"]))
+    values = st.sampled_from(["2.5", "3", "0", "-1", "9", "3,2", "3,,2", "x", "none", "32", "48", "", "1e9", "nan",
+                              str(ws / "src"), str(ws / "plan_src.json"), str(ws / "nope")])
+    if sub == "plan":
+        opts = ["--avg-bits", "--levels", "--method", "--group-size", "--zeta", "--seed", "--reference", "--quantizer"]
+        args = ["plan", str(ws / "src"), "-q", "-o", str(ws / "fuzz" / "p.json")]
+    else:
+        opts = ["--plan", "--quantizer", "--calib-tokens"]
+        args = ["quantize", str(ws / "src"), "--streaming", "-q", "-o", str(ws / "fuzz" / "q")]
+    for _ in range(data.draw(st.integers(0, 4))):
+        args += [data.draw(st.sampled_from(opts)), data.draw(values)]
+    if data.draw(st.booleans()):
+        args.insert(data.draw(st.integers(1, len(args))), data.draw(values))
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code in (0, 1, 2), (args, res.output)
+    assert res.exception is None or isinstance(res.exception, SystemExit), (args, repr(res.exception))
+    if res.exit_code:
+        assert "Error" in res.output or "Usage" in res.output, (args, res.output)
+    shutil.rmtree(ws / "fuzz", ignore_errors=True)
