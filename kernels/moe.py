@@ -11,9 +11,15 @@ The choice depends on shapes only, so ``torch.compile`` guards on it instead of 
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from moe_export.kernels import ops  # noqa: F401  (registers torch.ops.moe_export.*)
+
+if importlib.util.find_spec("triton") is None:
+    # moe_export.experts imports this for CUDA tensors and falls back to its plain-torch path on ImportError
+    raise ImportError("moe_export.kernels.moe needs triton for its CUDA kernels: pip install 'triton==3.9.0'")
 
 # Pairs (tokens * top_k) up to which one GEMV per pair beats sorting into grouped-GEMM tiles: below
 # 16 rows a tensor-core tile is mostly padding.

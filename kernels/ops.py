@@ -49,9 +49,11 @@ def validate(op: str, x, index, packed, scales, zeros, bits, expert_bits, slot, 
         if index.shape[0] != want:
             _fail(op, f"{index_name} must have {what} ({want}), got {index.shape[0]}")
     else:  # symbolic sizes while tracing with dynamic shapes: a runtime assert, not a guard
-        torch._check(index.shape[0] == want, lambda: f"moe_export::{op}: {index_name} must have {what} ({want}), got {index.shape[0]}")
+        torch._check(index.shape[0] == want,
+                     lambda: f"moe_export::{op}: {index_name} must have {what} ({want}), got {index.shape[0]}")
     if not (len(packed) == len(scales) == len(zeros) == len(bits)) or not packed:
-        _fail(op, f"packed/scales/zeros/bits must be non-empty lists of one length, got {len(packed)}/{len(scales)}/{len(zeros)}/{len(bits)}")
+        _fail(op, "packed/scales/zeros/bits must be non-empty lists of one length, got "
+                  f"{len(packed)}/{len(scales)}/{len(zeros)}/{len(bits)}")
     if len(set(bits)) != len(bits):
         _fail(op, f"each width must appear once in bits, got {list(bits)}")
     n = packed[0].shape[1] if packed[0].dim() == 3 else None
@@ -61,13 +63,16 @@ def validate(op: str, x, index, packed, scales, zeros, bits, expert_bits, slot, 
         if b not in range(1, 9):
             _fail(op, f"bit widths must be in 1..8, got {b}")
         if p.dtype != torch.uint8 or p.dim() != 3 or p.shape[1] != n or p.shape[2] * 8 != k * b:
-            _fail(op, f"packed ({b}-bit) must be uint8 [E_b, N={n}, K*b/8={k * b // 8}], got {p.dtype} {tuple(p.shape)}")
+            _fail(op, f"packed ({b}-bit) must be uint8 [E_b, N={n}, K*b/8={k * b // 8}], "
+                      f"got {p.dtype} {tuple(p.shape)}")
         if s.dtype != torch.float16 or s.dim() != 3 or tuple(s.shape[:2]) != tuple(p.shape[:2]):
-            _fail(op, f"scales ({b}-bit) must be float16 [E_b={p.shape[0]}, N={n}, K/g], got {s.dtype} {tuple(s.shape)}")
+            _fail(op, f"scales ({b}-bit) must be float16 [E_b={p.shape[0]}, N={n}, K/g], "
+                      f"got {s.dtype} {tuple(s.shape)}")
         if s.shape[2] == 0 or k % s.shape[2]:
             _fail(op, f"scales ({b}-bit) have {s.shape[2]} groups per row, which does not divide K = {k}")
         if z is not None and (z.dtype != torch.float16 or z.shape != s.shape):
-            _fail(op, f"zeros ({b}-bit) must be None or float16 of the scales' shape {tuple(s.shape)}, got {z.dtype} {tuple(z.shape)}")
+            _fail(op, f"zeros ({b}-bit) must be None or float16 of the scales' shape {tuple(s.shape)}, "
+                      f"got {z.dtype} {tuple(z.shape)}")
         if p.device != device or s.device != device or (z is not None and z.device != device):
             _fail(op, f"the {b}-bit group is on {p.device} but x is on {device}")
         groups_total += p.shape[0]
@@ -93,13 +98,15 @@ def mixed_width_gather_mm(
     expert_bits: torch.Tensor,  # [E]
     slot: torch.Tensor,  # [E]
 ) -> torch.Tensor:  # [S, N]
-    validate("mixed_width_gather_mm", x, expert_ids, packed, scales, zeros, bits, expert_bits, slot, index_name="expert_ids")
+    validate("mixed_width_gather_mm", x, expert_ids, packed, scales, zeros, bits, expert_bits, slot,
+             index_name="expert_ids")
     return reference.gather_mm(x, expert_ids, packed, scales, zeros, bits, expert_bits, slot)
 
 
 @mixed_width_gather_mm.register_kernel("cuda")
 def _gather_mm_cuda(x, expert_ids, packed, scales, zeros, bits, expert_bits, slot):
-    validate("mixed_width_gather_mm", x, expert_ids, packed, scales, zeros, bits, expert_bits, slot, index_name="expert_ids")
+    validate("mixed_width_gather_mm", x, expert_ids, packed, scales, zeros, bits, expert_bits, slot,
+             index_name="expert_ids")
     from moe_export.kernels import mixed_width_matmul as mwm
 
     x, packed, scales, zeros = _contiguous(x, packed, scales, zeros)
@@ -108,7 +115,8 @@ def _gather_mm_cuda(x, expert_ids, packed, scales, zeros, bits, expert_bits, slo
 
 @mixed_width_gather_mm.register_fake
 def _gather_mm_fake(x, expert_ids, packed, scales, zeros, bits, expert_bits, slot):
-    validate("mixed_width_gather_mm", x, expert_ids, packed, scales, zeros, bits, expert_bits, slot, index_name="expert_ids")
+    validate("mixed_width_gather_mm", x, expert_ids, packed, scales, zeros, bits, expert_bits, slot,
+             index_name="expert_ids")
     return x.new_empty(x.shape[0], packed[0].shape[1])
 
 

@@ -70,6 +70,16 @@ def _not_available(name):
 @click.version_option(package_name="moe-export")
 def main():
     """Per-expert mixed-precision quantization and export of Mixture-of-Experts models."""
+    _quiet_library_warnings()
+
+
+def _quiet_library_warnings():
+    # Import-time notices from the stack that say nothing about the user's run: torchao's optional CUDA
+    # extensions on a CPU build, a pytree deprecation inside torchao, onnx's optional torchvision ops.
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,12 @@ Registered with ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``; a quant
 with ``model.set_experts_implementation("moe_export_mixed")`` (``quantize_`` does this). Three formulations,
 picked from static facts (shapes, compile state), never from routing values:
 
-* ``routed_gather`` (few token-expert pairs, e.g. decode; static, what ``torch.export`` traces): per width
+* ``routed_loop`` (eager): loop over the experts that received tokens, dequantize each once, one float
+  matmul for its tokens: exactly the routed work, data-dependent, so eager only.
+* ``routed_gather`` (compiled, few token-expert pairs, e.g. decode; static, exportable): per width
   group, gather the packed bytes of the routed experts (a dummy slot where the pair's expert has another
   width), multiply by ``packed_matvec`` (unpack + dequantize fused into the reduction), keep the rows
   whose width matches, and sum over the groups.
-* ``routed_loop`` (eager, many pairs): loop over the experts that received tokens, dequantize each once,
-  one float matmul for its tokens: exactly the routed work, data-dependent, so eager only.
 * ``dense_groups`` (compiled, many pairs): per width group dequantize the group once and run its experts
   on every token, weighted by the routing matrix (zero for unrouted pairs). Static shapes, float GEMMs.
 """
@@ -136,12 +136,12 @@ def mixed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             return cuda_forward(self, hidden_states, top_k_index, top_k_weights)
     # --- end of dispatch point ---
 
-    pairs = top_k_index.numel()
-    if pairs <= GATHER_MAX_PAIRS:
+    if not torch.compiler.is_compiling():
+        # eager: the fused mat-vec is one big broadcast expression, only fast once inductor fuses it
+        return routed_loop(self, hidden_states, top_k_index, top_k_weights)
+    if top_k_index.numel() <= GATHER_MAX_PAIRS:
         return routed_gather(self, hidden_states, top_k_index, top_k_weights)
-    if torch.compiler.is_compiling():
-        return dense_groups(self, hidden_states, top_k_index, top_k_weights)
-    return routed_loop(self, hidden_states, top_k_index, top_k_weights)
+    return dense_groups(self, hidden_states, top_k_index, top_k_weights)
 
 
 def _cuda_forward():

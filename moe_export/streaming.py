@@ -307,6 +307,7 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
     dtype = _dtype(cfg)
     gs, sym = plan.quantizer.group_size, plan.quantizer.symmetric
 
+    _fixed_mmap_threshold()
     created = not out.exists()
     written: list[Path] = []
     try:
@@ -332,6 +333,7 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
             _write_shard(path, tensors, meta)
             written.append(path)
             del state, tensors
+            _trim_heap()
         if barrier is not None:
             barrier()
         if rank == 0:
@@ -350,6 +352,31 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
             raise StreamingError(f"{err.strerror or err}; pick another -o or fix its permissions") from None
         raise
     return out
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _fixed_mmap_threshold() -> None:
+    # glibc raises its mmap threshold each time a large block is freed, after which an expert's MB-sized
+    # temporaries come from the heap, interleave with the small packed outputs kept, and cannot be given
+    # back: measured +40% peak RSS over a layer. A fixed threshold (M_MMAP_THRESHOLD = -3) keeps them mmapped.
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 256 * 1024)
+
+
+def _trim_heap() -> None:
+    # what the heap still holds after a unit would otherwise add to the next unit's peak
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _index_fingerprint(out: Path) -> str | None:

@@ -126,8 +126,8 @@ def test_zoo_tiny_at_2_5_bits_parity_memory_and_bits_per_byte(tiny_zoo_dir):
     q_logits = _logits(model, x)
     sqnr = 10 * torch.log10(float_logits.pow(2).mean() / (float_logits - q_logits).pow(2).mean()).item()
     q_bpb = bits_per_byte(logits_fn_for(model), tok, ids, 64, progress=False)["bits_per_byte"]
-    # measured on tiny-s0: logits SQNR ~SQNR_DB dB, bpb float ~FLOAT / quantized ~Q (see report); loose bounds
-    # that a broken packing (SQNR < 5 dB, bpb blown up) would fail
-    assert sqnr > 8, f"zoo tiny logits SQNR vs float {sqnr:.2f} dB"
-    assert float_bpb < q_bpb < float_bpb * 1.5, f"bits per byte float {float_bpb:.4f}, 2.5-bit RTN {q_bpb:.4f}"
+    # measured on tiny-s0 (python-stdlib test split, 1024 tokens): logits SQNR 17.72 dB, bits per byte
+    # float 2.8928 -> 2.5-bit RTN 2.9110
+    assert sqnr > 15, f"zoo tiny logits SQNR vs float {sqnr:.2f} dB"
+    assert float_bpb < q_bpb < float_bpb * 1.05, f"bits per byte float {float_bpb:.4f}, 2.5-bit RTN {q_bpb:.4f}"
     print(f"zoo tiny: logits SQNR {sqnr:.2f} dB, bpb float {float_bpb:.4f} -> 2.5-bit RTN {q_bpb:.4f}")

@@ -104,9 +104,15 @@ def _fake_zoo():
                                                           "final_norm": [1.0, 2.0, 3.0, 4.0 + seed],
                                                           "pretrained_norm": [1.0, 2.0, 3.0, 4.0]}},
                         "points": points}
+    ctrl = {"finetune": {"model.layers.0.mlp": [0.1, 0.2, 0.3, 0.4]},
+            "repeat": {"model.layers.0.mlp": [0.1, 0.2, 0.3, 0.5]},
+            "control": {"model.layers.0.mlp": [0.4, 0.3, 0.2, 0.1]},
+            "spearman": {"repeat": {"model.layers.0.mlp": 1.0}, "control": {"model.layers.0.mlp": -1.0}}}
+    runs = [run(0), run(1)]
+    runs[0]["controls"] = ctrl
     return {"sweep": {"seeds": [0, 1], "methods": ["router", "router+maxvar", "random", "uniform"], "eval_tokens": 64,
                       "random_seeds": [0], "calib_tokens": 64},
-            "runs": [run(0), run(1)], "rank_stability": {"tiny/change": [0.4]}, "wall_s": 1.0}
+            "runs": runs, "rank_stability": {"tiny/change": [0.4]}, "wall_s": 1.0}
 
 
 def test_zoo_section_and_plot(results, tmp_path):
@@ -119,6 +125,8 @@ def test_zoo_section_and_plot(results, tmp_path):
     assert "router-norm: **reproduced** (better in 8/8 comparisons)" in z
     assert "| tiny | finetune | {3,2} | router-norm | +0.0500 [2/2] |" in z
     assert "tiny/change: mean +0.40 over 1 pairs" in z
+    assert "| tiny | 0 | model.layers.0.mlp | +1.00 | -1.00 | 0.250 / 0.275 / 0.250 |" in z
+    assert "Mean ρ: repeat +1.00 (1 layers), control -1.00" in z and "**Verdict: reproduced** (rule: the change" in z
 
 
 def test_spearman_and_group_size():

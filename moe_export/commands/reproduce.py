@@ -23,7 +23,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--routing", "routings", multiple=True, type=click.Choice(["token_choice", "expert_choice"]),
               help="Routing(s) of the synthetic MoE (default: both).")
 @click.option("--zoo/--no-zoo", default=True, show_default=True, help="Also run the sweep on zoo models.")
-@click.option("--zoo-models", default="tiny", show_default=True, help="Zoo entries, comma-separated.")
+@click.option("--zoo-models", default="tiny", show_default=True,
+              help="Zoo entries, comma-separated; NAME@S1+S2 gives that entry its own build seeds (e.g. tiny,tiny-switch@0).")
 @click.option("--zoo-seeds", default=None, help="Zoo build seeds, comma-separated (default: 0 with --quick, 0,1,2).")
 @click.option("--from-json", "from_json", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Rebuild the report from a saved results-synthetic.json without rerunning the synthetic task.")
@@ -38,7 +39,13 @@ def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_js
     torch.set_num_threads(threads)
     seed_t = _ints(seeds, "--seeds") if seeds else None
     zoo_seed_t = _ints(zoo_seeds, "--zoo-seeds") if zoo_seeds else None
-    models = tuple(m.strip() for m in zoo_models.split(",") if m.strip())
+    models, model_seeds = [], {}
+    for spec in (m.strip() for m in zoo_models.split(",") if m.strip()):
+        name, _, seeds_txt = spec.partition("@")
+        models.append(name)
+        if seeds_txt:
+            model_seeds[name] = _ints(seeds_txt.replace("+", ","), "--zoo-models")
+    models = tuple(models)
     if zoo and not zoo_json:
         from moe_export.zoo.registry import ENTRIES
 
@@ -71,7 +78,7 @@ def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_js
         zoo_results = report.load_results(zoo_json)
     elif zoo:
         zs = zoo_sweep.QUICK if quick else zoo_sweep.FULL
-        zs = replace(zs, models=models, **({"seeds": zoo_seed_t} if zoo_seed_t else {}))
+        zs = replace(zs, models=models, model_seeds=model_seeds, **({"seeds": zoo_seed_t} if zoo_seed_t else {}))
         from moe_export.zoo.tokenizer import moe_export_home
 
         # finished (model, seed) records are kept outside the repo so an interrupted sweep resumes

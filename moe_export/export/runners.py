@@ -58,7 +58,10 @@ class PteRunner(StepRunner):
         import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed kernels, if a graph uses them)
         from executorch.runtime import Runtime
 
-        program = Runtime.get().load_program(path if isinstance(path, bytes) else str(path))
+        # The runtime reads a bytes program in place: keep the bytes alive as long as the runner.
+        self._data = path if isinstance(path, bytes) else None
+        program = Runtime.get().load_program(self._data if self._data is not None else str(path))
+        self._program = program
         self.method = program.load_method("forward")
         if cache_shape is None:
             meta = self.method.metadata

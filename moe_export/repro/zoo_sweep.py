@@ -42,6 +42,11 @@ class ZooSweep:
     # "pretrain-only": plan the pre-trained model, router score = final norm (paper's Mixtral setting),
     # evaluated on the pre-training corpus.
     settings: tuple[str, ...] = ("finetune", "pretrain-only")
+    controls: bool = True  # the repeat and same-domain control fine-tunes (see control_finetunes)
+    model_seeds: dict = field(default_factory=dict)  # name -> seeds, overriding `seeds` for that model
+
+    def seeds_for(self, name: str) -> tuple[int, ...]:
+        return tuple(self.model_seeds.get(name, self.seeds))
 
     def grid(self, level_set: str) -> tuple[list[int], list[float]]:
         levels, grid = LEVEL_SETS[level_set]
@@ -78,6 +83,38 @@ def router_scores(model_dir) -> dict:
         n_ft, n_pre = a.router_weight.norm(dim=1), b.router_weight.norm(dim=1)
         out[a.name] = {"change": (n_ft - n_pre).tolist(), "abs_change": (n_ft - n_pre).abs().tolist(),
                        "final_norm": n_ft.tolist(), "pretrained_norm": n_pre.tolist()}
+    return out
+
+
+def control_finetunes(name: str, seed: int, progress: bool = True) -> dict:
+    """Router-norm change of two extra fine-tunes from the same pre-trained checkpoint, same step count:
+    the fine-tune task again with another data order (the signal should repeat) and a same-domain control
+    that continues on the pre-training corpus (generic drift). Spearman against the build's fine-tune."""
+    import tempfile
+    from dataclasses import replace as dc_replace
+    from pathlib import Path
+
+    from moe_export.models import find_moe_layers
+    from moe_export.zoo import build
+    from moe_export.zoo.data import token_stream
+    from moe_export.zoo.registry import get_entry
+    from moe_export.zoo.train import load, train_stage
+
+    entry = get_entry(name)
+    folder = build(name, seed=seed, progress=progress)
+    base = router_scores(folder)
+    out = {"finetune": {k: v["change"] for k, v in base.items()}}
+    runs = {"repeat": (entry.finetune, seed + 3000), "control": (dc_replace(entry.finetune, corpus=entry.pretrain.corpus), seed + 2000)}
+    for key, (spec, stage_seed) in runs.items():
+        model, tok = load(folder, which="pretrained")
+        pre = {l.name: l.router_weight.norm(dim=1).clone() for l in find_moe_layers(model)}
+        with tempfile.TemporaryDirectory() as tmp:
+            stats = train_stage(model, entry.arch, token_stream(tok, spec.corpus, "train"), spec, entry.seq_len,
+                                stage_seed, Path(tmp) / "state.pt", desc=f"{name} s{seed} {key}", progress=progress)
+        out[key] = {l.name: (l.router_weight.norm(dim=1) - pre[l.name]).tolist() for l in find_moe_layers(model)}
+        out[f"{key}_final_loss"] = stats["final_loss"]
+    out["spearman"] = {key: {layer: spearman(out["finetune"][layer], out[key][layer]) for layer in out["finetune"]}
+                       for key in runs}
     return out
 
 
@@ -143,17 +180,29 @@ def run_zoo(sweep: ZooSweep, progress: bool = True, cache_dir=None) -> dict:
 
     t0 = time.perf_counter()
     runs = []
+    # what a record depends on (not which records are asked for)
+    identity = lambda d: {k: v for k, v in d.items() if k not in ("controls", "models", "seeds", "model_seeds")}
     for name in sweep.models:
-        for seed in sweep.seeds:
+        for seed in sweep.seeds_for(name):
+            key = identity(json.loads(json.dumps(sweep.to_dict())))
             cached = Path(cache_dir) / f"{name}-s{seed}.json" if cache_dir else None
+            rec = None
             if cached is not None and cached.exists():
                 saved = json.loads(cached.read_text())
-                if saved.get("sweep") == json.loads(json.dumps(sweep.to_dict())):
-                    runs.append(saved["run"])
-                    continue
-            rec = run_model(sweep, name, seed, progress)
-            if cached is not None:
-                atomic_write_json(cached, {"sweep": sweep.to_dict(), "run": rec})
+                if identity(saved.get("sweep", {})) == key:
+                    rec = saved["run"]
+            if rec is None:
+                rec = run_model(sweep, name, seed, progress)
+                if cached is not None:
+                    atomic_write_json(cached, {"sweep": key, "run": rec})
+            if sweep.controls:
+                ccache = Path(cache_dir) / f"{name}-s{seed}-controls.json" if cache_dir else None
+                if ccache is not None and ccache.exists():
+                    rec["controls"] = json.loads(ccache.read_text())
+                else:
+                    rec["controls"] = control_finetunes(name, seed, progress)
+                    if ccache is not None:
+                        atomic_write_json(ccache, rec["controls"])
             runs.append(rec)
     stability = {}
     for name in sweep.models:

@@ -149,7 +149,7 @@ def packed_linear(
     matvec_max_rows: int = 4,
 ) -> torch.Tensor:  # [..., N]
     rows = x.numel() // k
-    if rows <= matvec_max_rows:
+    if rows <= matvec_max_rows and torch.compiler.is_compiling():  # eager: dequantize + BLAS is faster
         x2 = x.reshape(rows, k)  # [R, K]
         n = packed.shape[0]
         out = packed_matvec(
