@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_export.io import CheckpointError, atomic_path, atomic_write_text
+from moe_export.io import CheckpointError, atomic_path, atomic_write_text, save_safetensors
 
 FORMAT = "moe_export.quantized"
 VERSION = "1"
@@ -57,7 +57,6 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, plan=None, toke
     ``plan`` defaults to ``model.moe_export_plan``. Tokenizer: ``tokenizer.save_pretrained`` if given,
     else the tokenizer files found in ``source_dir``.
     """
-    from safetensors.torch import save_file
 
     classes = tuple(_subclasses().values())
     plan = plan if plan is not None else getattr(model, "moe_export_plan", None)
@@ -90,8 +89,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, plan=None, toke
             tensors[k] = t.clone()
         seen.add(key)
     metadata = {"format": FORMAT, "version": VERSION, "bitplan": plan.to_json(), "quantized": json.dumps(quantized)}
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    # sorted header (safetensors' save_file orders metadata by hash): a rerun writes the same bytes
+    save_safetensors({k: v.cpu() for k, v in tensors.items()}, out / WEIGHTS_NAME, metadata)
     plan.save(out / PLAN_NAME)
 
     cfg = model.config.to_dict()

@@ -36,8 +36,9 @@ def hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "SwitchTransformersForConditionalGeneration"])
-def test_streamed_checkpoint_equals_in_memory_quantize(tmp_path, arch):
+@pytest.mark.parametrize("arch,quantizer", [("MixtralForCausalLM", "rtn"), ("MixtralForCausalLM", "hqq"),
+                                            ("Qwen2MoeForCausalLM", "rtn"), ("SwitchTransformersForConditionalGeneration", "rtn")])
+def test_streamed_checkpoint_equals_in_memory_quantize(tmp_path, arch, quantizer):
     """Streamed shards load (through checkpoint.load_quantized) into the same packed model as quantize_."""
     from moe_export.api import MoEQuantConfig, quantize_
 
@@ -47,10 +48,11 @@ def test_streamed_checkpoint_equals_in_memory_quantize(tmp_path, arch):
                      progress=False)
     if arch == "Qwen2MoeForCausalLM":  # a non-expert role at a width, too
         plan.non_expert["shared_experts"] = {"bits": 8, "group_size": 32, "symmetric": True}
-    quantize_checkpoint(tmp_path / "src", BitPlan.from_json(plan.to_json()), tmp_path / "q", progress=False)
+    quantize_checkpoint(tmp_path / "src", BitPlan.from_json(plan.to_json()), tmp_path / "q", quantizer, progress=False)
     streamed = load_quantized(tmp_path / "q")
 
-    ref = quantize_(tiny_random_model(arch, seed=1), MoEQuantConfig(BitPlan.from_json(plan.to_json())), progress=False)
+    ref = quantize_(tiny_random_model(arch, seed=1), MoEQuantConfig(BitPlan.from_json(plan.to_json()), quantizer),
+                    progress=False)
     save_quantized(ref, tmp_path / "d")
     ref = load_quantized(tmp_path / "d")
     a, b = dict(streamed.named_parameters()), dict(ref.named_parameters())
@@ -191,3 +193,18 @@ def test_plan_and_quantize_stream_under_a_memory_cap(tmp_path):
     for what, (before, peak) in result.items():
         assert peak - before <= cap, "\n".join(lines)
     assert (tmp_path / "q" / INDEX).is_file()
+
+
+def test_in_memory_quantize_rerun_is_byte_identical(tmp_path):
+    """The non-streaming path (checkpoint.save_quantized) writes the same bytes when the command is rerun."""
+    tiny_random_model("MixtralForCausalLM", seed=2).save_pretrained(tmp_path / "src")
+    make_plan(tmp_path / "src", PlanConfig(avg_bits=2.5, levels=[3, 2], group_size=32), progress=False).save(
+        tmp_path / "plan.json")
+    runs = []
+    for out in ("a", "b"):
+        res = CliRunner().invoke(main, ["quantize", str(tmp_path / "src"), "--plan", str(tmp_path / "plan.json"),
+                                        "-o", str(tmp_path / out), "--no-streaming", "-q"])
+        assert res.exit_code == 0, res.output
+        runs.append(hashes(tmp_path / out))
+    assert runs[0] == runs[1]
+    assert "model.safetensors" in runs[0]

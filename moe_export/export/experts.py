@@ -21,7 +21,7 @@ import torch.nn as nn
 from moe_export.quant.base import QuantizedWeight, symmetric_zero
 from moe_export.quant.packing import pack
 
-_LIB = torch.library.Library("moe_export", "DEF")
+_LIB = torch.library.Library("moe_export", "FRAGMENT")  # other modules define ops in this namespace too
 _LIB.define("gather_dequant(Tensor packed, Tensor scale, Tensor? zero, Tensor index, Tensor lut, int bits, int k) -> Tensor")
 # Same, with integer zero points stored as packed b-bit codes (uint8 [E, N, ceil(G*b/8)]): the layout of
 # onnxruntime's GatherBlockQuantized, which the ONNX exporter maps this op to.

@@ -20,26 +20,28 @@ from moe_export.quant.packing import _check
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Same result as ``packing.unpack`` written with pointwise ops only (no reduction), so inductor
-    fuses the unpack into whatever consumes it. ``uint8 [..., K*b/8] -> uint8 [..., K]``."""
+    """Same result as ``packing.unpack``, in uint8 arithmetic with pointwise ops only (no reduction, no
+    widening), so eager moves a quarter of the bytes and inductor fuses the unpack into its consumer.
+    ``uint8 [..., K*b/8] -> uint8 [..., K]``."""
     _check(k, bits)
     if bits == 8:
         return packed
     lead = packed.shape[:-1]
+    mask = (1 << bits) - 1
     if bits in (1, 2, 4):
         per_byte = 8 // bits  # values never straddle a byte
-        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
-        v = (packed.reshape(*lead, k // per_byte, 1).to(torch.int32) >> shifts) & ((1 << bits) - 1)
-        return v.to(torch.uint8).reshape(*lead, k)
-    # 8 values fill `bits` bytes exactly; rebuild that little-endian word, then cut it into 8 values
-    wide = torch.int32 if bits <= 3 else torch.int64
-    chunks = packed.reshape(*lead, k // 8, bits).to(wide)  # [..., K/8, b]
-    word = chunks[..., 0:1]
-    for i in range(1, bits):
-        word = word | (chunks[..., i : i + 1] << (8 * i))  # [..., K/8, 1]
-    shifts = torch.arange(8, device=packed.device, dtype=wide) * bits
-    v = (word >> shifts) & ((1 << bits) - 1)  # [..., K/8, 8]
-    return v.to(torch.uint8).reshape(*lead, k)
+        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+        return ((packed.reshape(*lead, k // per_byte, 1) >> shifts) & mask).reshape(*lead, k)
+    # 8 values fill `bits` bytes; value p spans at most two of them
+    planes = packed.reshape(*lead, k // 8, bits)  # [..., K/8, b]
+    vals = []
+    for p in range(8):
+        lo, sh = divmod(p * bits, 8)
+        v = planes[..., lo] >> sh
+        if sh + bits > 8:
+            v = v | (planes[..., lo + 1] << (8 - sh))  # uint8 wrap drops bits above the value anyway
+        vals.append(v & mask)
+    return torch.stack(vals, -1).reshape(*lead, k)
 
 
 def _zero(zero: torch.Tensor | None, scale: torch.Tensor, bits: int) -> torch.Tensor:

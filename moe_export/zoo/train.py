@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moe_export.io import atomic_path, atomic_write_json
+from moe_export.io import atomic_path, atomic_write_json, atomic_write_text
 from moe_export.zoo.data import bigram_bits_per_byte, byte_bigram_bits_per_byte, load_corpus, random_windows, token_stream
 from moe_export.zoo.registry import Entry, TrainSpec, get_entry
 from moe_export.zoo.tokenizer import get_tokenizer, moe_export_home, token_bytes
@@ -255,7 +255,7 @@ def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, th
     if force or not stamp.exists() or stamp.read_text() != fp:
         shutil.rmtree(state)
         state.mkdir(parents=True)
-        stamp.write_text(fp)
+        atomic_write_text(stamp, fp)
     t_start = time.perf_counter()
     with _threads(threads):
         tok, tok_dir = get_tokenizer(entry.vocab_size, entry.corpora)

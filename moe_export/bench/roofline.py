@@ -1,0 +1,83 @@
+"""Memory-bandwidth roofline of one decoded token.
+
+A decode step reads every weight it uses once; at batch 1 that costs far more than the arithmetic, so
+``bytes read / bandwidth`` is the fastest a step can be on this machine. The bandwidth is measured in the
+same run (one thread, like every timed variant), as the best of a few large copies and reductions.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+
+from moe_export.quant.base import theoretical_bytes
+
+
+def measure_bandwidth(mbytes: int = 256, reps: int = 5) -> dict[str, float]:
+    """GB/s of a ``mbytes`` copy (read + write counted) and sum (read only); best of ``reps``."""
+    n = mbytes * (1 << 20) // 4
+    a = torch.ones(n)
+    b = torch.empty(n)
+    copy_s, sum_s = [], []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        copy_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        a.sum()
+        sum_s.append(time.perf_counter() - t0)
+    nbytes = n * 4
+    copy_gbs = 2 * nbytes / min(copy_s[1:]) / 1e9
+    sum_gbs = nbytes / min(sum_s[1:]) / 1e9
+    return {"copy_GBps": copy_gbs, "sum_GBps": sum_gbs, "GBps": max(copy_gbs, sum_gbs), "buffer_MB": mbytes}
+
+
+def _expert_bytes_per_expert(block, plan_bits: list[int] | None, group_size, symmetric) -> list[float]:
+    ex = block.experts
+    gu, down = ex.gate_up_proj, ex.down_proj  # [E, 2I, H], [E, H, I]
+    E = gu.shape[0]
+    if plan_bits is None:
+        return [float((gu[0].numel() + down[0].numel()) * 4)] * E
+    out = []
+    for e in range(E):
+        b = plan_bits[e]
+        out.append(theoretical_bytes(gu.shape[1], gu.shape[2], b, group_size, symmetric)
+                   + theoretical_bytes(down.shape[1], down.shape[2], b, group_size, symmetric))
+    return out
+
+
+def bytes_per_decoded_token(float_model: nn.Module, plan=None) -> dict[str, float]:
+    """Weight bytes one decoded token reads: ``top_k`` routed experts per layer (mean over the layer's experts,
+    i.e. uniform routing; packed by ``plan`` if given) + every non-expert weight except the embedding table,
+    of which one row is read. The static KV cache read is reported apart (``kv_cache``)."""
+    from moe_export.export.experts import moe_blocks
+
+    cfg = float_model.config
+    top_k = cfg.num_experts_per_tok
+    experts = 0.0
+    expert_ids = set()
+    for name, block in moe_blocks(float_model):
+        bits = None
+        if plan is not None:
+            bits = plan.bits_for(next(l.name for l in plan.layers if name.endswith(l.name) or l.name.endswith(name)))
+        per = _expert_bytes_per_expert(block, bits, plan.quantizer.group_size if plan else None,
+                                       plan.quantizer.symmetric if plan else False)
+        experts += top_k * sum(per) / len(per)
+        expert_ids.update({id(block.experts.gate_up_proj), id(block.experts.down_proj)})
+    emb = float_model.get_input_embeddings().weight
+    other = 0.0
+    seen = set(expert_ids)
+    for p in float_model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        other += p.element_size() * (p.shape[-1] if p is emb else p.numel())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"routed_experts": experts, "non_expert": other, "weights": experts + other,
+            "kv_cache_per_128": 2.0 * cfg.num_hidden_layers * cfg.num_key_value_heads * 128 * head_dim * 4}
+
+
+def limit_ms(nbytes: float, gbps: float) -> float:
+    return nbytes / (gbps * 1e9) * 1e3

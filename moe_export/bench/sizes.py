@@ -1,0 +1,28 @@
+"""On-disk size of every artifact against the theoretical packed size, and peak RSS while each one runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def disk_bytes(path: str | os.PathLike) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
+
+
+def peak_rss(kind: str, path: str | os.PathLike, steps: int = 16, timeout: float = 300) -> dict:
+    """Runs :mod:`moe_export.bench.rss` in a fresh process; ``{"error": ...}`` if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "moe_export.bench.rss", kind, str(path), "--steps", str(steps)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:200]}"}
+    return json.loads(lines[-1])
