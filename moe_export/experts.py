@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_export.tensors.functional import dequantize_packed, packed_matvec
+from moe_export.tensors.functional import packed_linear_experts, packed_matvec
 from moe_export.tensors.mixed_width_experts_tensor import MixedWidthExpertsTensor
 
 IMPLEMENTATION = "moe_export_mixed"
@@ -99,9 +99,8 @@ def dense_groups(self, hidden_states, top_k_index, top_k_weights):
     out = torch.zeros_like(hidden_states)
     for b in w_up.widths:
         members = [e for e, eb in enumerate(w_up.bit_widths) if eb == b]  # in slot order
-        wu = dequantize_packed(getattr(w_up, f"packed_{b}"), getattr(w_up, f"scale_{b}"),
-                               getattr(w_up, f"zero_{b}"), b, w_up.in_features, hidden_states.dtype)  # [E_b, 2I, H]
-        h = torch.einsum("th,enh->etn", hidden_states, wu)  # [E_b, T, 2I]
+        h = packed_linear_experts(hidden_states, getattr(w_up, f"packed_{b}"), getattr(w_up, f"scale_{b}"),
+                                  getattr(w_up, f"zero_{b}"), b)  # [E_b, T, 2I]
         if b_up is not None:
             h = h + b_up[members].unsqueeze(1)
         h = _gate(self, h)
@@ -109,9 +108,8 @@ def dense_groups(self, hidden_states, top_k_index, top_k_weights):
         db = [d.bit_widths[e] for e in members]
         if len(set(db)) != 1 or db[0] != b or d.slots != w_up.slots:
             raise ValueError("dense_groups needs gate_up_proj and down_proj of an expert at the same width")
-        wd = dequantize_packed(getattr(d, f"packed_{b}"), getattr(d, f"scale_{b}"), getattr(d, f"zero_{b}"), b,
-                               d.in_features, hidden_states.dtype)  # [E_b, H, I]
-        y = torch.einsum("eti,ehi->eth", h, wd)  # [E_b, T, H]
+        y = packed_linear_experts(h, getattr(d, f"packed_{b}"), getattr(d, f"scale_{b}"), getattr(d, f"zero_{b}"),
+                                  b)  # [E_b, T, H]
         if self.has_bias:
             y = y + self.down_proj_bias[members].unsqueeze(1)
         out = out + torch.einsum("eth,te->th", y, routing[:, members].to(y.dtype))

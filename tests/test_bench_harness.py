@@ -52,6 +52,32 @@ def test_bytes_per_decoded_token_counts_routed_experts():
     assert bw["GBps"] > 0 and math.isfinite(bw["GBps"])
 
 
+def test_run_bench_eager_only_writes_json_and_markdown(tmp_path):
+    """Default-suite version: eager runtimes, no export/compile/subprocesses (those are in the slow test)."""
+    from moe_export.bench.run import run_bench
+    from moe_export.model_configs import tiny_random_model
+
+    model = tiny_random_model("MixtralForCausalLM", num_layers=1)
+    res = run_bench(model, tmp_path, quick=True, reps=3, targets=(), compile=False, peers=False, offline=False, rss=False,
+                    progress=False, echo=lambda *_: None)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["settings"]["baseline"] == "float eager"
+    dec = data["latency"]["decode"]
+    assert set(dec) == {"float eager", "quantized eager"}
+    assert all(dec[n]["ms"] > 0 and dec[n]["n"] == 3 for n in dec)
+    assert dec["float eager"]["speedup_vs_baseline"] == pytest.approx(1.0)
+    assert data["latency"]["prefill"]["quantized eager"]["ms"] > 0
+    assert data["block"]["decode"]["quantized eager"]["ms"] > 0
+    assert 0 < dec["quantized eager"]["pct_of_roofline"]
+    sizes = {r["artifact"]: r for r in data["sizes"]}
+    q = sizes["quantized checkpoint"]
+    assert q["bytes"] < sizes["float HF checkpoint"]["bytes"] and q["vs_theoretical"] > 0.9
+    md = (tmp_path / "results.md").read_text()
+    assert "| quantized eager |" in md and "## Roofline" in md and "## Targets" in md
+    assert any("quantized checkpoint" in t["target"] for t in res["targets"])
+
+
+@pytest.mark.slow
 def test_run_bench_writes_json_and_markdown(tmp_path):
     from moe_export.bench.run import run_bench
     from moe_export.model_configs import tiny_random_model

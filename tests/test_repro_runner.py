@@ -123,7 +123,7 @@ def test_zoo_section_and_plot(results, tmp_path):
     assert (tmp_path / "img" / "zoo_bpb_vs_bits.png").stat().st_size > 5000
     # random is worse by 0.05 bpb at the interior points of both level sets and settings, both seeds
     assert "router-norm: **reproduced** (better in 8/8 comparisons)" in z
-    assert "| tiny | finetune | {3,2} | router-norm | +0.0500 [2/2] |" in z
+    assert "| tiny | finetune | {3,2} | +0.3125 | router-norm | +0.0500 [2/2] |" in z  # damage: mean(2.8, 2.8, 2.85, 2.8) - 2.5
     assert "tiny/change: mean +0.40 over 1 pairs" in z
     assert "| tiny | 0 | model.layers.0.mlp | +1.00 | -1.00 | 0.250 / 0.275 / 0.250 |" in z
     assert "Mean ρ: repeat +1.00 (1 layers), control -1.00" in z and "**Verdict: reproduced** (rule: the change" in z
@@ -139,3 +139,27 @@ def test_spearman_and_group_size():
     assert group_size_for([SimpleNamespace(hidden_size=64, intermediate_size=128)]) == 64
     assert group_size_for([SimpleNamespace(hidden_size=256, intermediate_size=512)]) == 128
     assert group_size_for([SimpleNamespace(hidden_size=192, intermediate_size=384)]) == 64
+
+
+def test_zoo_runner_on_tiny(tiny_zoo_dir, tmp_path, monkeypatch):
+    from moe_export.repro import zoo_sweep
+
+    sw = zoo_sweep.ZooSweep(settings=("finetune",), level_sets=("3,2",), avg_bits={"3,2": [2.5]},
+                            methods=("router", "random", "uniform"), eval_tokens=256, calib_tokens=128,
+                            random_seeds=(0,), controls=False)
+    out = zoo_sweep.run_zoo(sw, progress=False, cache_dir=tmp_path)
+    (run,) = out["runs"]
+    pts = {p["method"]: p for p in run["points"]}
+    assert set(pts) == {"router", "random"}  # uniform only at integer widths
+    for p in pts.values():
+        assert p["bpb"] > run["float"]["finetune"]["bpb"] - 0.05 and p["plan_s"] >= 0
+        for layer_bits in p["bits"]:
+            assert sorted(layer_bits) == [2] * 4 + [3] * 4  # 2.5 bits over 8 experts
+    # router-norm: the 4 smallest signed changes of each layer get 3 bits
+    for layer_bits, (layer, sc) in zip(pts["router"]["bits"], run["scores"].items()):
+        top = sorted(range(8), key=lambda e: sc["change"][e])[:4]
+        assert sorted(e for e in range(8) if layer_bits[e] == 3) == sorted(top), layer
+    # a rerun of the same sweep reads the saved record instead of recomputing
+    monkeypatch.setattr(zoo_sweep, "run_model", lambda *a, **k: pytest.fail("recomputed a cached record"))
+    again = zoo_sweep.run_zoo(sw, progress=False, cache_dir=tmp_path)
+    assert again["runs"][0]["points"] == run["points"]

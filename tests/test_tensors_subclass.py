@@ -199,3 +199,22 @@ def test_memory_is_packed_bits_plus_scales():
     want = sum(64 * 256 * b / 8 + 2 * 2 * 64 * 2 for b in (3, 2, 3, 2))
     assert t.nbytes_stored() == want
     assert isinstance(qws[0], QuantizedWeight)
+
+
+@settings(max_examples=20, deadline=None)
+@given(p=stacks, t=st.integers(1, 5), per_expert=st.booleans())
+def test_packed_linear_experts_matches_dequantize_reference(p, t, per_expert):
+    """The prefill formulation (one matmul per bit position) against dequantize-then-matmul, per width."""
+    from moe_export.tensors.functional import packed_linear_experts
+
+    _, _, ref, st_ = _build(p)
+    e_count, n, k = ref.shape
+    x = torch.randn(e_count, t, k) if per_expert else torch.randn(t, k)
+    want = torch.matmul(x, ref.transpose(1, 2))  # [E, T, N]
+    for b, packed, scale, zero in st_.groups():
+        members = [e for e, eb in enumerate(p["bits"]) if eb == b]
+        xb = x[members] if per_expert else x
+        got = packed_linear_experts(xb, packed, scale, zero, b)
+        tol = 1e-5 * (1 + want.abs().max().item())
+        err = _err(got, want[members])
+        assert err <= tol, f"{b}-bit: max abs err {err:.3g} > {tol:.3g}"

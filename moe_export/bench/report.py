@@ -9,8 +9,9 @@ def _f(x, fmt=".2f", none="-"):
 
 def _latency_table(res: dict, key: str, with_roofline: bool) -> list[str]:
     dec, pre = res[key]["decode"], res[key]["prefill"]
-    head = "| variant | decode ms | decode vs float compiled |" + (" % of bandwidth limit |" if with_roofline else "") \
-        + f" prefill ({res['settings']['prefill_tokens']} tok) ms | prefill vs float compiled | first call s |"
+    base = res["settings"]["baseline"]
+    head = f"| variant | decode ms | decode vs {base} |" + (" % of bandwidth limit |" if with_roofline else "") \
+        + f" prefill ({res['settings']['prefill_tokens']} tok) ms | prefill vs {base} | first call s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in dec:
         d, p = dec[name], pre.get(name, {})
@@ -38,7 +39,7 @@ def format_markdown(res: dict) -> str:
         "",
         f"Latency: median of {s['reps']} runs per variant, variants interleaved in each round after a first call and 2 "
         f"warm-up calls; decode = 1 token at position {s['decode_position']} of a static {s['max_seq_len']}-slot KV cache; "
-        f"ratios = float compiled ms / variant ms (> 1 is faster). Absolute times on this shared CPU are noisy; read the ratios.",
+        f"ratios = {s['baseline']} ms / variant ms (> 1 is faster). Absolute times on this shared CPU are noisy; read the ratios.",
         "",
         "## Whole model",
         "",
@@ -105,5 +106,7 @@ def format_markdown(res: dict) -> str:
     out += ["## Targets", "", "| target | value | met |", "|---|---|---|"]
     for t in res["targets"]:
         out.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
+    for stage, err in (res.get("errors") or {}).items():
+        out.append(f"\nError in {stage}: {err}")
     out += ["", f"Wall time of the run: {res['wall_s']:.0f} s.", ""]
     return "\n".join(out)

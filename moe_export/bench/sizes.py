@@ -19,8 +19,11 @@ def disk_bytes(path: str | os.PathLike) -> int:
 def peak_rss(kind: str, path: str | os.PathLike, steps: int = 16, timeout: float = 300) -> dict:
     """Runs :mod:`moe_export.bench.rss` in a fresh process; ``{"error": ...}`` if it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "moe_export.bench.rss", kind, str(path), "--steps", str(steps)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "moe_export.bench.rss", kind, str(path), "--steps", str(steps)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -140,6 +140,46 @@ def _codes_dot(x: torch.Tensor, packed: torch.Tensor, bits: int, n_groups: int) 
     return qx.reshape(s, qx.shape[1], n_groups, nblk // n_groups).sum(-1)  # [S, N, G]
 
 
+def packed_linear_experts(
+    x: torch.Tensor,  # [T, K] (every token through every expert) or [E, T, K] (rows per expert)
+    packed: torch.Tensor,  # uint8 [E, N, K*b/8]
+    scale: torch.Tensor,  # f16 [E, N, G]
+    zero: torch.Tensor | None,  # f16 [E, N, G] or None
+    bits: int,
+) -> torch.Tensor:  # [E, T, N]
+    """``x @ W_e.T`` for all experts, one matmul per bit position instead of one interleaved dequantize.
+
+    Value p of every packed unit (a byte for 1/2/4 bits, 8 values in b bytes otherwise) is dequantized
+    from whole byte planes into ``w_p [E, N, K/P]`` (contiguous loads and stores, so inductor vectorizes
+    it) and meets the matching strided columns of x: ``y = sum_p x[:, p::P] @ w_p.T``. Each weight is
+    dequantized exactly as ``dequantize_packed`` does; only the summation order differs.
+    """
+    k = x.shape[-1]
+    e, n, _ = packed.shape
+    dtype = x.dtype
+    n_groups = scale.shape[-1]
+    per_unit, unit_bytes = (8 // bits, 1) if bits in (1, 2, 4, 8) else (8, bits)
+    units = k // per_unit
+    mask = (1 << bits) - 1
+    planes = packed.reshape(e, n, units, unit_bytes)  # [E, N, U, B]
+    xs = x.reshape(*x.shape[:-1], units, per_unit)  # [(E,) T, U, P]
+    sc = scale.to(dtype).unsqueeze(-1)  # [E, N, G, 1]
+    zr = _zero(zero, scale, bits).to(dtype).unsqueeze(-1)
+    out = None
+    for p in range(per_unit):
+        lo, sh = divmod(p * bits, 8)
+        v = planes[..., lo]
+        if bits < 8:
+            v = v >> sh
+            if sh + bits > 8:
+                v = v | (planes[..., lo + 1] << (8 - sh))
+            v = v & mask  # [E, N, U] uint8
+        w = ((v.to(dtype).reshape(e, n, n_groups, units // n_groups) - zr) * sc).reshape(e, n, units)
+        y = torch.matmul(xs[..., p], w.transpose(1, 2))  # [(E,) T, U] @ [E, U, N] -> [E, T, N]
+        out = y if out is None else out + y
+    return out
+
+
 def packed_linear(
     x: torch.Tensor,  # [..., K]
     packed: torch.Tensor,  # uint8 [N, K*b/8]
