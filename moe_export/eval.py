@@ -145,15 +145,36 @@ def multiple_choice_accuracy(logits_fn: LogitsFn, contexts, choices, answer, bat
     return {"accuracy": acc, "n": len(answer), "chance": 1.0 / choices.shape[1]}
 
 
+def context_logprobs(logits_fn: LogitsFn, contexts: torch.Tensor, continuation: torch.Tensor, batch_size: int = 8,
+                     progress: bool = True, desc: str = "contexts") -> torch.Tensor:
+    """Sum of log p(continuation | context_k) for contexts [N, K, C] and continuation [N, L] -> [N, K]."""
+    N, K, C = contexts.shape
+    L = continuation.shape[1]
+    seqs = torch.cat([contexts, continuation.unsqueeze(1).expand(N, K, L)], dim=-1).reshape(N * K, C + L)  # [N*K, T]
+    if _score_from(logits_fn, C + L) > C - 1:
+        raise ValueError(f"context of {C} tokens is too short for this logits_fn at length {C + L}")
+    out = []
+    for i in tqdm(range(0, N * K, batch_size * K), desc=desc, disable=not progress, leave=False):
+        x = seqs[i : i + batch_size * K]
+        logits = logits_fn(x)
+        _check_logits(logits, x)
+        logp = torch.log_softmax(logits[:, C - 1 : -1].double(), dim=-1)  # [b, L, V]
+        out.append(logp.gather(-1, x[:, C:].unsqueeze(-1)).squeeze(-1).sum(-1))
+    return torch.cat(out).view(N, K)
+
+
 def cloze(logits_fn: LogitsFn, tokenizer, corpus: str, seq_len: int, n_items: int = 200, choice_len: int | None = None,
           split: str = "test", seed: int = 0, batch_size: int = 8, progress: bool = True) -> dict:
-    """Continuation cloze on held-out text: the true next ``choice_len`` tokens vs 3 distractor spans."""
+    """Context cloze on held-out text: which of 4 passages (1 true, 3 from elsewhere) precedes the next
+    ``choice_len`` tokens? Scored by log p(continuation | passage), so span frequency cancels out."""
     from moe_export.zoo.data import cloze_items, token_stream
 
     L = choice_len or seq_len // 4
-    ctx, ch, ans = cloze_items(token_stream(tokenizer, corpus, split), n_items, seq_len - L, L, 4, seed)
-    res = multiple_choice_accuracy(logits_fn, ctx, ch, ans, batch_size, progress, desc=f"cloze {corpus}")
-    return {**res, "task": f"{corpus}/{split} continuation cloze, 4 choices of {L} tokens after {seq_len - L}"}
+    ctx, cont, ans = cloze_items(token_stream(tokenizer, corpus, split), n_items, seq_len - L, L, 4, seed)
+    scores = context_logprobs(logits_fn, ctx, cont, batch_size, progress, desc=f"cloze {corpus}")
+    acc = (scores.argmax(-1) == ans).double().mean().item()
+    return {"accuracy": acc, "n": n_items, "chance": 0.25,
+            "task": f"{corpus}/{split} context cloze: which of 4 passages of {seq_len - L} tokens precedes {L} tokens"}
 
 
 # --- everything at once ------------------------------------------------------------------------

@@ -10,8 +10,10 @@ picked from static facts (shapes, compile state), never from routing values:
   group, gather the packed bytes of the routed experts (a dummy slot where the pair's expert has another
   width), multiply by ``packed_matvec`` (unpack + dequantize fused into the reduction), keep the rows
   whose width matches, and sum over the groups.
-* ``dense_groups`` (compiled, many pairs): per width group dequantize the group once and run its experts
-  on every token, weighted by the routing matrix (zero for unrouted pairs). Static shapes, float GEMMs.
+* ``dense_groups`` (compiled, many pairs, e.g. prefill): per width group, run its experts on every token
+  with ``packed_linear_experts`` (dequantize one bit position at a time into contiguous planes, one float
+  matmul per position) and weight by the routing matrix (zero for unrouted pairs). Static shapes; E/k
+  times the routed FLOPs, but float GEMMs instead of T*k gathered weight copies.
 """
 
 from __future__ import annotations

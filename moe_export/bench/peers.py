@@ -90,8 +90,12 @@ def matmulnbits_onnx(float_onnx: str | Path, out: str | Path, bits: int = 4, blo
     """onnxruntime's ``MatMulNBitsQuantizer`` (asymmetric, ``block_size``) on a float .onnx. It quantizes
     MatMuls whose weight is a 2D initializer; expert weights gathered by index are not, so the report counts
     what it converted."""
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # one line per node
 
     from moe_export.io import atomic_path
 

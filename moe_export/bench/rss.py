@@ -2,8 +2,9 @@
 
     python -m moe_export.bench.rss {pte,onnx,hf,quantized} PATH [--steps 16]
 
-Prints one JSON line: ``base_MB`` = peak after the imports, before the model is loaded; ``peak_MB`` =
-peak after a 8-token prefill and ``--steps`` decode steps; ``delta_MB`` = the runtime's own share.
+Prints one JSON line: ``base_MB`` = resident set after the imports, before the model is loaded; ``peak_MB``
+= ``ru_maxrss`` after an 8-token prefill and ``--steps`` decode steps; ``delta_MB`` = peak - base (an upper
+bound of the runtime's own share: an import-time peak above the settled RSS also counts).
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ import resource
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _current_mb() -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return _peak_mb()
 
 
 def main(argv=None) -> None:
@@ -29,14 +40,16 @@ def main(argv=None) -> None:
     from moe_export.export.runners import EagerStepRunner, open_runner
     from moe_export.export.wrapper import DecoderStep
 
-    if args.kind in ("pte", "onnx"):
+    if args.kind == "onnx":
         import onnxruntime  # noqa: F401
+    elif args.kind == "pte":
+        import executorch.kernels.quantized  # noqa: F401
         from executorch.runtime import Runtime  # noqa: F401
     else:
         import transformers  # noqa: F401
 
         import moe_export.experts  # noqa: F401
-    base = _peak_mb()
+    base = _current_mb()  # import-time peaks (ru_maxrss) are not the runtime's; count from the settled RSS
     if args.kind in ("pte", "onnx"):
         runner = open_runner(args.path)
     elif args.kind == "hf":

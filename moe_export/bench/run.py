@@ -149,9 +149,7 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
         fns = {n: (_step_fn(o, ids) if k == "step" else _runner_fn(o, ids)) for n, (k, o) in variants_model.items()}
         res["latency"][phase] = lat.with_ratios(lat.interleaved(fns, reps=reps, progress=progress, desc=f"model {phase}"),
                                                 baseline)
-    from moe_export.export.experts import moe_blocks
-
-    blocks = {n: moe_blocks(m)[0][1] for n, m in torch_models.items()}
+    blocks = {n: m.model.layers[0].mlp for n, m in torch_models.items()}  # peers' experts are LinearExperts
     res["block"] = {}
     H = fmodel.config.hidden_size
     for phase, t in (("decode", 1), ("prefill", MAX_SEQ)):

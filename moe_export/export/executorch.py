@@ -7,6 +7,11 @@ Modes (``PTE_MODES``):
 * ``xnnpack``: same packed experts, and the XNNPACK delegate takes the float parts (attention, router,
   lm_head, the float matmuls after the unpack). XNNPACK never sees a quantized weight: it has no kernel for
   2/3-bit or asymmetric weights and lowers torchao weight-only tensors to wrong answers (export-notes.md).
+* ``xnnpack-int``: speed over size. Experts whose codes fit symmetric int4 exactly (1-3 bit experts with
+  integer zeros; 4-bit ones that happen to) run on XNNPACK's int8-dynamic-activation int4 group-wise kernel
+  (torchao ``IntxUnpackedToInt8Tensor`` with codes = ``q - zero`` bit for bit, :mod:`moe_export.export.fast`),
+  dense routing; the other experts keep the packed portable unpack. int1-3 weights are stored one int8 byte
+  each inside the delegate blob, so the file is larger than the packed one; activations are int8 (~40 dB).
 * ``float``: the float model, for size/latency baselines (use with an unquantized model).
 """
 
@@ -19,7 +24,7 @@ import torch
 
 from moe_export.io import atomic_path
 
-PTE_MODES = ("packed", "xnnpack")
+PTE_MODES = ("packed", "xnnpack", "xnnpack-int")
 
 
 def export_program(step: torch.nn.Module, max_tokens: int | None = None) -> torch.export.ExportedProgram:
@@ -34,7 +39,7 @@ def lower_to_executorch(ep: torch.export.ExportedProgram, mode: str = "packed"):
     if mode not in PTE_MODES:
         raise ValueError(f"unknown pte mode {mode!r}; choose one of {', '.join(PTE_MODES)}")
     partitioner = []
-    if mode == "xnnpack":
+    if mode in ("xnnpack", "xnnpack-int"):
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         partitioner = [XnnpackPartitioner()]
@@ -49,6 +54,15 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "pac
     from moe_export.export.wrapper import DecoderStep
 
     step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
+    if mode == "xnnpack-int":
+        from torchao.utils import unwrap_tensor_subclass
+
+        from moe_export.export.fast import to_xnnpack_int_experts
+
+        step, _ = to_xnnpack_int_experts(step)
+        # the partitioner matches plain dequantize_affine + linear; the subclass kept in the graph lowers to
+        # wrong answers (export-notes.md)
+        step = unwrap_tensor_subclass(step)
     program = lower_to_executorch(export_program(step), mode)
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -14,6 +14,7 @@ IR version and opsets are pinned to what onnxruntime 1.3x loads (IR <= 13; ai.on
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -58,6 +59,25 @@ def _register_ort_schemas() -> None:
             ],
         )
         onnx.defs.register_schema(schema)
+    try:
+        onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft")
+    except onnx.defs.SchemaError:
+        schema = OpSchema(
+            "MatMulNBits", "com.microsoft", 1,
+            inputs=[
+                OpSchema.FormalParameter("A", "T1"),
+                OpSchema.FormalParameter("B", "T2"),
+                OpSchema.FormalParameter("scales", "T1"),
+                OpSchema.FormalParameter("zero_points", "T3", param_option=OpSchema.FormalParameterOption.Optional),
+            ],
+            outputs=[OpSchema.FormalParameter("Y", "T1")],
+            type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], "activations and scales"),
+                              ("T2", ["tensor(uint8)"], "packed weights"),
+                              ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "zero points")],
+            attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, a)
+                        for a in ("K", "N", "bits", "block_size", "accuracy_level")],
+        )
+        onnx.defs.register_schema(schema)
     _SCHEMAS_REGISTERED = True
 
 
@@ -75,7 +95,20 @@ def _translation_table():
             inputs.append(zero_codes)
         return msft.GatherBlockQuantized(*inputs, bits=bits, block_size=block, gather_axis=0, quantize_axis=2)
 
-    return {torch.ops.moe_export.gather_dequant_codes.default: gather_dequant_codes}
+    def matmul_nbits(x, packed, scale, zero, lut, bits: int, k: int, accuracy_level: int):
+        n, n_groups, _ = packed.shape
+        inputs = [x, packed, op.Reshape(op.Cast(scale, to=1), op.Constant(value_ints=[-1]))]
+        if zero is not None:
+            if zero.dtype is not None and "UINT8" not in str(zero.dtype).upper():
+                zero = op.Cast(zero, to=1)  # float zero points (HQQ) take the scales' type
+            inputs.append(op.Reshape(zero, op.Constant(value_ints=[-1])))
+        return msft.MatMulNBits(*inputs, K=k, N=int(n), bits=bits, block_size=k // int(n_groups),
+                                accuracy_level=accuracy_level)
+
+    import moe_export.export.fast  # noqa: F401  (defines moe_export::matmul_nbits)
+
+    return {torch.ops.moe_export.gather_dequant_codes.default: gather_dequant_codes,
+            torch.ops.moe_export.matmul_nbits.default: matmul_nbits}
 
 
 def _coded_copy(step: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, list[int]]]:
@@ -89,18 +122,42 @@ def _coded_copy(step: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, list[
     return step, coded
 
 
-def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: int = 128, quantized_ops: bool = True) -> Path:
+ONNX_MODES = ("packed", "fast")
+
+
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: int = 128, quantized_ops: bool = True,
+                mode: str = "packed", accuracy_level: int = 4) -> Path:
     """Write ``model`` as one decoder-step ``.onnx`` (single file, weights inside); returns the path.
 
-    ``quantized_ops=False`` keeps the in-graph unpack for every width (no contrib ops: any ONNX runtime).
+    ``mode="packed"``: routed experts gathered from packed tables (smallest file); ``quantized_ops=False`` keeps
+    the in-graph unpack for every width (no contrib ops: any ONNX runtime).
+    ``mode="fast"``: every expert projection is a ``com.microsoft::MatMulNBits`` with dense routing
+    (:mod:`moe_export.export.fast`); int3 experts stored in 4-bit containers. ``accuracy_level`` is
+    MatMulNBits' attribute: 4 = int8 activation compute (fast, ~40 dB vs eager), 0 = float compute (exact).
     """
     import onnx
 
     from moe_export.export.wrapper import DecoderStep
 
+    if mode not in ONNX_MODES:
+        raise ValueError(f"unknown onnx mode {mode!r}; choose one of {', '.join(ONNX_MODES)}")
     step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
     table = None
-    if quantized_ops:
+    meta = {"moe_export.onnx_mode": mode}
+    if mode == "fast":
+        from moe_export.export.fast import NBitsLinear, to_nbits_experts
+
+        _register_ort_schemas()
+        step = to_nbits_experts(step, accuracy_level)
+        table = _translation_table()
+        containers = {str(m.stored_bits): m.bits for m in step.modules() if isinstance(m, NBitsLinear)}
+        meta["moe_export.accuracy_level"] = str(accuracy_level)
+        meta["moe_export.containers"] = json.dumps(dict(sorted(containers.items())))
+        widened = {b: c for b, c in containers.items() if int(b) != c}
+        if widened:  # MatMulNBits has no 1/3-bit kernel: those experts hold the same codes in wider containers
+            meta["moe_export.note"] = "; ".join(f"int{b} experts stored as {c}-bit MatMulNBits codes (same values, "
+                                                f"{c} bits a weight)" for b, c in widened.items())
+    elif quantized_ops:
         _register_ort_schemas()
         step, _ = _coded_copy(step)
         table = _translation_table()
@@ -114,6 +171,9 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
     proto = prog.model_proto
     _strip_debug_info(proto.graph)
     proto.ir_version = min(proto.ir_version, IR_VERSION)
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=False)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -151,6 +211,14 @@ def onnx_ops(path_or_proto) -> dict[str, int]:
         for node in fn.node:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def onnx_metadata(path_or_proto) -> dict[str, str]:
+    """The ``moe_export.*`` metadata of an exported model (mode, accuracy level, container widths)."""
+    import onnx
+
+    proto = onnx.load(str(path_or_proto)) if isinstance(path_or_proto, (str, os.PathLike)) else path_or_proto
+    return {p.key: p.value for p in proto.metadata_props if p.key.startswith("moe_export.")}
 
 
 def onnx_initializer_types(path_or_proto) -> dict[str, int]:

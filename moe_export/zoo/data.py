@@ -224,31 +224,32 @@ def calibration_batches(tokenizer, n_tokens: int, seq_len: int, seed: int = 0, c
 
 def cloze_items(stream: torch.Tensor, n_items: int, context_len: int, choice_len: int, n_choices: int = 4,
                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Multiple choice from held-out text: which of ``n_choices`` continuations follows the context?
+    """Multiple choice from held-out text: which of ``n_choices`` passages does this continuation follow?
 
-    Distractors are same-length token spans from elsewhere in the stream, so every choice has
-    ``choice_len`` tokens and no length normalisation is needed. Returns
-    ``contexts [N, C]``, ``choices [N, K, L]`` and ``answer [N]`` (index of the true continuation).
+    The choices are contexts (the true one and distractor spans from elsewhere in the stream) and the
+    scored tokens are the same continuation for every choice, so how likely a span is on its own
+    cancels out and only the use of context is measured. Returns ``contexts [N, K, C]``,
+    ``continuation [N, L]`` and ``answer [N]`` (index of the true context).
     """
     gen = torch.Generator().manual_seed(seed)
     span = context_len + choice_len
     if len(stream) < 4 * span:
         raise ValueError(f"cloze_items: a stream of {len(stream)} tokens is too short for context {context_len} + choice {choice_len}")
     starts = torch.randint(0, len(stream) - span, (n_items,), generator=gen)
-    contexts = torch.stack([stream[s : s + context_len] for s in starts.tolist()])
     answer = torch.randint(0, n_choices, (n_items,), generator=gen)
-    choices = torch.empty(n_items, n_choices, choice_len, dtype=torch.long)
+    contexts = torch.empty(n_items, n_choices, context_len, dtype=torch.long)
+    continuation = torch.stack([stream[s + context_len : s + span] for s in starts.tolist()])
     for i, s in enumerate(starts.tolist()):
         for k in range(n_choices):
             if k == answer[i]:
-                o = s + context_len
-            else:  # anywhere not overlapping the true span
+                o = s
+            else:  # a context that does not overlap the true passage
                 while True:
-                    o = int(torch.randint(0, len(stream) - choice_len, (1,), generator=gen))
-                    if abs(o - (s + context_len)) >= choice_len:
+                    o = int(torch.randint(0, len(stream) - context_len, (1,), generator=gen))
+                    if o + context_len <= s or o >= s + span:
                         break
-            choices[i, k] = stream[o : o + choice_len]
-    return contexts, choices, answer
+            contexts[i, k] = stream[o : o + context_len]
+    return contexts, continuation, answer
 
 
 # --- n-gram baselines --------------------------------------------------------------------------

@@ -1,0 +1,227 @@
+"""Speed-oriented export forms of a mixed-width expert stack: dense dispatch over experts with each expert's
+projections on the runtime's fast quantized kernel.
+
+* ONNX ``fast``: every expert projection is one ``com.microsoft::MatMulNBits`` (2/4/8-bit codes, block =
+  group size). int3 has no MatMulNBits kernel: 3-bit codes go in 4-bit containers (same values, 4 bits a
+  weight), 1-bit in 2-bit containers; fractional (HQQ) zeros become float zero points.
+* ExecuTorch ``xnnpack-int``: experts whose codes fit symmetric int4 exactly (``q - zero`` in [-7, 7]: every
+  1-3 bit expert with integer zeros, 4-bit experts that happen to) become torchao
+  ``IntxUnpackedToInt8Tensor`` linears with int8 dynamic activations, which XNNPACK runs group-wise;
+  the others keep the packed bytes and the portable in-graph unpack.
+
+Dense dispatch: at decode T=1 and top-k of E experts, running all E experts on the fast kernels costs less than
+the gather + unpack of k experts on portable kernels; routing becomes a ``[T, E]`` weight matrix, zero for
+unrouted experts, so the result equals the sparse one.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_export.export.experts import (
+    _LIB, MixedWidthWeight, PackedMixedExperts, _gather_dequant, pack_codes, unpack_codes, unpack_lut,
+)
+from moe_export.quant.base import symmetric_zero
+from moe_export.quant.packing import pack
+
+_LIB.define("matmul_nbits(Tensor x, Tensor packed, Tensor scale, Tensor? zero, Tensor lut, int bits, int k, "
+            "int accuracy_level) -> Tensor")
+
+CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}  # stored width -> MatMulNBits width
+
+
+@torch.library.impl(_LIB, "matmul_nbits", "CompositeImplicitAutograd")
+def _matmul_nbits(x, packed, scale, zero, lut, bits: int, k: int, accuracy_level: int):
+    # x [T, K]; packed uint8 [N, G, g*b/8]; scale f16 [N, G]; zero uint8 codes [N, ceil(G*b/8)], float [N, G] or None
+    n, g_count = scale.shape
+    q = unpack_codes(packed.reshape(n, -1), lut, bits, k).float().reshape(n, g_count, k // g_count)  # [N, G, g]
+    if zero is None:
+        z = float(1 << (bits - 1))
+    elif zero.dtype == torch.uint8:
+        z = unpack_codes(zero, lut, bits, zero.shape[-1] * 8 // bits)[:, :g_count].float().unsqueeze(-1)  # [N, G, 1]
+    else:
+        z = zero.float().unsqueeze(-1)
+    w = ((q - z) * scale.float().unsqueeze(-1)).reshape(n, k)  # [N, K]
+    return F.linear(x, w)
+
+
+class NBitsLinear(nn.Module):
+    """One expert projection in MatMulNBits layout: ``B`` uint8 ``[N, K/g, g*c/8]`` (c = container width)."""
+
+    def __init__(self, packed, scale, zero, bits: int, k: int, accuracy_level: int):
+        super().__init__()
+        c = CONTAINER_BITS[bits]
+        n, g_count = scale.shape
+        g = k // g_count
+        codes = unpack_codes(packed, unpack_lut(bits), bits, k).to(torch.uint8)  # [N, K]
+        sym_zero = symmetric_zero(bits)
+        if zero is None and (c == bits and sym_zero == 1 << (c - 1)):
+            zq = None  # MatMulNBits' default zero point 2**(c-1) is ours
+        else:
+            zf = torch.full_like(scale, sym_zero, dtype=torch.float32) if zero is None else zero.float()
+            if torch.equal(zf, zf.round()) and zf.min() >= 0 and zf.max() < (1 << c):
+                zq = pack_codes(zf.to(torch.uint8), c)  # [N, ceil(G*c/8)]
+            else:
+                zq = zf.to(scale.dtype)  # fractional (HQQ) zeros: float zero points
+        self.register_buffer("packed", pack(codes, c).reshape(n, g_count, g * c // 8).contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("zero", zq)
+        self.register_buffer("lut", unpack_lut(c), persistent=False)
+        self.bits, self.stored_bits, self.k, self.n, self.accuracy_level = c, bits, k, n, accuracy_level
+
+    def forward(self, x):  # [T, K] -> [T, N]
+        return torch.ops.moe_export.matmul_nbits(x, self.packed, self.scale, self.zero, self.lut, self.bits, self.k,
+                                                 self.accuracy_level)
+
+
+def _expert_qparams(w: MixedWidthWeight, e: int):
+    """(packed [N, K*b/8], scale [N, G], zero [N, G] or None, bits) of expert ``e``."""
+    if w.coded:
+        raise ValueError("expert weights were converted to packed zero codes; build the fast form from a fresh copy")
+    b, s = w.expert_bits[e], int(w.slot[e])
+    z = getattr(w, f"zero_{b}")
+    return getattr(w, f"packed_{b}")[s], getattr(w, f"scale_{b}")[s], None if z is None else z[s], b
+
+
+class DenseExperts(nn.Module):
+    """Every expert on every token, weighted by the dense routing matrix; ``gate_up[e]``/``down[e]`` are
+    any ``[T, K] -> [T, N]`` modules."""
+
+    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module], act_fn, expert_bits: list[int]):
+        super().__init__()
+        self.gate_up = nn.ModuleList(gate_up)
+        self.down = nn.ModuleList(down)
+        self.act_fn = act_fn
+        self.num_experts = len(gate_up)
+        self.expert_bits = list(expert_bits)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, H], [T, k], [T, k]
+        experts = torch.arange(self.num_experts, dtype=top_k_index.dtype)  # [E]
+        route = ((top_k_index.unsqueeze(-1) == experts).to(hidden_states.dtype)
+                 * top_k_weights.unsqueeze(-1).to(hidden_states.dtype)).sum(1)  # [T, E]
+        out = None
+        for e in range(self.num_experts):
+            gate, up = self.gate_up[e](hidden_states).chunk(2, dim=-1)  # [T, I] each
+            y = self.down[e](self.act_fn(gate) * up) * route[:, e : e + 1]  # [T, H]
+            out = y if out is None else out + y
+        return out
+
+
+def _replace_experts(model: nn.Module, build) -> nn.Module:
+    model = copy.deepcopy(model)
+    n = 0
+    for mod in list(model.modules()):
+        ex = getattr(mod, "experts", None)
+        if isinstance(ex, PackedMixedExperts):
+            mod.experts = build(ex)
+            n += 1
+    if n == 0:
+        raise ValueError("no packed mixed-width experts in the model: fast export modes need a quantized model "
+                         "(prepare_for_export of a moe_export.api.quantize_ model)")
+    return model
+
+
+def to_nbits_experts(model: nn.Module, accuracy_level: int = 4) -> nn.Module:
+    """A copy of a prepared model (or DecoderStep) whose experts run as MatMulNBits projections."""
+
+    def build(ex: PackedMixedExperts) -> DenseExperts:
+        mods = {"gate_up": [], "down": []}
+        for name, w in (("gate_up", ex.gate_up_proj), ("down", ex.down_proj)):
+            for e in range(ex.num_experts):
+                p, s, z, b = _expert_qparams(w, e)
+                if b not in CONTAINER_BITS:
+                    raise ValueError(f"{b}-bit experts have no MatMulNBits container (supported: 1, 2, 3, 4, 8 bits)")
+                mods[name].append(NBitsLinear(p, s, z, b, w.k, accuracy_level))
+        return DenseExperts(mods["gate_up"], mods["down"], ex.act_fn, ex.expert_bits)
+
+    return _replace_experts(model, build)
+
+
+# ---------------------------------------------------------------- ExecuTorch: XNNPACK int4 group-wise experts
+
+
+class PackedExpertLinear(nn.Module):
+    """One expert that XNNPACK cannot run exactly: its packed bytes, unpacked in the graph (portable kernels)."""
+
+    def __init__(self, packed, scale, zero, bits: int, k: int):
+        super().__init__()
+        self.register_buffer("packed", packed.unsqueeze(0).contiguous())
+        self.register_buffer("scale", scale.unsqueeze(0).contiguous())
+        self.register_buffer("zero", None if zero is None else zero.unsqueeze(0).contiguous())
+        self.register_buffer("lut", unpack_lut(bits), persistent=False)
+        self.register_buffer("index", torch.zeros(1, dtype=torch.long), persistent=False)
+        self.bits, self.k = bits, k
+
+    def forward(self, x):
+        w = torch.ops.moe_export.gather_dequant(self.packed, self.scale, self.zero, self.index, self.lut, self.bits,
+                                                self.k)  # [1, N, K]
+        # bmm with a computed weight is delegated to XNNPACK; linear/mm with a non-constant weight is not
+        return torch.bmm(w, x.t().unsqueeze(0))[0].t()  # [T, N]
+
+
+def int4_codes(packed, scale, zero, bits: int, k: int) -> torch.Tensor | None:
+    """``q - zero`` as int8 ``[N, K]`` when it lies in [-7, 7] (exact symmetric int4), else None."""
+    if bits > 4:
+        return None
+    n, g_count = scale.shape
+    q = unpack_codes(packed, unpack_lut(bits), bits, k).reshape(n, g_count, k // g_count).float()
+    z = torch.tensor(symmetric_zero(bits)) if zero is None else zero.float().unsqueeze(-1)
+    d = q - z
+    if not torch.equal(d, d.round()) or d.abs().max() > 7:
+        return None
+    return d.reshape(n, k).to(torch.int8)
+
+
+def int4_linear(packed, scale, zero, bits: int, k: int) -> nn.Linear | None:
+    """A bias-free ``nn.Linear`` whose weight is torchao's ``IntxUnpackedToInt8Tensor`` (int4 group-wise,
+    symmetric, int8 dynamic per-token activations), with codes equal to ``q - zero`` bit for bit; None when
+    the expert does not fit."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    codes = int4_codes(packed, scale, zero, bits, k)
+    if codes is None:
+        return None
+    n, g_count = scale.shape
+    g = k // g_count
+    s = scale.float()  # [N, G]
+    w_hp = (codes.float().reshape(n, g_count, g) * s.unsqueeze(-1)).reshape(n, k)  # the eager dequantized weight
+    qt = IntxUnpackedToInt8Tensor.from_hp(
+        w_hp, (1, g), torch.int4, mapping_type=None, intx_choose_qparams_algorithm=None, custom_scale=s,
+        custom_zero_point=torch.zeros_like(s, dtype=torch.int8),
+        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+    )
+    if not torch.equal(qt.qdata, codes):
+        raise AssertionError("torchao int4 codes differ from the stored q - zero; refusing an inexact lowering")
+    lin = nn.Linear(k, n, bias=False)
+    lin.weight = nn.Parameter(qt, requires_grad=False)
+    return lin
+
+
+def to_xnnpack_int_experts(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
+    """A copy whose int4-exact experts are torchao int4 linears (for XNNPACK) and the rest packed; returns
+    it and ``{"int4": projections on XNNPACK, "packed": projections left on the portable unpack}``."""
+    counts = {"int4": 0, "packed": 0}
+
+    def build(ex: PackedMixedExperts) -> DenseExperts:
+        mods = {"gate_up": [], "down": []}
+        for name, w in (("gate_up", ex.gate_up_proj), ("down", ex.down_proj)):
+            for e in range(ex.num_experts):
+                p, s, z, b = _expert_qparams(w, e)
+                lin = int4_linear(p, s, z, b, w.k)
+                counts["int4" if lin is not None else "packed"] += 1
+                mods[name].append(lin if lin is not None else PackedExpertLinear(p, s, z, b, w.k))
+        return DenseExperts(mods["gate_up"], mods["down"], ex.act_fn, ex.expert_bits)
+
+    return _replace_experts(model, build), counts
+
+
+def expert_reference(w: MixedWidthWeight, e: int) -> torch.Tensor:  # [N, K] float32, for tests
+    p, s, z, b = _expert_qparams(w, e)
+    return _gather_dequant(p[None], s[None], None if z is None else z[None], torch.zeros(1, dtype=torch.long),
+                           unpack_lut(b), b, w.k)[0]
