@@ -6,6 +6,11 @@ picked from static facts (shapes, compile state), never from routing values:
 
 * ``routed_loop`` (eager): loop over the experts that received tokens, dequantize each once, one float
   matmul for its tokens: exactly the routed work, data-dependent, so eager only.
+* CPU decode (eager and compiled, <= ``CPU_KERNEL_MAX_PAIRS`` pairs): ``routed_gather`` with every width
+  group's mat-vec done by the C++ op ``moe_export::cpu_mixed_width_gemv`` (``moe_export.kernels.cpu_ops``),
+  which reads the routed experts' packed rows in place and unpacks them in registers: no gathered copy of
+  the packed bytes, no float weight. Falls back to the paths below when the kernel is off
+  (``MOE_EXPORT_CPU_KERNEL=0``), cannot be built, or under ``torch.export``.
 * ``routed_gather`` (compiled, few token-expert pairs, e.g. decode; static, exportable): per width
   group, gather the packed bytes of the routed experts (a dummy slot where the pair's expert has another
   width), multiply by ``packed_matvec`` (unpack + dequantize fused into the reduction), keep the rows
@@ -21,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_export.kernels import cpu_ops
 from moe_export.tensors.functional import packed_linear_experts, packed_matvec
 from moe_export.tensors.mixed_width_experts_tensor import MixedWidthExpertsTensor
 
@@ -28,6 +34,12 @@ IMPLEMENTATION = "moe_export_mixed"
 
 # Pairs (tokens * top_k) up to which the gathered mat-vec beats dequantizing whole groups.
 GATHER_MAX_PAIRS = 8
+# Pairs up to which the C++ mat-vec (one pass over each routed row per pair) is used on CPU.
+CPU_KERNEL_MAX_PAIRS = 16
+
+
+def _use_cpu_kernel(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and cpu_ops.enabled() and not torch.compiler.is_exporting()
 
 
 def routed_linear(w: MixedWidthExpertsTensor, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -36,8 +48,14 @@ def routed_linear(w: MixedWidthExpertsTensor, x: torch.Tensor, expert_ids: torch
     slot_of = w.slot[expert_ids]  # [S]
     out = None
     widths = w.widths
+    kernel = _use_cpu_kernel(x)
     for b in widths:
         p, s, z = getattr(w, f"packed_{b}"), getattr(w, f"scale_{b}"), getattr(w, f"zero_{b}")
+        if kernel and b in cpu_ops.KERNEL_BITS:
+            idx = slot_of if len(widths) == 1 else torch.where(bits_of == b, slot_of, torch.full_like(slot_of, -1))
+            y = torch.ops.moe_export.cpu_mixed_width_gemv(x, idx, p, s, z, b)  # [S, N], zero rows off-group
+            out = y if out is None else out + y
+            continue
         if len(widths) == 1:
             idx = slot_of
         else:
@@ -136,6 +154,8 @@ def mixed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             return cuda_forward(self, hidden_states, top_k_index, top_k_weights)
     # --- end of dispatch point ---
 
+    if top_k_index.numel() <= CPU_KERNEL_MAX_PAIRS and _use_cpu_kernel(hidden_states):
+        return routed_gather(self, hidden_states, top_k_index, top_k_weights)
     if not torch.compiler.is_compiling():
         # eager: the fused mat-vec is one big broadcast expression, only fast once inductor fuses it
         return routed_loop(self, hidden_states, top_k_index, top_k_weights)

@@ -134,6 +134,7 @@ def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, 
     if recipe.targets:
         pte_modes = tuple(recipe.export.get("pte_modes", ["packed"]))
         export_report = export_artifacts(qmodel, work / "export", targets=recipe.targets, pte_modes=pte_modes,
+                                         onnx_modes=tuple(recipe.export.get("onnx_modes", ["packed"])),
                                          float_model=float_model, progress=progress)
         echo(format_report(export_report))
 

@@ -88,6 +88,18 @@ def test_choice_logprobs_by_hand(tok, mixtral):
     assert acc["accuracy"] == 1.0 and acc["chance"] == pytest.approx(1 / 3)
 
 
+def test_context_logprobs_by_hand(mixtral):
+    fn = ev.logits_fn_for(mixtral)
+    ctx = torch.tensor([[[5, 6, 7], [8, 9, 10]], [[11, 12, 13], [14, 15, 16]]])  # [N=2, K=2, C=3]
+    cont = torch.tensor([[20, 21], [22, 23]])  # [N, L]
+    got = ev.context_logprobs(fn, ctx, cont, batch_size=1, progress=False)
+    with torch.no_grad():
+        for i in range(2):
+            for k in range(2):
+                lp = torch.log_softmax(mixtral(torch.cat([ctx[i, k], cont[i]])[None]).logits[0].double(), -1)
+                assert got[i, k].item() == pytest.approx((lp[2, cont[i, 0]] + lp[3, cont[i, 1]]).item(), rel=1e-6)
+
+
 def test_switch_prefix_adapter_scores_decoder_positions_only(tok):
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
@@ -121,8 +133,8 @@ def test_trained_tiny_beats_chance_and_json_cli(tiny_zoo_dir, tmp_path):
 
     man = json.loads((tiny_zoo_dir / "manifest.json").read_text())
     pre = man["eval"]["pretrained"]["results"]["shakespeare"]
-    # measured at build: bpb 2.47 (uniform over 1024 tokens would be ~4.5), cloze 0.46 (chance 0.25)
-    assert pre["bpb"]["bits_per_byte"] < 2.9 and pre["cloze"]["accuracy"] > 0.32
+    # measured at build: bpb 2.47 (uniform over 1024 tokens would be ~4.5), cloze 0.83 (chance 0.25)
+    assert pre["bpb"]["bits_per_byte"] < 2.9 and pre["cloze"]["accuracy"] > 0.6
     ft = man["eval"]["finetuned"]["results"]["python-stdlib"]["bpb"]["bits_per_byte"]
     assert ft < man["eval"]["pretrained"]["results"]["python-stdlib"]["bpb"]["bits_per_byte"] - 1.0
     out = tmp_path / "e.json"
@@ -131,4 +143,4 @@ def test_trained_tiny_beats_chance_and_json_cli(tiny_zoo_dir, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())["results"]["shakespeare"]
     assert res["bpb"]["tokens_scored"] == 64 * 63
-    assert res["bpb"]["bits_per_byte"] < 2.9 and res["cloze"]["n"] == 40
+    assert res["bpb"]["bits_per_byte"] < 2.9 and res["cloze"]["n"] == 40 and res["cloze"]["accuracy"] > 0.5

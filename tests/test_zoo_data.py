@@ -87,19 +87,19 @@ def test_calibration_batches(small_tok):
         data.calibration_batches(small_tok, 10, 1)
 
 
-def test_cloze_items_true_continuation():
-    stream = torch.arange(10_000)  # distinct tokens: the true continuation is checkable
-    ctx, ch, ans = data.cloze_items(stream, n_items=50, context_len=12, choice_len=4, seed=0)
-    assert ctx.shape == (50, 12) and ch.shape == (50, 4, 4) and ans.shape == (50,)
+def test_cloze_items_true_context():
+    stream = torch.arange(10_000)  # distinct tokens: the true context is checkable
+    ctx, cont, ans = data.cloze_items(stream, n_items=50, context_len=12, choice_len=4, seed=0)
+    assert ctx.shape == (50, 4, 12) and cont.shape == (50, 4) and ans.shape == (50,)
     for i in range(50):
-        true = ch[i, ans[i]]
-        assert torch.equal(true, ctx[i, -1] + 1 + torch.arange(4))
+        true = ctx[i, ans[i]]
+        assert torch.equal(cont[i], true[-1] + 1 + torch.arange(4))  # the continuation follows the true context
         for k in range(4):
-            if k != ans[i]:
-                assert not torch.equal(ch[i, k], true)
+            if k != ans[i]:  # distractor passages do not overlap the true passage
+                assert ctx[i, k, -1] < true[0] or ctx[i, k, 0] > cont[i, -1]
     assert len(set(ans.tolist())) == 4  # answers are spread over positions
-    ctx2, ch2, ans2 = data.cloze_items(stream, 50, 12, 4, seed=0)
-    assert torch.equal(ch, ch2) and torch.equal(ans, ans2)
+    ctx2, cont2, ans2 = data.cloze_items(stream, 50, 12, 4, seed=0)
+    assert torch.equal(ctx, ctx2) and torch.equal(cont, cont2) and torch.equal(ans, ans2)
 
 
 def test_bigram_baseline_matches_hand_count():

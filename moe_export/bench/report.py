@@ -72,7 +72,7 @@ def format_markdown(res: dict) -> str:
     out += ["## Size and peak memory", "",
             "| artifact | MB on disk | theoretical MB | vs theoretical | peak RSS MB | RSS over imports MB |",
             "|---|---|---|---|---|---|"]
-    for row in res["sizes"]:
+    for row in res.get("sizes", []):
         rss = row.get("rss") or {}
         rss_s = (f"{rss['peak_MB']:.0f} | {rss['delta_MB']:.1f}" if "peak_MB" in rss
                  else (f"error: {rss['error']} | -" if "error" in rss else "- | -"))
@@ -104,9 +104,9 @@ def format_markdown(res: dict) -> str:
             out.append(f"| {row['quantizer']} | {_f(row.get('s'), '.2f', row.get('error', '-'))} | {_f(row.get('weights_per_s'), ',.0f')} |")
         out.append("")
     out += ["## Targets", "", "| target | value | met |", "|---|---|---|"]
-    for t in res["targets"]:
+    for t in res.get("targets", []):
         out.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
     for stage, err in (res.get("errors") or {}).items():
         out.append(f"\nError in {stage}: {err}")
-    out += ["", f"Wall time of the run: {res['wall_s']:.0f} s.", ""]
+    out += ["", f"Wall time of the run: {res['wall_s']:.0f} s." if "wall_s" in res else "Partial run (stopped before the end).", ""]
     return "\n".join(out)

@@ -1,4 +1,5 @@
-"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode packed,xnnpack] [--float MODEL_DIR]``."""
+"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode packed,xnnpack,xnnpack-int] [--onnx-mode packed,fast]
+[--float MODEL_DIR]``."""
 
 from __future__ import annotations
 
@@ -13,20 +14,27 @@ import click
 @click.option("--to", "targets", default="pte,onnx", show_default=True, help="Comma-separated targets: pte, onnx.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the artifacts.")
 @click.option("--pte-mode", "pte_modes", default="packed", show_default=True,
-              help="Comma-separated: packed (portable kernels, every expert at its width: smallest) and/or xnnpack "
-                   "(same packed experts, XNNPACK delegate for the float ops).")
+              help="Comma-separated: packed (portable kernels, every expert at its width: smallest), xnnpack "
+                   "(same packed experts, XNNPACK delegate for the float ops) and/or xnnpack-int (int4-exact experts "
+                   "on XNNPACK's int8-activation int4 kernel: fast, larger file, ~40-50 dB vs eager).")
+@click.option("--onnx-mode", "onnx_modes", default="packed", show_default=True,
+              help="Comma-separated: packed (gathered packed experts: smallest) and/or fast (every expert projection "
+                   "a com.microsoft::MatMulNBits; int3 stored as 4-bit).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="MatMulNBits accuracy_level of --onnx-mode fast: 4 = int8 activation compute (fast), 0 = float (exact).")
 @click.option("--float", "float_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="The float model the checkpoint was quantized from: adds SQNR vs float and float artifacts for latency.")
 @click.option("--max-seq-len", type=int, default=128, show_default=True, help="KV cache length baked into the artifacts.")
 @click.option("--no-check", is_flag=True, help="Skip the parity checks.")
 @click.option("--no-latency", is_flag=True, help="Skip the decode latency measurement.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def command(qdir: Path, targets: str, output: Path, pte_modes: str, float_dir, max_seq_len: int, no_check: bool,
+def command(qdir: Path, targets: str, output: Path, pte_modes: str, onnx_modes: str, accuracy_level: int, float_dir, max_seq_len: int, no_check: bool,
             no_latency: bool, quiet: bool):
     import torch
 
     from moe_export.checkpoint import load_quantized
     from moe_export.export.executorch import PTE_MODES
+    from moe_export.export.onnx import ONNX_MODES
     from moe_export.export.parity import ParityError
     from moe_export.export.pipeline import TARGETS, export_artifacts, format_report
     from moe_export.io import CheckpointError
@@ -34,10 +42,12 @@ def command(qdir: Path, targets: str, output: Path, pte_modes: str, float_dir, m
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tlist = [t.strip() for t in targets.split(",") if t.strip()]
     mlist = [m.strip() for m in pte_modes.split(",") if m.strip()]
+    olist = [m.strip() for m in onnx_modes.split(",") if m.strip()]
     bad = [t for t in tlist if t not in TARGETS] + [m for m in mlist if m not in PTE_MODES]
-    if bad or not tlist:
-        raise click.ClickException(f"unknown target/mode {bad}; --to takes {', '.join(TARGETS)}, "
-                                   f"--pte-mode takes {', '.join(PTE_MODES)}")
+    bad += [m for m in olist if m not in ONNX_MODES]
+    if bad or not tlist or not mlist or not olist:
+        raise click.ClickException(f"unknown or empty target/mode {bad}; --to takes {', '.join(TARGETS)}, "
+                                   f"--pte-mode takes {', '.join(PTE_MODES)}, --onnx-mode takes {', '.join(ONNX_MODES)}")
     try:
         qmodel = load_quantized(qdir)
     except CheckpointError as err:
@@ -48,7 +58,8 @@ def command(qdir: Path, targets: str, output: Path, pte_modes: str, float_dir, m
 
         fmodel = load_float_model(_model_folder(float_dir))
     try:
-        report = export_artifacts(qmodel, output, targets=tlist, pte_modes=mlist, float_model=fmodel,
+        report = export_artifacts(qmodel, output, targets=tlist, pte_modes=mlist, onnx_modes=olist,
+                                  accuracy_level=accuracy_level, float_model=fmodel,
                                   max_seq_len=max_seq_len, check=not no_check, latency=not no_latency,
                                   progress=not quiet)
     except ParityError as err:

@@ -2,8 +2,8 @@
 
     from moe_export.export import export_pte, export_onnx, prepare_for_export
     m = prepare_for_export(qmodel)            # packed subclasses -> exportable buffers
-    export_pte(m, "model.pte", mode="packed")  # or mode="xnnpack"
-    export_onnx(m, "model.onnx")
+    export_pte(m, "model.pte", mode="packed")  # or "xnnpack", or "xnnpack-int" (int4-exact experts on XNNPACK)
+    export_onnx(m, "model.onnx")               # or mode="fast": MatMulNBits experts, accuracy_level=4
 
 Imports are lazy: executorch and onnx load only when used.
 """
@@ -15,6 +15,9 @@ _LAZY = {
     "pte_ops": "moe_export.export.executorch",
     "PTE_MODES": "moe_export.export.executorch",
     "export_onnx": "moe_export.export.onnx",
+    "ONNX_MODES": "moe_export.export.onnx",
+    "to_nbits_experts": "moe_export.export.fast",
+    "to_xnnpack_int_experts": "moe_export.export.fast",
     "onnx_ops": "moe_export.export.onnx",
     "prepare_for_export": "moe_export.export.prepare",
     "theoretical_size": "moe_export.export.prepare",

@@ -88,27 +88,51 @@ def _expert_qparams(w: MixedWidthWeight, e: int):
 
 
 class DenseExperts(nn.Module):
-    """Every expert on every token, weighted by the dense routing matrix; ``gate_up[e]``/``down[e]`` are
-    any ``[T, K] -> [T, N]`` modules."""
+    """Every expert on every token, weighted by the dense routing matrix; ``gate[e]``/``up[e]``/``down[e]`` are
+    any ``[T, K] -> [T, N]`` modules. ``up=None``: ``gate[e]`` is the fused gate_up projection (one kernel call
+    fewer: ONNX); split gate/up leave no slicing between kernels, so an XNNPACK delegate takes the expert
+    stack in one piece."""
 
-    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module], act_fn, expert_bits: list[int]):
+    def __init__(self, gate: list[nn.Module], up: list[nn.Module] | None, down: list[nn.Module], act_fn,
+                 expert_bits: list[int]):
         super().__init__()
-        self.gate_up = nn.ModuleList(gate_up)
-        self.down = nn.ModuleList(down)
+        self.gate, self.down = nn.ModuleList(gate), nn.ModuleList(down)
+        self.up = None if up is None else nn.ModuleList(up)
         self.act_fn = act_fn
-        self.num_experts = len(gate_up)
+        self.num_experts = len(gate)
         self.expert_bits = list(expert_bits)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, H], [T, k], [T, k]
+        x = hidden_states
         experts = torch.arange(self.num_experts, dtype=top_k_index.dtype)  # [E]
-        route = ((top_k_index.unsqueeze(-1) == experts).to(hidden_states.dtype)
-                 * top_k_weights.unsqueeze(-1).to(hidden_states.dtype)).sum(1)  # [T, E]
-        out = None
+        route = ((top_k_index.unsqueeze(-1) == experts).to(x.dtype) * top_k_weights.unsqueeze(-1).to(x.dtype)).sum(1)  # [T, E]
+        ys = []
         for e in range(self.num_experts):
-            gate, up = self.gate_up[e](hidden_states).chunk(2, dim=-1)  # [T, I] each
-            y = self.down[e](self.act_fn(gate) * up) * route[:, e : e + 1]  # [T, H]
-            out = y if out is None else out + y
-        return out
+            if self.up is None:
+                gate, up = self.gate[e](x).chunk(2, dim=-1)  # [T, I] each
+            else:
+                gate, up = self.gate[e](x), self.up[e](x)
+            ys.append(self.down[e](self.act_fn(gate) * up))  # [T, H]
+        y = torch.stack(ys, dim=1)  # [T, E, H]
+        return torch.bmm(route.unsqueeze(1), y).squeeze(1)  # [T, H]
+
+
+def _split_experts(ex: PackedMixedExperts, make, fused: bool = False) -> "DenseExperts":
+    """``make(packed, scale, zero, bits, k)`` per expert projection; gate_up rows split into gate and up
+    unless ``fused``."""
+    gate, up, down = [], [], []
+    half = ex.gate_up_proj.n // 2
+    for e in range(ex.num_experts):
+        p, s, z, b = _expert_qparams(ex.gate_up_proj, e)
+        k = ex.gate_up_proj.k
+        if fused:
+            gate.append(make(p, s, z, b, k))
+        else:
+            gate.append(make(p[:half], s[:half], None if z is None else z[:half], b, k))
+            up.append(make(p[half:], s[half:], None if z is None else z[half:], b, k))
+        p, s, z, b = _expert_qparams(ex.down_proj, e)
+        down.append(make(p, s, z, b, ex.down_proj.k))
+    return DenseExperts(gate, None if fused else up, down, ex.act_fn, ex.expert_bits)
 
 
 def _replace_experts(model: nn.Module, build) -> nn.Module:
@@ -128,15 +152,13 @@ def _replace_experts(model: nn.Module, build) -> nn.Module:
 def to_nbits_experts(model: nn.Module, accuracy_level: int = 4) -> nn.Module:
     """A copy of a prepared model (or DecoderStep) whose experts run as MatMulNBits projections."""
 
+    def make(p, s, z, b, k):
+        if b not in CONTAINER_BITS:
+            raise ValueError(f"{b}-bit experts have no MatMulNBits container (supported: 1, 2, 3, 4, 8 bits)")
+        return NBitsLinear(p, s, z, b, k, accuracy_level)
+
     def build(ex: PackedMixedExperts) -> DenseExperts:
-        mods = {"gate_up": [], "down": []}
-        for name, w in (("gate_up", ex.gate_up_proj), ("down", ex.down_proj)):
-            for e in range(ex.num_experts):
-                p, s, z, b = _expert_qparams(w, e)
-                if b not in CONTAINER_BITS:
-                    raise ValueError(f"{b}-bit experts have no MatMulNBits container (supported: 1, 2, 3, 4, 8 bits)")
-                mods[name].append(NBitsLinear(p, s, z, b, w.k, accuracy_level))
-        return DenseExperts(mods["gate_up"], mods["down"], ex.act_fn, ex.expert_bits)
+        return _split_experts(ex, make, fused=True)
 
     return _replace_experts(model, build)
 
@@ -208,15 +230,13 @@ def to_xnnpack_int_experts(model: nn.Module) -> tuple[nn.Module, dict[str, int]]
     it and ``{"int4": projections on XNNPACK, "packed": projections left on the portable unpack}``."""
     counts = {"int4": 0, "packed": 0}
 
+    def make(p, s, z, b, k):
+        lin = int4_linear(p, s, z, b, k)
+        counts["int4" if lin is not None else "packed"] += 1
+        return lin if lin is not None else PackedExpertLinear(p, s, z, b, k)
+
     def build(ex: PackedMixedExperts) -> DenseExperts:
-        mods = {"gate_up": [], "down": []}
-        for name, w in (("gate_up", ex.gate_up_proj), ("down", ex.down_proj)):
-            for e in range(ex.num_experts):
-                p, s, z, b = _expert_qparams(w, e)
-                lin = int4_linear(p, s, z, b, w.k)
-                counts["int4" if lin is not None else "packed"] += 1
-                mods[name].append(lin if lin is not None else PackedExpertLinear(p, s, z, b, w.k))
-        return DenseExperts(mods["gate_up"], mods["down"], ex.act_fn, ex.expert_bits)
+        return _split_experts(ex, make)
 
     return _replace_experts(model, build), counts
 

@@ -12,7 +12,7 @@ import statistics as st
 from collections import defaultdict
 from pathlib import Path
 
-from moe_export.io import atomic_path, atomic_write_json, atomic_write_text
+from moe_export.io import atomic_path, atomic_write_text
 from moe_export.repro.experiments import METHODS, ORACLE, OURS
 
 GROUP_OF_FEATURE = {0: "frequent", 1: "frequent", 2: "infrequent", 3: "infrequent", -1: "irrelevant"}
@@ -692,12 +692,18 @@ def write_report(results: dict, out_dir: str | Path, command: str, zoo: dict | N
     plot_lambda(results["runs"], img / "synthetic_lambda_vs_frequency.png")
     for routing in results["sweep"]["routings"]:
         plot_accuracy(results["runs"], routing, img / f"synthetic_accuracy_vs_bits_{routing}.png")
-    atomic_write_json(out_dir / "results-synthetic.json", results)
+    compact = lambda obj: json.dumps(obj, separators=(",", ":")) + "\n"  # the records are data, not reading
+    atomic_write_text(out_dir / "results-synthetic.json", compact(results))
+    written = [out_dir / "results-synthetic.json", img / "synthetic_lambda_vs_frequency.png"]
+    written += [img / f"synthetic_accuracy_vs_bits_{r}.png" for r in results["sweep"]["routings"]]
     if zoo is not None:
         plot_zoo(zoo, img / "zoo_bpb_vs_bits.png")
-        atomic_write_json(out_dir / "results-zoo.json", zoo)
+        atomic_write_text(out_dir / "results-zoo.json", compact(zoo))
+        written += [out_dir / "results-zoo.json", img / "zoo_bpb_vs_bits.png"]
     md = out_dir / "results.md"
     atomic_write_text(md, build_markdown(results, command, zoo=zoo))
+    for p in written + [md]:
+        p.chmod(0o644)  # atomic writes start from a private temp file; docs are for everyone
     return md
 
 

@@ -173,6 +173,7 @@ def run_model(sweep: ZooSweep, name: str, seed: int, progress: bool = True) -> d
 def run_zoo(sweep: ZooSweep, progress: bool = True, cache_dir=None) -> dict:
     """``cache_dir``: each (model, seed) record is saved there as it finishes and reused by a rerun of the
     same sweep, so an interrupted sweep resumes and a partial one can still be reported."""
+    import hashlib
     import json
     from pathlib import Path
 
@@ -185,7 +186,8 @@ def run_zoo(sweep: ZooSweep, progress: bool = True, cache_dir=None) -> dict:
     for name in sweep.models:
         for seed in sweep.seeds_for(name):
             key = identity(json.loads(json.dumps(sweep.to_dict())))
-            cached = Path(cache_dir) / f"{name}-s{seed}.json" if cache_dir else None
+            tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+            cached = Path(cache_dir) / f"{name}-s{seed}-{tag}.json" if cache_dir else None
             rec = None
             if cached is not None and cached.exists():
                 saved = json.loads(cached.read_text())
