@@ -141,8 +141,8 @@ def test_onnx_fast_wrong_lowering_fails(tmp_path, monkeypatch):
 def test_xnnpack_int_split_counts(zoo_fast):
     _, counts = to_xnnpack_int_experts(zoo_fast["step"])
     # ZOO_BITS: per layer one 8-bit and one 4-bit expert (4-bit asymmetric codes reach +-15: not int4-exact)
-    assert counts["int4"] + counts["packed"] == 2 * 8 * 3
-    assert counts["int4"] >= 2 * 6 * 3 and counts["packed"] >= 2 * 1 * 3
+    assert counts["int4"] + counts["float"] == 2 * 8 * 3
+    assert counts["int4"] >= 2 * 6 * 3 and counts["float"] >= 2 * 1 * 3
 
 
 def test_fast_modes_need_packed_experts():
@@ -163,3 +163,13 @@ def test_xnnpack_int_pte_zoo(zoo_fast):
     check_parity(rep, min_sqnr_db=APPROX_MIN_SQNR_DB)
     assert rep.sqnr_vs_eager_db > 40.0  # measured 49.6 dB
     assert rep.greedy_match == 32
+
+
+def test_cli_rejects_unknown_modes(tmp_path):
+    from click.testing import CliRunner
+
+    from moe_export.cli import main
+
+    for flag, bad in (("--onnx-mode", "turbo"), ("--pte-mode", "xnnpack-int4")):
+        res = CliRunner().invoke(main, ["export", str(tmp_path), "-o", str(tmp_path / "o"), flag, f"packed,{bad}"])
+        assert res.exit_code != 0 and bad in res.output and "fast" in res.output and "xnnpack-int" in res.output

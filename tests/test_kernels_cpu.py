@@ -3,7 +3,7 @@
 The extension builds once per machine (~30-90 s, cached in the torch_extensions dir); the session fixture
 builds it up front so a build failure shows as one clear error. Tolerance: the reference is float64
 (dequantize in float64, float64 mat-vec); the kernel sums in float32 in another order. Measured worst
-|kernel - ref| / sum_k |w_k x_k| over this file: 2.5e-7 (float32 eps 1.2e-7, K = 256); the bound is 1e-6.
+|kernel - ref| / sum_k |w_k x_k| over this file: 2.8e-7 (float32 eps 1.2e-7, K = 256); the bound is 1e-6.
 """
 
 import pytest

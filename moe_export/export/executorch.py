@@ -10,7 +10,8 @@ Modes (``PTE_MODES``):
 * ``xnnpack-int``: speed over size. Experts whose codes fit symmetric int4 exactly (1-3 bit experts with
   integer zeros; 4-bit ones that happen to) run on XNNPACK's int8-dynamic-activation int4 group-wise kernel
   (torchao ``IntxUnpackedToInt8Tensor`` with codes = ``q - zero`` bit for bit, :mod:`moe_export.export.fast`),
-  dense routing; the other experts keep the packed portable unpack. int1-3 weights are stored one int8 byte
+  dense routing; the other experts (8-bit, wide 4-bit codes) run as float linears on XNNPACK (exact, 4 bytes
+  a weight). int1-3 weights are stored one int8 byte
   each inside the delegate blob, so the file is larger than the packed one; activations are int8 (~40 dB).
 * ``float``: the float model, for size/latency baselines (use with an unquantized model).
 """
