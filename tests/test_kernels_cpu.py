@@ -60,11 +60,12 @@ def test_op_matches_dequantize_reference(bits, group, sym):
     assert (z is None) == sym
     for t in range(1, 9):
         x = torch.randn(t, k)
-        idx = torch.randint(-1, e, (t,))  # -1: the pair's expert lives in another width group
-        out = OP(x, idx, p, s, z, bits)
-        err = _rel_err(out, x, idx, p, s, z, bits)
-        assert err < TOL, f"b={bits} g={group} sym={sym} T={t}: rel err {err:.3g} >= {TOL}"
-        assert (out[idx < 0] == 0).all()
+        # -1: the pair's expert lives in another width group; all-equal ids: every pair in one expert batch
+        for idx in (torch.randint(-1, e, (t,)), torch.full((t,), e - 1)):
+            out = OP(x, idx, p, s, z, bits)
+            err = _rel_err(out, x, idx, p, s, z, bits)
+            assert err < TOL, f"b={bits} g={group} sym={sym} T={t} ids={idx.tolist()}: rel err {err:.3g} >= {TOL}"
+            assert (out[idx < 0] == 0).all()
     print(f"b={bits} g={group} sym={sym}: last rel err {err:.2e}")
 
 
