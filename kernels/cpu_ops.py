@@ -44,8 +44,9 @@ def load(simd: bool = True):
         from torch.utils.cpp_extension import load_inline
 
         flags = ["-O3"]
-        if simd and {"avx2", "fma"} <= _cpu_flags():
-            flags += ["-mavx2", "-mfma"]
+        cpu = _cpu_flags()
+        if simd and {"avx2", "fma"} <= cpu:
+            flags += ["-mavx2", "-mfma"] + (["-mf16c"] if "f16c" in cpu else [])  # f16c: one-instruction scale loads
         else:
             flags += ["-DMOE_EXPORT_NO_SIMD"]
         _modules[simd] = load_inline(
@@ -123,11 +124,14 @@ def _validate(x, idx, packed, scale, zero, bits) -> None:
 @torch.library.custom_op("moe_export::cpu_mixed_width_gemv", mutates_args=(), device_types="cpu")
 def cpu_mixed_width_gemv(x: torch.Tensor, idx: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                          zero: Optional[torch.Tensor], bits: int) -> torch.Tensor:
-    _validate(x, idx, packed, scale, zero, bits)
     ext = kernel() if bits in KERNEL_BITS else None
     if ext is None:
+        _validate(x, idx, packed, scale, zero, bits)
         return reference(x, idx, packed, scale, zero, bits)
-    return ext.mixed_width_gemv(x.float(), idx, packed, scale, zero, bits, _zconst(bits)).to(x.dtype)
+    # the C++ side checks ranks, dtypes and sizes itself (TORCH_CHECK); decode calls this ~4x per layer
+    out = ext.mixed_width_gemv(x if x.dtype == torch.float32 else x.float(), idx, packed, scale, zero, bits,
+                               _zconst(bits))
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 @cpu_mixed_width_gemv.register_fake

@@ -4,6 +4,7 @@ SQNR vs eager (int8 activations), 133 dB at accuracy_level 0; xnnpack-int 49.6 d
 The SQNR floor for int8-activation modes is parity.APPROX_MIN_SQNR_DB = 30 dB; a wrong lowering is far below.
 """
 
+import copy
 import json
 
 import pytest
@@ -173,3 +174,22 @@ def test_cli_rejects_unknown_modes(tmp_path):
     for flag, bad in (("--onnx-mode", "turbo"), ("--pte-mode", "xnnpack-int4")):
         res = CliRunner().invoke(main, ["export", str(tmp_path), "-o", str(tmp_path / "o"), flag, f"packed,{bad}"])
         assert res.exit_code != 0 and bad in res.output and "fast" in res.output and "xnnpack-int" in res.output
+
+
+@pytest.mark.slow
+def test_onnx_fast_hqq_float_zero_points(tmp_path):
+    """Fractional (HQQ) zeros: float zero points for 1-4 bit MatMulNBits (measured 138 dB vs eager at
+    accuracy_level 0); 8-bit with float zeros has no ORT kernel and becomes an exact float projection."""
+    from moe_export.export.experts import quantize_experts_
+
+    fmodel = tiny_random_model("MixtralForCausalLM", seed=0, num_hidden_layers=1).eval()
+    qmodel = quantize_experts_(copy.deepcopy(fmodel), [2, 3, 4, 8, 1, 3, 2, 4], group_size=32, quantizer="hqq")
+    step = DecoderStep(qmodel, 32)
+    path = export_onnx(step, tmp_path / "hqq.onnx", mode="fast", accuracy_level=0)
+    meta = onnx_metadata(path)
+    assert meta["moe_export.float_expert_projections"] == "2"  # the 8-bit expert's gate_up and down
+    assert json.loads(meta["moe_export.containers"]) == {"1": 2, "2": 2, "3": 4, "4": 4}
+    ids = torch.randint(0, fmodel.config.vocab_size, (1, 10))
+    rep = compare(OnnxRunner(path), hf_logits_fn(qmodel), ids)
+    check_parity(rep)
+    assert rep.sqnr_vs_eager_db > 100

@@ -140,3 +140,43 @@ def test_portable_build_matches_reference():
         out = ext.mixed_width_gemv(x, idx, p, s, z, bits, cpu_ops._zconst(bits))
         err = _rel_err(out, x, idx, p, s, z, bits)
         assert err < TOL, f"portable b={bits}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("seq_len", [1, 6])
+def test_model_with_kernel_matches_torch_paths(monkeypatch, seq_len):
+    """moe_export_mixed on CPU: the C++ op (eager) against the pure-torch formulations it replaces
+    (``MOE_EXPORT_CPU_KERNEL=0``: compiled gathered mat-vec at T=1, dense width groups at T=6, eager loop)."""
+    from moe_export.api import MoEQuantConfig, quantize_
+    from moe_export.model_configs import tiny_random_model
+    from tests._mixed_plans import mixed_plan
+
+    torch._dynamo.reset()
+    model = tiny_random_model("Qwen3MoeForCausalLM", num_layers=1)
+    quantize_(model, MoEQuantConfig(mixed_plan(model)), progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len))
+    with torch.no_grad():
+        with_kernel = model(ids).logits
+        monkeypatch.setattr(cpu_ops, "ENABLED", False)
+        eager = model(ids).logits
+        compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")(ids).logits
+    for name, other in (("eager loop", eager), ("compiled torch path", compiled)):
+        rel = ((with_kernel - other).abs().max() / other.abs().max()).item()
+        assert rel < 1e-5, f"T={seq_len}: kernel vs {name} rel err {rel:.3g}"
+
+
+def test_no_compiler_falls_back_to_torch_with_one_warning(monkeypatch):
+    def broken(simd=True):
+        raise RuntimeError("g++: not found")
+
+    monkeypatch.setattr(cpu_ops, "load", broken)
+    monkeypatch.setattr(cpu_ops, "_failed", False)
+    p, s, z = _group(3, 2, 16, 64, 32, True)
+    x, idx = torch.randn(3, 64), torch.tensor([1, -1, 0])
+    with pytest.warns(RuntimeWarning, match="did not build"):
+        out = OP(x, idx, p, s, z, 3)
+    assert _rel_err(out, x, idx, p, s, z, 3) < TOL
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not on every call
+        OP(x, idx, p, s, z, 3)

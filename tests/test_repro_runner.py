@@ -129,6 +129,25 @@ def test_zoo_section_and_plot(results, tmp_path):
     assert "Mean ρ: repeat +1.00 (1 layers), control -1.00" in z and "**Verdict: reproduced** (rule: the change" in z
 
 
+def test_zoo_report_single_seed_model(results, tmp_path):
+    zoo = _fake_zoo()
+    one = json.loads(json.dumps(zoo["runs"][1]))
+    one.update(model="small-mixtral", seed=0)
+    for p in one["points"]:
+        p["bpb"] += 0.5 if p["method"] == "router" else 0.0  # ours worse than random on this model
+    zoo["runs"].append(one)
+    z = report.zoo_markdown(zoo)
+    text = "\n".join(z)
+    assert "**Seeds.** small-mixtral has a single build seed" in text and "tiny (2 seeds) only" in text
+    head = next(l for l in z if l.startswith("**small-mixtral, fine-tuned model") and "{3,2}" in l)
+    assert "one build seed (float: 2.5000)" in head
+    rows = z[z.index(head) + 4:z.index(head) + 7]
+    assert rows[1].startswith("| 2.500 | 3.2500 | **2.7500** | 2.8000 |") and "±" not in "".join(rows)
+    assert ("small-mixtral: router-norm better in 0/4 (-0.4500), router-norm + MaxVar better in 4/4 (+0.0500); "
+            "tiny: router-norm better in 8/8 (+0.0500)") in text
+    assert "more than one build seed of small-mixtral" in text and "the control fine-tunes of small-mixtral" in text
+
+
 def test_spearman_and_group_size():
     from types import SimpleNamespace
 
@@ -163,3 +182,8 @@ def test_zoo_runner_on_tiny(tiny_zoo_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(zoo_sweep, "run_model", lambda *a, **k: pytest.fail("recomputed a cached record"))
     again = zoo_sweep.run_zoo(sw, progress=False, cache_dir=tmp_path)
     assert again["runs"][0]["points"] == run["points"]
+    assert again["reused"] == ["tiny@0"] and out["reused"] == [] and run["wall_s"] > 0
+    assert "controls" not in again["runs"][0]
+    # controls=False runs no control fine-tune, but reports one already in the cache
+    (tmp_path / "tiny-s0-controls.json").write_text('{"spearman": {}}')
+    assert zoo_sweep.run_zoo(sw, progress=False, cache_dir=tmp_path)["runs"][0]["controls"] == {"spearman": {}}

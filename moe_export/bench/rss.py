@@ -1,9 +1,9 @@
-"""Peak resident memory of one runtime running decode, in a fresh process (``ru_maxrss``).
+"""Peak resident memory of one runtime running decode, in a fresh process (``VmHWM``).
 
     python -m moe_export.bench.rss {pte,onnx,hf,quantized} PATH [--steps 16]
 
 Prints one JSON line: ``base_MB`` = resident set after the imports, before the model is loaded; ``peak_MB``
-= ``ru_maxrss`` after an 8-token prefill and ``--steps`` decode steps; ``delta_MB`` = peak - base (an upper
+= peak resident set (``VmHWM``) after an 8-token prefill and ``--steps`` decode steps; ``delta_MB`` = peak - base (an upper
 bound of the runtime's own share: an import-time peak above the settled RSS also counts).
 """
 
@@ -14,18 +14,26 @@ import json
 import resource
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _current_mb() -> float:
+def _status_mb(field: str) -> float | None:
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return _peak_mb()
+    return None
+
+
+def _peak_mb() -> float:
+    # VmHWM belongs to this exec's address space; ru_maxrss also keeps the parent's peak from before the
+    # fork (a benchmark parent holding compiled models reads as GBs in every child).
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_mb() -> float:
+    rss = _status_mb("VmRSS")
+    return rss if rss is not None else _peak_mb()
 
 
 def main(argv=None) -> None:

@@ -30,8 +30,11 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
               help="Rebuild the report from a saved results-synthetic.json without rerunning the synthetic task.")
 @click.option("--zoo-json", "zoo_json", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Rebuild the zoo section from a saved results-zoo.json without rerunning it.")
+@click.option("--controls/--no-controls", default=True, show_default=True,
+              help="Run the repeat and same-domain control fine-tunes per zoo model (--no-controls still reports "
+                   "those already in the resume cache).")
 @click.option("--threads", default=1, show_default=True, help="torch threads.")
-def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_json, zoo_json, threads):
+def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_json, zoo_json, controls, threads):
     import torch
 
     from moe_export.repro import experiments, report, zoo_sweep
@@ -59,6 +62,7 @@ def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_js
     cmd += "" if zoo else " --no-zoo"
     cmd += (f" --zoo-models {zoo_models}" if zoo and zoo_models != "tiny" else "")
     cmd += (f" --zoo-seeds {zoo_seeds}" if zoo and zoo_seeds else "")
+    cmd += "" if controls or not zoo else " --no-controls"
 
     cmd += (f" --from-json {shlex.quote(from_json)}" if from_json else "")
     cmd += (f" --zoo-json {shlex.quote(zoo_json)}" if zoo_json else "")
@@ -78,7 +82,8 @@ def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_js
         zoo_results = report.load_results(zoo_json)
     elif zoo:
         zs = zoo_sweep.QUICK if quick else zoo_sweep.FULL
-        zs = replace(zs, models=models, model_seeds=model_seeds, **({"seeds": zoo_seed_t} if zoo_seed_t else {}))
+        zs = replace(zs, models=models, model_seeds=model_seeds, controls=controls,
+                     **({"seeds": zoo_seed_t} if zoo_seed_t else {}))
         from moe_export.zoo.tokenizer import moe_export_home
 
         # finished (model, seed) records are kept outside the repo so an interrupted sweep resumes

@@ -155,6 +155,9 @@ def to_nbits_experts(model: nn.Module, accuracy_level: int = 4) -> nn.Module:
     def make(p, s, z, b, k):
         if b not in CONTAINER_BITS:
             raise ValueError(f"{b}-bit experts have no MatMulNBits container (supported: 1, 2, 3, 4, 8 bits)")
+        if b == 8 and z is not None and not torch.equal(z.float(), z.float().round()):
+            # onnxruntime's MatMulNBits rejects 8-bit codes with float zero points (HQQ): exact float fallback
+            return _float_linear(p, s, z, b, k)
         return NBitsLinear(p, s, z, b, k, accuracy_level)
 
     def build(ex: PackedMixedExperts) -> DenseExperts:
@@ -225,6 +228,15 @@ def int4_linear(packed, scale, zero, bits: int, k: int) -> nn.Linear | None:
     return lin
 
 
+def _float_linear(p, s, z, b: int, k: int) -> nn.Linear:
+    """The dequantized expert as a plain float linear: exact, 4 bytes a weight (fallback of the speed modes)."""
+    w = _gather_dequant(p[None], s[None], None if z is None else z[None], torch.zeros(1, dtype=torch.long),
+                        unpack_lut(b), b, k)[0]  # [N, K]
+    lin = nn.Linear(k, w.shape[0], bias=False)
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    return lin
+
+
 XNNPACK_INT_FALLBACKS = ("float", "packed")
 
 
@@ -246,11 +258,7 @@ def to_xnnpack_int_experts(model: nn.Module, fallback: str = "float") -> tuple[n
         counts[fallback] += 1
         if fallback == "packed":
             return PackedExpertLinear(p, s, z, b, k)
-        w = _gather_dequant(p[None], s[None], None if z is None else z[None], torch.zeros(1, dtype=torch.long),
-                            unpack_lut(b), b, k)[0]  # [N, K]
-        lin = nn.Linear(k, w.shape[0], bias=False)
-        lin.weight = nn.Parameter(w, requires_grad=False)
-        return lin
+        return _float_linear(p, s, z, b, k)
 
     def build(ex: PackedMixedExperts) -> DenseExperts:
         return _split_experts(ex, make)

@@ -8,6 +8,10 @@ Per width group the routed experts are gathered from a packed uint8 table:
 * any other group (3-bit: ONNX has no INT3 type and no ORT kernel reads 3-bit codes; fractional HQQ zeros):
   ``Gather`` of the packed bytes and an in-graph unpack with integer ``Div``/``Mod``, still 3 bits a weight.
 
+``mode="fast"`` (speed over size) replaces that by dense routing over experts, each projection one
+``com.microsoft::MatMulNBits`` (:mod:`moe_export.export.fast`; int3 in 4-bit containers, recorded in the model's
+``moe_export.*`` metadata).
+
 IR version and opsets are pinned to what onnxruntime 1.3x loads (IR <= 13; ai.onnx 21).
 """
 
@@ -151,6 +155,10 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
         step = to_nbits_experts(step, accuracy_level)
         table = _translation_table()
         containers = {str(m.stored_bits): m.bits for m in step.modules() if isinstance(m, NBitsLinear)}
+        n_float = sum(isinstance(m, torch.nn.Linear) for ex in step.modules() if type(ex).__name__ == "DenseExperts"
+                      for m in ex.modules())
+        if n_float:  # 8-bit experts with fractional (HQQ) zeros: MatMulNBits has no such kernel
+            meta["moe_export.float_expert_projections"] = str(n_float)
         meta["moe_export.accuracy_level"] = str(accuracy_level)
         meta["moe_export.containers"] = json.dumps(dict(sorted(containers.items())))
         widened = {b: c for b, c in containers.items() if int(b) != c}

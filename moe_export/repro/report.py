@@ -484,7 +484,7 @@ def plot_zoo(zoo: dict, path: Path) -> None:
 
     tab = zoo_table(zoo)
     keys = sorted(tab)
-    ncol = min(2, len(keys))
+    ncol = min(4, len(keys))  # one row per model: {setting} x {level set}
     nrow = (len(keys) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.5 * ncol, 4.5 * nrow), squeeze=False)
     for ax in axes.flat[len(keys):]:
@@ -538,6 +538,10 @@ def zoo_markdown(zoo: dict, img_rel: str = "img") -> list[str]:
     sw = zoo["sweep"]
     runs = zoo["runs"]
     models = sorted({r["model"] for r in runs})
+    n_seeds = {m: len({r["seed"] for r in runs if r["model"] == m}) for m in models}
+    single = [m for m in models if n_seeds[m] == 1]
+    multi = [m for m in models if n_seeds[m] > 1]
+    reused = zoo.get("reused", [])
     lines = ["## 2. Zoo models (trained here)", "",
              "Models and build seeds: " + "; ".join(f"{m} {sorted(r['seed'] for r in runs if r['model'] == m)}"
                                                       for m in models) + " (`moe_export.zoo.build`, pre-train on "
@@ -553,16 +557,30 @@ def zoo_markdown(zoo: dict, img_rel: str = "img") -> list[str]:
                 "manifest), so the signed change is also meaningful and is what the tables below show. "
                 if any(r["arch"] == "switch" for r in runs) else "")
              + 
-             f"Calibration methods use {sw['calib_tokens']} tokens of the fine-tune corpus. Wall time "
-             f"{zoo['wall_s']:.0f} s.", "",
-             f"![quality vs bits]({img_rel}/zoo_bpb_vs_bits.png)", ""]
+             f"Calibration methods use {sw['calib_tokens']} tokens of the fine-tune corpus. Wall time of this "
+             f"invocation {zoo['wall_s']:.0f} s"
+             + (f" ({len(reused)} of {len(runs)} model records were read from the resume cache, so their compute "
+                "time is not in it)" if reused else "") + ".", ""]
+    if single:
+        lines += [("**Seeds.** " + ", ".join(single) + (" has" if len(single) == 1 else " have")
+                   + " a single build seed (only that build was run"
+                   + ("; a `small` build takes about an hour on this 2-core machine" if any(m.startswith("small") for m in single)
+                      else "") + "), so "
+                   "there is no spread for " + ("it" if len(single) == 1 else "them") + ": the tables print the "
+                   "single value without ± sd, and spread over seeds and rank stability across seeds come from "
+                   + (", ".join(f"{m} ({n_seeds[m]} seeds)" for m in multi) if multi else "no model")
+                   + " only."), ""]
+    lines += [f"![quality vs bits]({img_rel}/zoo_bpb_vs_bits.png)", ""]
     tab = zoo_table(zoo)
     for key in sorted(tab):
         meth = [m for m in sw["methods"] if m in tab[key]]
         grid = sorted({b for m in meth for b in tab[key][m]})
         floats = [r["float"][key[1]]["bpb"] for r in runs if r["model"] == key[0]]
-        lines += [f"**{key[0]}, {SETTING_TEXT.get(key[1], key[1])}, levels {{{key[2]}}}**: bits per byte, mean ± sd over build seeds "
-                  f"(float: {_fmt(*_mean_sd(floats), 4)}).", "",
+        one = n_seeds[key[0]] == 1
+        cell = lambda m, sd: f"{m:.4f}" if one else _fmt(m, sd, 4)  # one seed: no spread to show
+        lines += [f"**{key[0]}, {SETTING_TEXT.get(key[1], key[1])}, levels {{{key[2]}}}**: bits per byte, "
+                  + ("one build seed" if one else f"mean ± sd over {n_seeds[key[0]]} build seeds")
+                  + f" (float: {cell(*_mean_sd(floats))}).", "",
                   "| avg bits | " + " | ".join(ZOO_METHOD_NAMES.get(m, m) for m in meth) + " |",
                   "|---|" + "---|" * len(meth)]
         for b in grid:
@@ -572,7 +590,7 @@ def zoo_markdown(zoo: dict, img_rel: str = "img") -> list[str]:
                 if b not in tab[key][m]:
                     cells.append("")
                     continue
-                c = _fmt(*tab[key][m][b][:2], 4)
+                c = cell(*tab[key][m][b][:2])
                 cells.append(f"**{c}**" if tab[key][m][b][0] == best else c)
             lines.append(f"| {b:.3f} | " + " | ".join(cells) + " |")
         lines += [""]
@@ -592,6 +610,7 @@ def zoo_markdown(zoo: dict, img_rel: str = "img") -> list[str]:
                                                        if m not in ("router", "router+maxvar", "uniform")) + " |",
               "|---|---|---|---|---|" + "---|" * len([m for m in sw["methods"] if m not in ("router", "router+maxvar", "uniform")])]
     wins_total = defaultdict(lambda: [0, 0])
+    per_model = defaultdict(lambda: [0, 0, []])  # (model, ours) -> wins, comparisons, diffs; verdict rows only
     excluded = []
     for key in sorted(tab):
         dmg = quantization_damage(runs, key)
@@ -617,6 +636,10 @@ def zoo_markdown(zoo: dict, img_rel: str = "img") -> list[str]:
                 if not noise:
                     wins_total[ours][0] += w
                     wins_total[ours][1] += len(diffs)
+                    pm = per_model[(key[0], ours)]
+                    pm[0] += w
+                    pm[1] += len(diffs)
+                    pm[2] += diffs
                 cells.append(f"{st.mean(diffs):+.4f} [{w}/{len(diffs)}]" if diffs else "n/a")
             tag = f"{dmg:+.4f}" + (" (noise, excluded)" if noise else "")
             lines.append(f"| {key[0]} | {key[1]} | {{{key[2]}}} | {tag} | {ZOO_METHOD_NAMES[ours]} | "
@@ -633,6 +656,16 @@ def zoo_markdown(zoo: dict, img_rel: str = "img") -> list[str]:
               + (": " + "; ".join(excluded) if excluded else "") + ".", "",
               "**Verdict** (rule: reproduced when ours is better in at least 75% of the baseline-bits-seed "
               "comparisons, not reproduced at 50% or less): " + "; ".join(verdicts) + ".", ""]
+    if len(models) > 1:
+        counted = [m for m in models if any(k[0] == m for k in per_model)]
+        lines += ["Per model (rows in the verdict only; mean of baseline − ours in bpb over every baseline, bit level "
+                  "and seed): " + "; ".join(
+                      f"{m}: " + ", ".join(f"{ZOO_METHOD_NAMES[o]} better in {per_model[(m, o)][0]}/{per_model[(m, o)][1]} "
+                                           f"({st.mean(per_model[(m, o)][2]):+.4f})"
+                                           for o in ("router", "router+maxvar") if per_model[(m, o)][1])
+                      for m in counted)
+                  + "." + ("".join(f" {m}: every row below the damage threshold, not counted."
+                                   for m in models if m not in counted)), ""]
     # router-norm statistics
     lines += ["### Router-norm change on the zoo models", "",
               "| model | seed | layer | signed change (fine-tuned − pre-trained) per expert | final norm per expert |",
@@ -648,8 +681,9 @@ def zoo_markdown(zoo: dict, img_rel: str = "img") -> list[str]:
                                                             f"(min {min(v):+.2f}, max {max(v):+.2f})" for k, v in stab.items())
                   + ". Note that different build seeds start from different inits, so experts are not "
                   "the same units across seeds; this measures whether the *distribution* of ranks by expert id "
-                  "repeats, which it need not. The same-seed check (different fine-tune data order) is the "
-                  "control that would separate signal from noise; it is listed below as not run."]
+                  "repeats, which it need not. The same-seed check (the repeat fine-tune with another data order, "
+                  "next section) is what separates signal from noise."
+                  + (" " + ", ".join(single) + ": one build seed, no pair, so no number here." if single else "")]
     else:
         lines += ["", "Rank stability across seeds: **not run** (a single build seed)."]
     ctrl = [r for r in runs if r.get("controls")]
@@ -662,23 +696,33 @@ def zoo_markdown(zoo: dict, img_rel: str = "img") -> list[str]:
                   "| model | seed | layer | ρ(fine-tune, repeat) | ρ(fine-tune, control) | mean abs change: fine-tune / repeat / control |",
                   "|---|---|---|---|---|---|"]
         rep, con = [], []
+        by_model = defaultdict(lambda: ([], []))
         for r in ctrl:
             c = r["controls"]
             for layer in c["finetune"]:
                 a = lambda key: st.mean(abs(v) for v in c[key][layer])
                 rep.append(c["spearman"]["repeat"][layer])
                 con.append(c["spearman"]["control"][layer])
+                by_model[r["model"]][0].append(rep[-1])
+                by_model[r["model"]][1].append(con[-1])
                 lines.append(f"| {r['model']} | {r['seed']} | {layer} | {rep[-1]:+.2f} | {con[-1]:+.2f} | "
                              f"{a('finetune'):.3f} / {a('repeat'):.3f} / {a('control'):.3f} |")
         mr, mc = st.mean(rep), st.mean(con)
         v = ("reproduced" if mr >= 0.5 and mr > mc + 0.2 else "not reproduced" if mr <= mc else "mixed")
         lines += ["", f"**Verdict: {v}** (rule: the change is a task signal when the repeat agrees with the "
                   "fine-tune, mean ρ at least 0.5, clearly more than the control does, by 0.2; noise when the repeat agrees "
-                  f"no better than the control). Mean ρ: repeat {mr:+.2f} ({len(rep)} layers), control {mc:+.2f}. "
-                  "With 8 experts a layer, one ρ has a standard error of about 0.4, so single layers mean little."]
+                  f"no better than the control). Mean ρ: repeat {mr:+.2f} ({len(rep)} layers), control {mc:+.2f}"
+                  + (" (per model, repeat / control: " + "; ".join(f"{m} {st.mean(a):+.2f} / {st.mean(b):+.2f}"
+                                                                   for m, (a, b) in sorted(by_model.items())) + ")"
+                     if len(by_model) > 1 else "")
+                  + ". One ρ over n experts has a standard error of about 1/sqrt(n−1) (0.38 for 8 experts, 0.26 for "
+                  "16), so single layers mean little."]
     missing = ([] if any(r["arch"] == "switch" for r in runs) else ["the Switch-architecture models"]) + \
               ([] if any(r["model"].startswith("small") for r in runs) else ["the `small` zoo models"]) + \
-              ([] if ctrl else ["a same-domain control fine-tune"])
+              ([] if ctrl else ["a same-domain control fine-tune"]) + \
+              [f"the control fine-tunes of {m}" for m in models if ctrl and not any(r["model"] == m for r in ctrl)] + \
+              ([f"more than one build seed of {', '.join(single)} (no spread, no cross-seed rank stability for "
+                f"{'it' if len(single) == 1 else 'them'})"] if single else [])
     lines += ["", "**Not run yet** (no number exists for them): " + "".join(m + ", " for m in missing)
               + "the pre-train-only setting scored by the change from the initialisation (the zoo does not keep "
               "the init checkpoint, so that setting uses the final norm, as the paper's Mixtral code does), and downstream (cloze) accuracy at every point.", ""]

@@ -129,6 +129,7 @@ def run_model(sweep: ZooSweep, name: str, seed: int, progress: bool = True) -> d
     from moe_export.zoo.train import load
 
     entry = get_entry(name)
+    t_start = time.perf_counter()
     folder = build(name, seed=seed, progress=progress)
     rec = {"model": name, "seed": seed, "arch": entry.arch, "scores": router_scores(folder), "points": [], "float": {}}
     for setting in sweep.settings:
@@ -167,6 +168,7 @@ def run_model(sweep: ZooSweep, name: str, seed: int, progress: bool = True) -> d
             rec["points"].append({"setting": setting, "levels": ls, "avg_bits": avg, "method": method,
                                   **{k: sum(r[k] for r in res) / len(res) for k in res[0] if k != "bits"},
                                   "bits": res[0]["bits"]})
+    rec["wall_s"] = time.perf_counter() - t_start
     return rec
 
 
@@ -180,7 +182,7 @@ def run_zoo(sweep: ZooSweep, progress: bool = True, cache_dir=None) -> dict:
     from moe_export.io import atomic_write_json
 
     t0 = time.perf_counter()
-    runs = []
+    runs, reused = [], []
     # what a record depends on (not which records are asked for)
     identity = lambda d: {k: v for k, v in d.items() if k not in ("controls", "models", "seeds", "model_seeds")}
     for name in sweep.models:
@@ -193,18 +195,19 @@ def run_zoo(sweep: ZooSweep, progress: bool = True, cache_dir=None) -> dict:
                 saved = json.loads(cached.read_text())
                 if identity(saved.get("sweep", {})) == key:
                     rec = saved["run"]
+                    reused.append(f"{name}@{seed}")
             if rec is None:
                 rec = run_model(sweep, name, seed, progress)
                 if cached is not None:
                     atomic_write_json(cached, {"sweep": key, "run": rec})
-            if sweep.controls:
-                ccache = Path(cache_dir) / f"{name}-s{seed}-controls.json" if cache_dir else None
-                if ccache is not None and ccache.exists():
-                    rec["controls"] = json.loads(ccache.read_text())
-                else:
-                    rec["controls"] = control_finetunes(name, seed, progress)
-                    if ccache is not None:
-                        atomic_write_json(ccache, rec["controls"])
+            # controls=False computes no control fine-tune but still reports one already in the cache
+            ccache = Path(cache_dir) / f"{name}-s{seed}-controls.json" if cache_dir else None
+            if ccache is not None and ccache.exists():
+                rec["controls"] = json.loads(ccache.read_text())
+            elif sweep.controls:
+                rec["controls"] = control_finetunes(name, seed, progress)
+                if ccache is not None:
+                    atomic_write_json(ccache, rec["controls"])
             runs.append(rec)
     stability = {}
     for name in sweep.models:
@@ -215,7 +218,8 @@ def run_zoo(sweep: ZooSweep, progress: bool = True, cache_dir=None) -> dict:
                     for key in ("change", "final_norm"):
                         stability.setdefault(f"{name}/{key}", []).append(
                             spearman(rs[i]["scores"][layer][key], rs[j]["scores"][layer][key]))
-    return {"sweep": sweep.to_dict(), "runs": runs, "rank_stability": stability, "wall_s": time.perf_counter() - t0}
+    return {"sweep": sweep.to_dict(), "runs": runs, "rank_stability": stability, "wall_s": time.perf_counter() - t0,
+            "reused": reused}
 
 
 QUICK = ZooSweep(avg_bits={"3,2": [2.0, 2.5, 3.0], "3,2,1": [1.5, 2.0, 2.5]}, random_seeds=(0, 1))
