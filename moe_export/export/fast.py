@@ -101,6 +101,15 @@ class DenseExperts(nn.Module):
         self.act_fn = act_fn
         self.num_experts = len(gate)
         self.expert_bits = list(expert_bits)
+        self.skip_unrouted = False
+        self._expert_fns = [lambda x, e=e: self._expert(e, x) for e in range(self.num_experts)]
+
+    def _expert(self, e: int, x):  # [T, H] -> [T, H]
+        if self.up is None:
+            gate, up = self.gate[e](x).chunk(2, dim=-1)  # [T, I] each
+        else:
+            gate, up = self.gate[e](x), self.up[e](x)
+        return self.down[e](self.act_fn(gate) * up)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, H], [T, k], [T, k]
         x = hidden_states
@@ -108,13 +117,16 @@ class DenseExperts(nn.Module):
         route = ((top_k_index.unsqueeze(-1) == experts).to(x.dtype) * top_k_weights.unsqueeze(-1).to(x.dtype)).sum(1)  # [T, E]
         ys = []
         for e in range(self.num_experts):
-            if self.up is None:
-                gate, up = self.gate[e](x).chunk(2, dim=-1)  # [T, I] each
+            if self.skip_unrouted:  # an ONNX If per expert: at decode only the k routed experts run
+                ys.append(torch.cond(route[:, e].sum() > 0, self._expert_fns[e], _zeros_like, (x,)))
             else:
-                gate, up = self.gate[e](x), self.up[e](x)
-            ys.append(self.down[e](self.act_fn(gate) * up))  # [T, H]
+                ys.append(self._expert(e, x))  # [T, H]
         y = torch.stack(ys, dim=1)  # [T, E, H]
         return torch.bmm(route.unsqueeze(1), y).squeeze(1)  # [T, H]
+
+
+def _zeros_like(x):
+    return torch.zeros_like(x)
 
 
 def _split_experts(ex: PackedMixedExperts, make, fused: bool = False) -> "DenseExperts":
