@@ -56,6 +56,14 @@ def test_nbits_linear_matches_stored_expert(zoo_fast):
                 assert torch.equal(lin(x), torch.nn.functional.linear(x, ref))
 
 
+def _nodes(graph):  # every node, If branches included
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.g is not None and a.g.node:
+                yield from _nodes(a.g)
+
+
 def _qparams(w, e):
     from moe_export.export.fast import _expert_qparams
 
@@ -87,12 +95,13 @@ def test_onnx_fast_graph_parity_size(zoo_fast):
     onnx.checker.check_model(proto, full_check=True)
     ops = onnx_ops(proto)
     assert ops["com.microsoft::MatMulNBits"] == 2 * 8 * 2  # layers x experts x (gate_up, down)
+    assert ops["If"] == 2 * 8  # one per expert: unrouted experts are skipped
     assert "com.microsoft::GatherBlockQuantized" not in ops and "Mod" not in ops  # no in-graph unpack left
     meta = onnx_metadata(proto)
     assert meta["moe_export.onnx_mode"] == "fast" and meta["moe_export.accuracy_level"] == "4"
     assert json.loads(meta["moe_export.containers"]) == {"2": 2, "3": 4, "4": 4, "8": 8}
     assert "int3 experts stored as 4-bit" in meta["moe_export.note"]
-    attrs = {a.name: a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute}
+    attrs = {a.name: a.i for n in _nodes(proto.graph) if n.op_type == "MatMulNBits" for a in n.attribute}
     assert attrs["accuracy_level"] == 4 and attrs["block_size"] == 32
     # 3-bit experts at 4 bits a weight: above the packed theoretical size, measured +3.1% on this model
     theory = theoretical_size(zoo_fast["prepared"])["total"]
