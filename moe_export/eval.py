@@ -120,22 +120,27 @@ def bits_per_byte(logits_fn: LogitsFn, tokenizer, ids: torch.Tensor | str, seq_l
 # --- multiple choice ---------------------------------------------------------------------------
 
 
+def _tail_logprobs(logits_fn: LogitsFn, seqs: torch.Tensor, C: int, batch: int, progress: bool, desc: str) -> torch.Tensor:
+    """Sum of log p(seqs[:, C:] | seqs[:, :C]) for each row of ``seqs`` [M, C + L] -> [M]."""
+    if _score_from(logits_fn, seqs.shape[1]) > C - 1:
+        raise ValueError(f"context of {C} tokens is too short for this logits_fn at length {seqs.shape[1]}")
+    out = []
+    for i in tqdm(range(0, seqs.shape[0], batch), desc=desc, disable=not progress, leave=False):
+        x = seqs[i : i + batch]
+        logits = logits_fn(x)
+        _check_logits(logits, x)
+        logp = torch.log_softmax(logits[:, C - 1 : -1].double(), dim=-1)  # [b, L, V]
+        out.append(logp.gather(-1, x[:, C:].unsqueeze(-1)).squeeze(-1).sum(-1))
+    return torch.cat(out)
+
+
 def choice_logprobs(logits_fn: LogitsFn, contexts: torch.Tensor, choices: torch.Tensor, batch_size: int = 8,
                     progress: bool = True, desc: str = "choices") -> torch.Tensor:
     """Sum of log p(choice tokens | context) for contexts [N, C] and choices [N, K, L] -> [N, K]."""
     N, K, L = choices.shape
     C = contexts.shape[1]
     seqs = torch.cat([contexts.unsqueeze(1).expand(N, K, C), choices], dim=-1).reshape(N * K, C + L)  # [N*K, T]
-    if _score_from(logits_fn, C + L) > C - 1:
-        raise ValueError(f"context of {C} tokens is too short for this logits_fn at length {C + L}")
-    out = []
-    for i in tqdm(range(0, N * K, batch_size * K), desc=desc, disable=not progress, leave=False):
-        x = seqs[i : i + batch_size * K]
-        logits = logits_fn(x)
-        _check_logits(logits, x)
-        logp = torch.log_softmax(logits[:, C - 1 : -1].double(), dim=-1)  # [b, L, V]
-        out.append(logp.gather(-1, x[:, C:].unsqueeze(-1)).squeeze(-1).sum(-1))
-    return torch.cat(out).view(N, K)
+    return _tail_logprobs(logits_fn, seqs, C, batch_size * K, progress, desc).view(N, K)
 
 
 def multiple_choice_accuracy(logits_fn: LogitsFn, contexts, choices, answer, batch_size: int = 8,
@@ -151,16 +156,7 @@ def context_logprobs(logits_fn: LogitsFn, contexts: torch.Tensor, continuation: 
     N, K, C = contexts.shape
     L = continuation.shape[1]
     seqs = torch.cat([contexts, continuation.unsqueeze(1).expand(N, K, L)], dim=-1).reshape(N * K, C + L)  # [N*K, T]
-    if _score_from(logits_fn, C + L) > C - 1:
-        raise ValueError(f"context of {C} tokens is too short for this logits_fn at length {C + L}")
-    out = []
-    for i in tqdm(range(0, N * K, batch_size * K), desc=desc, disable=not progress, leave=False):
-        x = seqs[i : i + batch_size * K]
-        logits = logits_fn(x)
-        _check_logits(logits, x)
-        logp = torch.log_softmax(logits[:, C - 1 : -1].double(), dim=-1)  # [b, L, V]
-        out.append(logp.gather(-1, x[:, C:].unsqueeze(-1)).squeeze(-1).sum(-1))
-    return torch.cat(out).view(N, K)
+    return _tail_logprobs(logits_fn, seqs, C, batch_size * K, progress, desc).view(N, K)
 
 
 def cloze(logits_fn: LogitsFn, tokenizer, corpus: str, seq_len: int, n_items: int = 200, choice_len: int | None = None,
