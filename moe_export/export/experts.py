@@ -120,6 +120,20 @@ class WidthGroups:
             seen[b] = slot[-1] + 1
         return cls(packed, scale, zero, bits, slot, n, k)
 
+    @classmethod
+    def from_packed(cls, t) -> "WidthGroups":
+        """The width groups a ``MixedWidthExpertsTensor`` (3-D) or ``PackedLinearWeight`` (2-D, one expert)
+        already holds, taken as they are: no unpack and repack of the bytes."""
+        if t.dim() == 2:
+            b = t.bits
+            zero = None if t.zero is None else t.zero.unsqueeze(0)
+            return cls({b: t.packed.unsqueeze(0)}, {b: t.scale.unsqueeze(0)}, {b: zero}, [b], [0],
+                       t.packed.shape[0], t.packed.shape[1] * 8 // b)
+        packed, scale, zero = {}, {}, {}
+        for b, p, s, z in t.groups():
+            packed[b], scale[b], zero[b] = p, s, z
+        return cls(packed, scale, zero, list(t.bit_widths), list(t.slots), t.out_features, t.in_features)
+
     def nbytes(self) -> int:
         total = 0
         for b in self.packed:

@@ -47,7 +47,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
             if gu.transposed or down.transposed:
                 raise NotImplementedError(f"{name}: transposed expert stacks are not exportable yet")
             block.experts = PackedMixedExperts(
-                WidthGroups.from_quantized(gu.to_quantized()), WidthGroups.from_quantized(down.to_quantized()), ex.act_fn
+                WidthGroups.from_packed(gu), WidthGroups.from_packed(down), ex.act_fn
             )
         elif isinstance(gu, MixedWidthExpertsTensor) or isinstance(down, MixedWidthExpertsTensor):
             raise ValueError(f"{name}: only one of gate_up_proj/down_proj is quantized; quantize both or neither")
@@ -58,7 +58,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
                 raise NotImplementedError(f"{name}: transposed packed linear weights are not exportable yet")
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr,
-                    PackedLinear(WidthGroups.from_quantized([w.to_quantized()]), mod.bias))
+                    PackedLinear(WidthGroups.from_packed(w), mod.bias))
     if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
         if not any(isinstance(b.experts, PackedMixedExperts) for _, b in moe_blocks(model)):
             model.set_experts_implementation("batched_mm")
