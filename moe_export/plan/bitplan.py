@@ -111,7 +111,7 @@ class BitPlan:
             raise BitPlanError(f"quantizer.group_size must be a positive integer or null (whole row), got {q.group_size!r}")
         if not isinstance(q.symmetric, bool):
             raise BitPlanError(f"quantizer.symmetric must be true or false, got {q.symmetric!r}")
-        if not self.levels or not all(_is_int(b) for b in self.levels):
+        if not isinstance(self.levels, (list, tuple)) or not self.levels or not all(_is_int(b) for b in self.levels):
             raise BitPlanError(f"bit plan 'levels' must be a non-empty list of integers, got {self.levels!r}")
         for b in self.levels:
             _check_bits(b, "levels")
