@@ -10,11 +10,24 @@ expert inside the group, -1 where that expert has another width: row of zeros), 
 with AVX2/FMA when ``/proc/cpuinfo`` lists them. Without a working compiler, or for widths the kernel does
 not cover (5-7 bits), the op runs the plain-torch reference (one warning). ``MOE_EXPORT_CPU_KERNEL=0``
 turns the op off in ``moe_export_mixed`` (the old inductor path runs instead).
+
+The same build registers two dispatcher ops (C++ all the way, so a compiled graph calls the kernel with no
+Python function in between; their fake kernels are registered here once the build is loaded):
+
+    torch.ops.moe_export.cpu_moe_ffn(x, topk_ids, topk_weights, expert_bits, slots, bits,
+                                     up_packed, up_scale, up_zero, down_packed, down_scale, down_zero) -> [T, H]
+    torch.ops.moe_export.cpu_packed_linear(x, packed, scale, zero, bits) -> [..., N]
+
+``cpu_moe_ffn`` is a whole routed SwiGLU expert layer at decode (gate_up mat-vec, SiLU(gate) * up, down
+mat-vec, routing-weighted sum over the top-k pairs; every width group in one call); ``cpu_packed_linear``
+is one packed 2-D weight (quantized attention / lm_head). They exist only after :func:`fused_ready`
+returned True; callers check it first (it is a compile-time constant for ``torch.compile``).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -25,6 +38,7 @@ KERNEL_BITS = (1, 2, 3, 4, 8)
 _SOURCE = Path(__file__).with_name("cpu_mixed_width.cpp")
 _modules: dict[bool, object] = {}
 _failed = False
+_lock = threading.RLock()
 
 
 def _cpu_flags() -> set[str]:
@@ -38,8 +52,13 @@ def _cpu_flags() -> set[str]:
 
 
 def load(simd: bool = True):
-    """The compiled extension (``mixed_width_gemv``, ``has_simd``); ``simd=False`` builds the portable path.
-    Raises if the build fails."""
+    """The compiled extension (``mixed_width_gemv``, ``has_simd``, ``moe_ffn``, ``packed_linear``); ``simd=False``
+    builds the portable path. Raises if the build fails. Thread-safe (the benchmark builds it in the background)."""
+    with _lock:
+        return _load(simd)
+
+
+def _load(simd: bool):
     if simd not in _modules:
         from torch.utils.cpp_extension import load_inline
 
@@ -47,15 +66,21 @@ def load(simd: bool = True):
         cpu = _cpu_flags()
         if simd and {"avx2", "fma"} <= cpu:
             flags += ["-mavx2", "-mfma"] + (["-mf16c"] if "f16c" in cpu else [])  # f16c: one-instruction scale loads
+            if {"avx512f", "avx512bw", "avx512vl", "avx512vbmi"} <= cpu:
+                flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi"]  # the fused ops' 16-lane path
         else:
             flags += ["-DMOE_EXPORT_NO_SIMD"]
+        if not simd:
+            flags += ["-DMOE_EXPORT_NO_OPS"]  # the dispatcher ops belong to the default build only
         _modules[simd] = load_inline(
             name="moe_export_cpu_mixed_width" + ("" if simd else "_portable"),
             cpp_sources=[_SOURCE.read_text()],
-            functions=["mixed_width_gemv", "has_simd"],
+            functions=["mixed_width_gemv", "has_simd", "moe_ffn", "packed_linear"],
             extra_cflags=flags,
             verbose=False,
         )
+        if simd:
+            _register_fakes()
     return _modules[simd]
 
 
@@ -138,3 +163,81 @@ def cpu_mixed_width_gemv(x: torch.Tensor, idx: torch.Tensor, packed: torch.Tenso
 def _(x, idx, packed, scale, zero, bits):
     _validate(x, idx, packed, scale, zero, bits)
     return x.new_empty(x.shape[0], packed.shape[1])
+
+
+# --------------------------------------------------------------------------- the fused dispatcher ops
+
+FUSED_WIDTHS = KERNEL_BITS
+
+
+@torch.compiler.assume_constant_result
+def fused_ready() -> bool:
+    """Whether ``cpu_moe_ffn`` / ``cpu_packed_linear`` exist: the default build loaded (built on the first
+    call). Under ``torch.compile`` it runs once at trace time and its answer is baked into the graph."""
+    return kernel() is not None
+
+
+def _fail(op: str, msg: str):
+    raise ValueError(f"moe_export::{op}: {msg}")
+
+
+def _check_group(op, what, packed, scale, zero, bits, k, rank):
+    if bits not in FUSED_WIDTHS:
+        _fail(op, f"{what}: bits must be one of {FUSED_WIDTHS}, got {bits}")
+    if packed.dim() != rank or packed.dtype != torch.uint8 or packed.shape[-1] * 8 != k * bits:
+        _fail(op, f"{what}: packed must be uint8 of rank {rank} with K*b/8 = {k * bits // 8} bytes a row "
+                  f"(K={k}, b={bits}); got {packed.dtype} {tuple(packed.shape)}")
+    if scale.dim() != rank or scale.dtype != torch.float16 or scale.shape[:-1] != packed.shape[:-1]:
+        _fail(op, f"{what}: scale must be float16 {tuple(packed.shape[:-1])} + [G], got {scale.dtype} {tuple(scale.shape)}")
+    g = scale.shape[-1]
+    if g == 0 or k % g or (k // g) % 8:
+        _fail(op, f"{what}: K={k} must split into {g} groups of a multiple of 8")
+    if zero is not None and (zero.shape != scale.shape or zero.dtype != torch.float16):
+        _fail(op, f"{what}: zero must be float16 like scale {tuple(scale.shape)}, got {zero.dtype} {tuple(zero.shape)}")
+
+
+def _moe_ffn_fake(x, topk_ids, topk_weights, expert_bits, slots, bits, up_packed, up_scale, up_zero, down_packed,
+                  down_scale, down_zero):
+    op = "cpu_moe_ffn"
+    if x.dim() != 2 or x.dtype != torch.float32:
+        _fail(op, f"x must be float32 [T, H], got {x.dtype} {tuple(x.shape)}")
+    t, h = x.shape
+    if topk_ids.dim() != 2 or topk_ids.dtype != torch.int64 or topk_ids.shape[0] != t:
+        _fail(op, f"topk_ids must be int64 [T={t}, k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape or not topk_weights.dtype.is_floating_point:
+        _fail(op, f"topk_weights must be a float tensor shaped like topk_ids {tuple(topk_ids.shape)}, got "
+                  f"{topk_weights.dtype} {tuple(topk_weights.shape)}")
+    n = len(bits)
+    if n == 0 or any(len(v) != n for v in (up_packed, up_scale, up_zero, down_packed, down_scale, down_zero)):
+        _fail(op, f"one packed/scale/zero entry per width for both projections ({n} widths)")
+    if len(expert_bits) != len(slots) or not expert_bits or set(expert_bits) - set(bits):
+        _fail(op, f"expert_bits {list(expert_bits)} / slots {list(slots)}: one entry per expert, widths among {list(bits)}")
+    inter = None
+    for b, pu, su, zu, pd, sd, zd in zip(bits, up_packed, up_scale, up_zero, down_packed, down_scale, down_zero):
+        _check_group(op, "gate_up", pu, su, zu, b, h, 3)
+        if pu.shape[1] % 2 or (inter is not None and pu.shape[1] != 2 * inter):
+            _fail(op, "gate_up rows must be 2*I, the same for every width")
+        inter = pu.shape[1] // 2
+        _check_group(op, "down", pd, sd, zd, b, inter, 3)
+        if pd.shape[:2] != (pu.shape[0], h):
+            _fail(op, f"down stack of width {b} is {tuple(pd.shape)}, expected [{pu.shape[0]}, {h}, {inter * b // 8}]")
+    return x.new_empty(t, h)
+
+
+def _packed_linear_fake(x, packed, scale, zero, bits):
+    op = "cpu_packed_linear"
+    if x.dim() < 1 or x.dtype != torch.float32:
+        _fail(op, f"x must be float32 [..., K], got {x.dtype} {tuple(x.shape)}")
+    _check_group(op, "weight", packed, scale, zero, bits, x.shape[-1], 2)
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+_fakes_done = False
+
+
+def _register_fakes() -> None:
+    global _fakes_done
+    if not _fakes_done:
+        torch.library.register_fake("moe_export::cpu_moe_ffn")(_moe_ffn_fake)
+        torch.library.register_fake("moe_export::cpu_packed_linear")(_packed_linear_fake)
+        _fakes_done = True

@@ -21,6 +21,71 @@ def test_interleaved_median_and_errors():
         latency.interleaved({"a": lambda: None}, reps=0)
 
 
+def test_interleaved_budget_cuts_only_slow_variants():
+    import time
+
+    calls = {"fast": 0, "slow": 0}
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.02)
+
+    rows = latency.interleaved({"fast": lambda: calls.__setitem__("fast", calls["fast"] + 1), "slow": slow}, reps=20,
+                               warmup=2, progress=False, budget_s=0.1)
+    assert rows["fast"]["n"] == 20 and calls["fast"] == 1 + 2 + 20
+    assert latency.MIN_REPS <= rows["slow"]["n"] <= 5  # 0.1 s of 20 ms calls, at least MIN_REPS
+    assert calls["slow"] == 1 + 1 + rows["slow"]["n"]  # one warm-up call once it is known to be slow
+    rows = latency.interleaved({"slower": lambda: time.sleep(0.06)}, reps=20, progress=False, budget_s=0.1, burst=3)
+    assert rows["slower"]["n"] == 1  # 3 calls would not fit the budget: one timed call, no burst
+
+
+def test_interleaved_burst_times_warm_calls_back_to_back():
+    order = []
+    rows = latency.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, reps=2, warmup=0,
+                               progress=False, burst=3)
+    assert rows["a"]["n"] == rows["b"]["n"] == 6
+    # first calls, then per round: a (untimed + 3 timed), b (same)
+    assert order == ["a", "b"] + (["a"] * 4 + ["b"] * 4) * 2
+
+
+def test_parse_non_expert():
+    from moe_export.bench.run import DEFAULT_NON_EXPERT, parse_non_expert
+
+    assert parse_non_expert(DEFAULT_NON_EXPERT, 128) == {
+        "attention": {"bits": 4, "group_size": 128, "symmetric": False},
+        "lm_head": {"bits": 8, "group_size": None, "symmetric": True}}
+    assert parse_non_expert("attention=3:32:sym", 64) == {"attention": {"bits": 3, "group_size": 32, "symmetric": True}}
+    assert parse_non_expert("float", 64) == {} and parse_non_expert(None, 64) == {}
+    for bad in ("attn=4", "attention=x", "attention=4:big", "attention"):
+        with pytest.raises(ValueError, match="non-expert item"):
+            parse_non_expert(bad, 64)
+
+
+def test_bytes_per_decoded_token_counts_quantized_non_expert_weights():
+    from moe_export.model_configs import tiny_random_model
+    from moe_export.models import find_moe_layers
+    from moe_export.plan.bitplan import BitPlan
+    from moe_export.quant.base import theoretical_bytes
+
+    model = tiny_random_model("MixtralForCausalLM")
+    cfg = model.config
+    plan = BitPlan.uniform(find_moe_layers(model), 4, group_size=32)
+    base = roofline.bytes_per_decoded_token(model, plan)
+    plan.non_expert = {**plan.non_expert, "lm_head": {"bits": 8, "group_size": None, "symmetric": True}}
+    q = roofline.bytes_per_decoded_token(model, plan)
+    v, h = cfg.vocab_size, cfg.hidden_size
+    assert base["non_expert"] - q["non_expert"] == pytest.approx(v * h * 4 - theoretical_bytes(v, h, 8, None, True))
+    assert q["routed_experts"] == base["routed_experts"]
+
+
+def test_own_code_gives_each_compiled_variant_its_cache():
+    from moe_export.bench.run import _own_code
+
+    a, b = _own_code(torch.nn.Linear(4, 4)), _own_code(torch.nn.Linear(4, 4))
+    assert type(a).forward.__code__ is not type(b).forward.__code__
+    assert isinstance(a, torch.nn.Linear) and torch.equal(a(torch.ones(1, 4)), torch.nn.functional.linear(torch.ones(1, 4), a.weight, a.bias))
+
+
 def test_linear_experts_match_fused_experts():
     from moe_export.model_configs import tiny_random_model
 
@@ -64,7 +129,9 @@ def test_run_bench_eager_only_writes_json_and_markdown(tmp_path):
     assert data["settings"]["baseline"] == "float eager"
     dec = data["latency"]["decode"]
     assert set(dec) == {"float eager", "quantized eager"}
-    assert all(dec[n]["ms"] > 0 and dec[n]["n"] == 3 for n in dec)
+    from moe_export.bench.run import BURST
+
+    assert all(dec[n]["ms"] > 0 and dec[n]["n"] == 3 * BURST for n in dec)
     assert dec["float eager"]["speedup_vs_baseline"] == pytest.approx(1.0)
     assert data["latency"]["prefill"]["quantized eager"]["ms"] > 0
     assert data["block"]["decode"]["quantized eager"]["ms"] > 0
@@ -75,6 +142,14 @@ def test_run_bench_eager_only_writes_json_and_markdown(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| quantized eager |" in md and "## Roofline" in md and "## Targets" in md
     assert any("quantized checkpoint" in t["target"] for t in res["targets"])
+    pl = data["plan"]  # the default bench plan quantizes attention (4 bits) and lm_head (8 bits), and says so
+    assert set(pl["non_expert"]) == {"attention", "lm_head"} and pl["mean_bits"] <= 3
+    assert pl["expert_bits_per_weight"] > pl["mean_bits"] and 0 < pl["model_bits_per_weight"] < 32
+    assert "attention 4-bit" in md and "lm_head 8-bit per-row sym" in md and "bits a weight" in md
+    assert data["roofline"]["bytes_quantized"]["non_expert"] < data["roofline"]["bytes_float"]["non_expert"]
+    # the machine's load is recorded beside the times, since other jobs inflate them
+    assert data["settings"]["load_avg_start"] >= 0 and data["settings"]["load_avg_end"] >= 0
+    assert f"on {data['settings']['cpus']} CPUs" in md
 
 
 @pytest.mark.slow
@@ -85,12 +160,13 @@ def test_run_bench_writes_json_and_markdown(tmp_path):
     model = tiny_random_model("MixtralForCausalLM", num_layers=1)
     docs = tmp_path / "benchmarks.md"
     res = run_bench(model, tmp_path / "out", quick=True, reps=2, offline=True, rss=True, docs=docs, progress=False,
-                    echo=lambda *_: None)
+                    pte_modes=("packed", "xnnpack-int"), echo=lambda *_: None)
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["plan"]["mean_bits"] <= 3
     dec = data["latency"]["decode"]
     for name in ("float eager", "float compiled", "quantized eager", "quantized compiled", "pte quantized (packed)",
-                 "pte float (xnnpack)", "onnx quantized", "onnx float", "torchao intx-wo int4 g32 eager"):
+                 "pte quantized (xnnpack-int)", "pte float (xnnpack)", "onnx quantized (packed)", "onnx quantized (fast)",
+                 "onnx float", "torchao intx-wo int4 g32 eager"):
         assert dec[name]["ms"] > 0, (name, dec[name])
         assert data["latency"]["prefill"][name]["ms"] > 0, name
     assert dec["float compiled"]["speedup_vs_baseline"] == pytest.approx(1.0)
@@ -99,6 +175,9 @@ def test_run_bench_writes_json_and_markdown(tmp_path):
     sizes = {r["artifact"]: r for r in data["sizes"]}
     assert sizes["pte quantized (packed)"]["bytes"] < sizes["pte float (xnnpack)"]["bytes"]
     assert sizes["pte quantized (packed)"]["rss"]["peak_MB"] > 0
+    assert data["parity"]["onnx quantized (fast)"]["approximate"] and not data["parity"]["onnx quantized (packed)"]["approximate"]
+    assert data["parity"]["pte quantized (packed)"]["max_rel_err_vs_eager"] < 1e-4
+    assert data["step_profile"]["quantized compiled"]["weight_kernels_ms"] > 0
     assert {r["quantizer"] for r in data["offline"]["quantize"] if r.get("weights_per_s", 0) > 0} == {"rtn", "hqq", "gptq"}
     md = docs.read_text()
     assert md == (tmp_path / "out" / "results.md").read_text()
@@ -106,3 +185,39 @@ def test_run_bench_writes_json_and_markdown(tmp_path):
                     "## Targets"):
         assert heading in md
     assert res["targets"]
+
+
+def test_fast_export_forms_take_the_quantized_non_expert_linears():
+    """The bench plan quantizes attention and lm_head: the speed export forms must give those the fast kernel
+    too (left as in-graph unpacks they would dequantize the whole weight every step). Eager forms only."""
+    from moe_export.api import MoEQuantConfig, quantize_
+    from moe_export.bench.run import DEFAULT_NON_EXPERT, parse_non_expert
+    from moe_export.export.fast import NBitsLinear, to_nbits_experts, to_xnnpack_int_experts
+    from moe_export.export.parity import sqnr
+    from moe_export.export.prepare import PackedLinear, prepare_for_export
+    from moe_export.export.wrapper import DecoderStep
+    from moe_export.model_configs import tiny_random_model
+    from tests._mixed_plans import mixed_plan
+
+    model = tiny_random_model("MixtralForCausalLM", num_layers=1)
+    plan = mixed_plan(model, widths=(3, 2))
+    plan.non_expert = {**plan.non_expert, **parse_non_expert(DEFAULT_NON_EXPERT, 32)}
+    quantize_(model, MoEQuantConfig(plan), progress=False)
+    step = DecoderStep(prepare_for_export(model), 16)
+    n_packed = sum(isinstance(m, PackedLinear) for m in step.modules())
+    assert n_packed == 5  # q, k, v, o, lm_head
+    k, v = step.empty_cache()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        ref = step(ids, torch.tensor([0]), k, v)[0]
+        nb = to_nbits_experts(step, accuracy_level=0)
+        assert not any(isinstance(m, PackedLinear) for m in nb.modules())
+        n_expert_proj = 2 * model.config.num_local_experts  # fused gate_up + down per expert
+        assert sum(isinstance(m, NBitsLinear) for m in nb.modules()) == n_expert_proj + n_packed
+        out = nb(ids, torch.tensor([0]), k, v)[0]
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5  # the eager MatMulNBits form is exact
+        xi, counts = to_xnnpack_int_experts(step)
+        assert not any(isinstance(m, PackedLinear) for m in xi.modules())
+        # 2/3-bit experts fit int4; asymmetric 4-bit attention and the 8-bit lm_head fall back to float linears
+        assert counts == {"int4": 3 * model.config.num_local_experts, "float": n_packed}
+        assert sqnr(ref, xi(ids, torch.tensor([0]), k, v)[0]) > 30  # int8 dynamic activations

@@ -218,3 +218,23 @@ def test_packed_linear_experts_matches_dequantize_reference(p, t, per_expert):
         tol = 1e-5 * (1 + want.abs().max().item())
         err = _err(got, want[members])
         assert err <= tol, f"{b}-bit: max abs err {err:.3g} > {tol:.3g}"
+
+
+def test_flatten_is_built_once_and_matches_torchao():
+    """``__tensor_flatten__`` (called by every compiled call's guards) returns what torchao's generic one does,
+    for fresh and derived tensors, and a caller mutating the result does not corrupt the next one."""
+    import copy
+
+    from torchao.utils import TorchAOBaseTensor
+
+    _, _, _, t = _stack([3, 2, 4, 2], 16, 64, 32, False)
+    w = PackedLinearWeight.from_hp(torch.randn(16, 64), 3, 32, True)
+    derived = [t, t.transpose(1, 2), t[1:3], copy.deepcopy(t), w, w.t(), w[2:6], copy.deepcopy(w)]
+    for x in derived:
+        assert x.__tensor_flatten__() == TorchAOBaseTensor.__tensor_flatten__(x), type(x).__name__
+        names, attrs = x.__tensor_flatten__()
+        names.append("not_a_tensor")
+        attrs["bits"] = -1
+        assert x.__tensor_flatten__() == TorchAOBaseTensor.__tensor_flatten__(x)
+    assert t.slots == (0, 0, 0, 1) and t.widths == (2, 3, 4)
+    assert t[1:3].slots == (0, 0) and t[1:3].widths == (2, 4)

@@ -15,9 +15,11 @@ import torch.nn as nn
 from moe_export.quant.base import theoretical_bytes
 
 
-def measure_bandwidth(mbytes: int = 256, reps: int = 5) -> dict[str, float]:
-    """GB/s of a ``mbytes`` copy (read + write counted) and sum (read only); best of ``reps``."""
-    n = mbytes * (1 << 20) // 4
+def measure_bandwidth(mbytes: float = 256, reps: int = 5) -> dict[str, float]:
+    """GB/s of a ``mbytes`` copy (read + write counted) and sum (read only); best of ``reps``. Buffers larger
+    than the last-level cache measure DRAM; a buffer the size of one decode step's weights, read again and
+    again, measures what a step can get when its weights stay cached between steps (``cache_resident_GBps``)."""
+    n = int(mbytes * (1 << 20)) // 4
     a = torch.ones(n)
     b = torch.empty(n)
     copy_s, sum_s = [], []
@@ -48,11 +50,23 @@ def _expert_bytes_per_expert(block, plan_bits: list[int] | None, group_size, sym
     return out
 
 
+def _non_expert_bytes(p: torch.Tensor, policy) -> float:
+    """Stored bytes of one non-expert weight under the plan's policy for its role ("float" or a width)."""
+    if policy == "float" or p.dim() != 2 or p.shape[1] % 8:
+        return float(p.numel() * p.element_size())
+    gs = policy.get("group_size")
+    if gs is not None and p.shape[1] % gs:
+        return float(p.numel() * p.element_size())  # kept float by quantize_non_expert_ as well
+    return theoretical_bytes(p.shape[0], p.shape[1], int(policy["bits"]), gs, bool(policy.get("symmetric", False)))
+
+
 def bytes_per_decoded_token(float_model: nn.Module, plan=None) -> dict[str, float]:
     """Weight bytes one decoded token reads: ``top_k`` routed experts per layer (mean over the layer's experts,
-    i.e. uniform routing; packed by ``plan`` if given) + every non-expert weight except the embedding table,
-    of which one row is read. The static KV cache read is reported apart (``kv_cache``)."""
+    i.e. uniform routing; packed by ``plan`` if given) + every non-expert weight (packed where the plan's
+    ``non_expert`` policy gives its role a width) except the embedding table, of which one row is read. The
+    static KV cache read is reported apart (``kv_cache``)."""
     from moe_export.export.experts import moe_blocks
+    from moe_export.models import parameter_role
 
     cfg = float_model.config
     top_k = cfg.num_experts_per_tok
@@ -69,11 +83,14 @@ def bytes_per_decoded_token(float_model: nn.Module, plan=None) -> dict[str, floa
     emb = float_model.get_input_embeddings().weight
     other = 0.0
     seen = set(expert_ids)
-    for p in float_model.parameters():
+    policies = plan.non_expert if plan is not None else {}
+    for name, p in float_model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        other += p.element_size() * (p.shape[-1] if p is emb else p.numel())
+        policy = policies.get(parameter_role(float_model, name), "float")
+        full = _non_expert_bytes(p, policy)
+        other += full / p.shape[0] if p is emb else full  # one embedding row
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return {"routed_experts": experts, "non_expert": other, "weights": experts + other,
             "kv_cache_per_128": 2.0 * cfg.num_hidden_layers * cfg.num_key_value_heads * 128 * head_dim * 4}
@@ -81,3 +98,18 @@ def bytes_per_decoded_token(float_model: nn.Module, plan=None) -> dict[str, floa
 
 def limit_ms(nbytes: float, gbps: float) -> float:
     return nbytes / (gbps * 1e9) * 1e3
+
+
+def cache_resident_GBps(nbytes: float, reps: int = 50) -> float:
+    """GB/s of ``sum`` over a buffer of ``nbytes`` (at least 64 KB) read ``reps`` times in a row, best of 3
+    blocks: the bandwidth a decode step's weights see when they stay in the caches between steps."""
+    n = max(int(nbytes) // 4, 1 << 14)
+    a = torch.ones(n)
+    a.sum()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a.sum()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return n * 4 / best / 1e9

@@ -3,17 +3,21 @@
     from moe_export.bench.run import run_bench
     results = run_bench("tiny", "runs/bench-tiny", quick=True)   # writes results.json + results.md
 
-Steps: model -> mixed 3/2-bit plan (MaxVar, data-free) -> RTN quantize -> export (.pte, .onnx, float twins)
--> peers (torchao uniform int4, onnxruntime MatMulNBits 4-bit) -> interleaved latency (decode = 1 token with
-a static KV cache of 128, prefill = 128 tokens; whole model and MoE block 0) -> bandwidth roofline ->
+Steps: model -> mixed 3/2-bit expert plan (MaxVar, data-free) with the stated non-expert widths -> RTN quantize
+-> export (.pte and .onnx: packed and speed modes, float twins) -> peers (torchao uniform int4, onnxruntime
+MatMulNBits 4-bit) -> interleaved latency (decode = 1 token with a static KV cache of 128, prefill = 128
+tokens; whole model and MoE block 0) -> where a compiled decode step spends its time -> bandwidth roofline ->
 sizes and peak RSS (one subprocess per artifact) -> offline costs. Ratios are against float compiled.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import platform
+import threading
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -23,6 +27,15 @@ from moe_export.io import atomic_write_json, atomic_write_text
 MAX_SEQ = 128  # static KV cache of every runtime; prefill fills it, decode writes position DECODE_POS
 DECODE_POS = 64
 BASELINE = "float compiled"  # "float eager" when compile=False
+BURST = 3  # timed calls per variant per round, after one untimed call (see latency.interleaved)
+# Non-expert widths of the bench plan: attention at 4 bits in the experts' group size (the paper's setting),
+# lm_head at 8 bits per row; router, norms and the embedding table stay float (the table is read one row a
+# token). "float" keeps every non-expert weight float.
+DEFAULT_NON_EXPERT = "attention=4,lm_head=8:row:sym"
+# xnnpack-int lowers one XNNPACK delegate per expert: minutes of ExecuTorch passes (tiny: 2 min, small-mixtral:
+# 6 min on a busy 2-core machine), so --quick leaves it to the full run (or --pte-modes).
+QUICK_MODES = {"pte": ("packed",), "onnx": ("packed", "fast")}
+FULL_MODES = {"pte": ("packed", "xnnpack", "xnnpack-int"), "onnx": ("packed", "fast")}
 
 
 def _group_size(model) -> int | None:
@@ -33,10 +46,66 @@ def _group_size(model) -> int | None:
     return None
 
 
+def parse_non_expert(spec: str | dict | None, group_size: int | None) -> dict:
+    """``"attention=4,lm_head=8:row:sym"`` -> the plan's ``non_expert`` entries. Each item is
+    ``role=bits[:group][:sym|asym]``; group is an integer or ``row`` (default: the experts' group size),
+    asymmetric unless ``sym``. ``"float"`` (or empty): every role float."""
+    from moe_export.plan.bitplan import NON_EXPERT_ROLES
+
+    if isinstance(spec, dict):
+        return dict(spec)
+    out: dict = {}
+    if spec is None or spec.strip() in ("", "float", "none"):
+        return out
+    for item in spec.split(","):
+        role, sep, rest = item.strip().partition("=")
+        if not sep or role not in NON_EXPERT_ROLES:
+            raise ValueError(f"non-expert item {item!r}: expected role=bits[:group][:sym|asym], role one of "
+                             f"{', '.join(NON_EXPERT_ROLES)}")
+        parts = rest.split(":")
+        try:
+            bits = int(parts[0])
+        except ValueError:
+            raise ValueError(f"non-expert item {item!r}: bits must be an integer") from None
+        gs, sym = group_size, False
+        for p in parts[1:]:
+            if p in ("sym", "asym"):
+                sym = p == "sym"
+            elif p == "row":
+                gs = None
+            else:
+                try:
+                    gs = int(p)
+                except ValueError:
+                    raise ValueError(f"non-expert item {item!r}: {p!r} is not a group size, 'row', 'sym' or 'asym'") from None
+        out[role] = {"bits": bits, "group_size": gs, "symmetric": sym}
+    return out
+
+
+def _own_code(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with a forward of its own code object. torch.compile keeps one cache per code object, so
+    variants of one class compiled in one process would check each other's guards on every call (a cost
+    that lands on whichever variant was compiled first)."""
+    cls = type(module)
+    fwd = cls.forward
+    code = fwd.__code__.replace(co_name=f"{fwd.__code__.co_name}_{id(module):x}")
+    fn = types.FunctionType(code, fwd.__globals__, code.co_name, fwd.__defaults__, fwd.__closure__)
+    module.__class__ = type(cls.__name__, (cls,), {"forward": fn, "__module__": cls.__module__})
+    return module
+
+
 def _runner_fn(runner, tokens):
     k, v = torch.zeros(runner.cache_shape), torch.zeros(runner.cache_shape)
     pos = torch.tensor([0 if tokens.shape[1] > 1 else DECODE_POS], dtype=torch.long)
     return lambda: runner._run(tokens, pos, k, v)
+
+
+def _load_avg() -> float | None:
+    """1-minute load average: other jobs on a small machine inflate every absolute time of the run."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _step_fn(step, tokens):
@@ -46,13 +115,32 @@ def _step_fn(step, tokens):
 
 
 def _compiled(module):
-    return torch.compile(module, fullgraph=True, dynamic=False)
+    return torch.compile(_own_code(module), fullgraph=True, dynamic=False)
+
+
+def _plan_summary(plan, fmodel, theory: dict) -> dict:
+    from moe_export.api import theoretical_expert_bytes
+    from moe_export.bench.models import count_params
+    from moe_export.models import find_moe_layers
+
+    n_expert = sum(layer.expert_weight(p, e).numel() for layer in find_moe_layers(fmodel)
+                   for p in layer.projections for e in range(layer.num_experts))
+    n_all = count_params(fmodel)
+    return {
+        "method": plan.provenance.get("method", "maxvar"), "mean_bits": plan.mean_bits(), "levels": list(plan.levels),
+        "group_size": plan.quantizer.group_size, "symmetric": plan.quantizer.symmetric, "quantizer": "rtn",
+        "non_expert": {r: v for r, v in plan.non_expert.items() if v != "float"},
+        "expert_bits_per_weight": 8 * theoretical_expert_bytes(fmodel, plan) / n_expert,  # codes + scales/zeros
+        "model_bits_per_weight": 8 * theory["total"] / n_all,
+        "expert_params": n_expert, "params": n_all,
+    }
 
 
 def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = True, reps: int | None = None,
-              avg_bits: float = 2.5, levels=(3, 2), targets=("pte", "onnx"), compile: bool = True, peers: bool = True,
-              offline: bool = True, rss: bool = True,
-              docs: str | Path | None = None, progress: bool = True, echo=print) -> dict:
+              avg_bits: float = 2.5, levels=(3, 2), non_expert: str | dict | None = DEFAULT_NON_EXPERT,
+              targets=("pte", "onnx"), pte_modes=None, onnx_modes=None, compile: bool = True, peers: bool = True,
+              offline: bool = True, rss: bool = True, docs: str | Path | None = None, progress: bool = True,
+              echo=print) -> dict:
     from moe_export.api import MoEQuantConfig, quantize_
     from moe_export.bench import latency as lat
     from moe_export.bench import roofline, sizes
@@ -62,56 +150,78 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
     from moe_export.export.pipeline import export_artifacts
     from moe_export.export.runners import open_runner
     from moe_export.export.wrapper import DecoderStep
+    from moe_export.kernels import cpu_ops
     from moe_export.plan.methods import PlanConfig, make_plan
 
     torch.set_num_threads(1)
     t_start = time.perf_counter()
+    phases: dict[str, float] = {}
+    say = echo
+
+    def echo(msg):  # every "[i/8] ..." line starts a phase; its wall time goes into results.json (phase_s)
+        now = time.perf_counter() - t_start
+        if phases:
+            last = next(reversed(phases))
+            phases[last] = round(now - phases[last], 1)
+        phases[msg.split(":")[0].split("(")[0].strip()[:40]] = now
+        say(msg)
+
+    # the C++ kernels build (first run: tens of seconds) while the model is planned, quantized and exported
+    builder = threading.Thread(target=cpu_ops.kernel, daemon=True)
+    builder.start()
     reps = reps or (10 if quick else 30)
     baseline = BASELINE if compile else "float eager"
+    modes = QUICK_MODES if quick else FULL_MODES
+    pte_modes = tuple(pte_modes or modes["pte"])
+    onnx_modes = tuple(onnx_modes or modes["onnx"])
     out = Path(out_dir or Path("runs") / f"bench-{Path(model).name if isinstance(model, str) else 'model'}")
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"settings": {"quick": quick, "reps": reps, "threads": torch.get_num_threads(), "max_seq_len": MAX_SEQ,
                               "decode_position": DECODE_POS, "prefill_tokens": MAX_SEQ, "baseline": baseline,
-                              "torch": torch.__version__, "machine": platform.machine(), "cpu": platform.processor()}}
+                              "burst": BURST, "torch": torch.__version__, "machine": platform.machine(), "cpu": platform.processor(),
+                              "pte_modes": list(pte_modes), "onnx_modes": list(onnx_modes),
+                              "cpus": os.cpu_count(), "load_avg_start": _load_avg()}}
 
-    echo("[1/7] model and plan")
+    echo("[1/8] model and plan")
     fmodel, info = load_bench_model(model)
     info["parameters"] = count_params(fmodel)
+    info["experts_implementation"] = getattr(fmodel.config, "_experts_implementation", None)
     res["model"] = info
     gs = _group_size(fmodel)
-    plan = make_plan(fmodel, PlanConfig(avg_bits=avg_bits, levels=list(levels), method="maxvar", group_size=gs), progress=False)
-    res["plan"] = {"method": "maxvar", "mean_bits": plan.mean_bits(), "levels": list(plan.levels), "group_size": gs,
-                   "quantizer": "rtn"}
+    cfg = PlanConfig(avg_bits=avg_bits, levels=list(levels), method="maxvar", group_size=gs)
+    cfg.non_expert = {**cfg.non_expert, **parse_non_expert(non_expert, gs)}
+    plan = make_plan(fmodel, cfg, progress=False)
     qmodel = quantize_(copy.deepcopy(fmodel), MoEQuantConfig(plan, quantizer="rtn"), progress=False)
     fdir, qdir = out / "float", out / "quantized"
     fmodel.save_pretrained(fdir)
     save_quantized(qmodel, qdir, plan=plan)
 
-    echo(f"[2/7] export {', '.join(targets) or 'nothing'} (quantized and float)")
-    modes = ("packed",) if quick else ("packed", "xnnpack")
+    echo(f"[2/8] export {', '.join(targets) or 'nothing'}: pte {', '.join(pte_modes)}; onnx {', '.join(onnx_modes)}; float twins")
     t0 = time.perf_counter()
     if targets:
-        report = export_artifacts(qmodel, out / "export", targets=tuple(targets), pte_modes=modes, float_model=fmodel,
-                                  max_seq_len=MAX_SEQ, check=not quick, latency=False, progress=progress)
+        report = export_artifacts(qmodel, out / "export", targets=tuple(targets), pte_modes=pte_modes,
+                                  onnx_modes=onnx_modes, float_model=fmodel, max_seq_len=MAX_SEQ, check=False,
+                                  latency=False, progress=progress)
     else:
         from moe_export.export.prepare import prepare_for_export, theoretical_size
 
         report = {"theoretical": theoretical_size(prepare_for_export(qmodel)), "artifacts": []}
     res["export"] = {"s": time.perf_counter() - t0, "theoretical": report["theoretical"], "artifacts": report["artifacts"]}
+    res["plan"] = _plan_summary(plan, fmodel, report["theoretical"])
 
     peer_models = {}
     if peers:
-        echo("[3/7] peers: torchao uniform int4 on per-expert nn.Linear, onnxruntime MatMulNBits 4-bit")
+        echo("[3/8] peers: torchao uniform int4 on per-expert nn.Linear, onnxruntime MatMulNBits 4-bit")
         from moe_export.bench.peers import expert_bytes_of, matmulnbits_onnx, torchao_peer
 
         res["peers"] = {}
-        for cfg in (("intx-wo",) if quick else ("intx-wo", "int8da-intx")):
+        for pcfg in (("intx-wo",) if quick else ("intx-wo", "int8da-intx")):
             try:
-                pm = torchao_peer(fmodel, cfg, bits=4, group_size=32)
-                peer_models[f"torchao {cfg} int4 g32"] = pm
-                res["peers"][f"torchao {cfg} int4 g32"] = {"expert_bytes": expert_bytes_of(pm)}
+                pm = torchao_peer(fmodel, pcfg, bits=4, group_size=32)
+                peer_models[f"torchao {pcfg} int4 g32"] = pm
+                res["peers"][f"torchao {pcfg} int4 g32"] = {"expert_bytes": expert_bytes_of(pm)}
             except Exception as err:
-                res["peers"][f"torchao {cfg} int4 g32"] = {"error": f"{type(err).__name__}: {err}"[:200]}
+                res["peers"][f"torchao {pcfg} int4 g32"] = {"error": f"{type(err).__name__}: {err}"[:200]}
         fonnx = [a["path"] for a in report["artifacts"] if a["target"] == "onnx-float"]
         try:
             if fonnx:
@@ -119,69 +229,119 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
         except Exception as err:
             res["peers"]["ort MatMulNBits int4 g32"] = {"error": f"{type(err).__name__}: {err}"[:200]}
 
-    echo("[4/7] latency (interleaved, median)")
+    builder.join()
+    echo("[4/8] latency (interleaved, median)")
     gen = torch.Generator().manual_seed(0)
     vocab = fmodel.config.vocab_size
     dec_ids = torch.randint(0, vocab, (1, 1), generator=gen)
     pre_ids = torch.randint(0, vocab, (1, MAX_SEQ), generator=gen)
-    variants_model: dict[str, object] = {}  # name -> step module or runner
     torch_models = {"float": fmodel, "quantized": qmodel, **peer_models}
+    if compile and info["experts_implementation"] != "batched_mm":
+        # the model's own experts implementation is the baseline; batched_mm is the fastest float one at decode
+        fbmm = copy.deepcopy(fmodel)
+        fbmm.set_experts_implementation("batched_mm")
+        torch_models["float (batched_mm)"] = fbmm
+    variants_model: dict[str, tuple] = {}  # name -> ("step" | "runner", object)
     for name, m in torch_models.items():
         step = DecoderStep(m, MAX_SEQ)
-        variants_model[f"{name} eager"] = ("step", step)
-        if compile:
-            variants_model[f"{name} compiled"] = ("step", _compiled(step))
-    art_names = {}
+        if name != "float (batched_mm)":
+            variants_model[f"{name} eager"] = ("step", step)
+        if compile and not (quick and name.startswith("torchao")):  # torchao's compile takes minutes
+            label = f"{name} compiled" if "(" not in name else name.replace(" (", " compiled (")
+            variants_model[label] = ("step", _compiled(DecoderStep(m, MAX_SEQ)))
+    art_names: dict[str, str] = {}
+    art_rows: dict[str, dict] = {}
     for a in report["artifacts"]:
         kind = "pte" if a["path"].endswith(".pte") else "onnx"
         label = f"{kind} {'float' if a['target'].endswith('-float') else 'quantized'}" + (f" ({a['mode']})" if a["mode"] else "")
         art_names[label] = a["path"]
+        art_rows[label] = a
     p = (res.get("peers") or {}).get("ort MatMulNBits int4 g32", {})
     if "path" in p:
         art_names["onnx ort MatMulNBits int4 g32"] = p["path"]
+    runners = {}
     for label, path in art_names.items():
         try:
-            variants_model[label] = ("runner", open_runner(path))
+            runners[label] = open_runner(path)
+            variants_model[label] = ("runner", runners[label])
         except Exception as err:
             res.setdefault("errors", {})[label] = f"{type(err).__name__}: {err}"[:200]
     res["latency"] = {}
+    # a variant whose calls take long (portable-kernel prefill: seconds a call) gets fewer timed runs, or the
+    # full run's 30 rounds x 4 calls of it alone would take half an hour
+    budget = 6.0 if quick else 30.0
     for phase, ids in (("decode", dec_ids), ("prefill", pre_ids)):
         fns = {n: (_step_fn(o, ids) if k == "step" else _runner_fn(o, ids)) for n, (k, o) in variants_model.items()}
-        res["latency"][phase] = lat.with_ratios(lat.interleaved(fns, reps=reps, progress=progress, desc=f"model {phase}"),
-                                                baseline)
+        res["latency"][phase] = lat.with_ratios(
+            lat.interleaved(fns, reps=reps, progress=progress, desc=f"model {phase}", budget_s=budget, burst=BURST),
+            baseline)
     blocks = {n: m.model.layers[0].mlp for n, m in torch_models.items()}  # peers' experts are LinearExperts
     res["block"] = {}
     H = fmodel.config.hidden_size
+    compiled_blocks = {}
     for phase, t in (("decode", 1), ("prefill", MAX_SEQ)):
         x = torch.randn(1, t, H, generator=gen)
         fns = {}
         for n, b in blocks.items():
-            fns[f"{n} eager"] = (lambda b=b, x=x: b(x))
-            if compile:
-                cb = _compiled(b)
-                fns[f"{n} compiled"] = (lambda cb=cb, x=x: cb(x))
-        res["block"][phase] = lat.with_ratios(lat.interleaved(fns, reps=reps, progress=progress, desc=f"block {phase}"),
-                                              baseline)
+            if n != "float (batched_mm)":
+                fns[f"{n} eager"] = (lambda b=b, x=x: b(x))
+            if compile and not (quick and n.startswith("torchao")):
+                if n not in compiled_blocks:
+                    compiled_blocks[n] = _compiled(copy.copy(b))
+                cb = compiled_blocks[n]
+                label = f"{n} compiled" if "(" not in n else n.replace(" (", " compiled (")
+                fns[label] = (lambda cb=cb, x=x: cb(x))
+        res["block"][phase] = lat.with_ratios(
+            lat.interleaved(fns, reps=reps, progress=progress, desc=f"block {phase}", budget_s=budget, burst=BURST),
+            baseline)
 
     atomic_write_json(out / "results.json", res)  # partial: the latency is the costly part
 
-    echo("[5/7] memory bandwidth roofline")
-    bw = roofline.measure_bandwidth(128 if quick else 512)
+    echo("[5/8] parity of the exported artifacts vs eager quantized, and where a decode step spends its time")
+    res["parity"] = _parity(runners, art_rows, qmodel, fmodel, vocab)
+    if compile:
+        from moe_export.bench.profile import step_breakdown
+
+        prof = {}
+        for name in ("float compiled", "quantized compiled"):
+            kind, obj = variants_model.get(name, (None, None))
+            if kind == "step":
+                try:
+                    prof[name] = step_breakdown(_step_fn(obj, dec_ids), steps=20 if quick else 50)
+                except Exception as err:  # the profile is a diagnostic: keep the table
+                    prof[name] = {"error": f"{type(err).__name__}: {err}"[:200]}
+        res["step_profile"] = prof
+
+    echo("[6/8] memory bandwidth roofline")
+    bw = roofline.measure_bandwidth(512, reps=3 if quick else 5)  # larger than the last-level cache: DRAM
     bytes_f = roofline.bytes_per_decoded_token(fmodel)
     bytes_q = roofline.bytes_per_decoded_token(fmodel, plan)
+    cache_f, cache_q = (roofline.cache_resident_GBps(b["weights"]) for b in (bytes_f, bytes_q))
     res["roofline"] = {"bandwidth": bw, "bytes_float": bytes_f, "bytes_quantized": bytes_q,
                        "limit_ms_float": roofline.limit_ms(bytes_f["weights"], bw["GBps"]),
-                       "limit_ms_quantized": roofline.limit_ms(bytes_q["weights"], bw["GBps"])}
+                       "limit_ms_quantized": roofline.limit_ms(bytes_q["weights"], bw["GBps"]),
+                       "cache_GBps_float": cache_f, "cache_GBps_quantized": cache_q,
+                       "cache_limit_ms_float": roofline.limit_ms(bytes_f["weights"], cache_f),
+                       "cache_limit_ms_quantized": roofline.limit_ms(bytes_q["weights"], cache_q)}
     for name, r in res["latency"]["decode"].items():
         if "ms" in r:
-            lim = res["roofline"]["limit_ms_quantized" if _is_ours(name) else "limit_ms_float"]
-            if not name.startswith(("float", "pte float", "onnx float")) and not _is_ours(name):
-                lim = None  # peers: their own bytes differ; see the peers rows
+            lim = None
+            if _is_ours(name) and not _is_speed_mode(name):
+                lim = res["roofline"]["limit_ms_quantized"]
+            elif name.startswith(("float", "pte float", "onnx float")):
+                lim = res["roofline"]["limit_ms_float"]
+            # peers and speed modes read other bytes (int8-stored int4, 4-bit containers, float fallbacks)
             if lim:
                 r["limit_ms"] = lim
                 r["pct_of_roofline"] = 100 * lim / r["ms"]
+                clim = res["roofline"]["cache_limit_ms_quantized" if _is_ours(name) else "cache_limit_ms_float"]
+                r["pct_of_cache_roofline"] = 100 * clim / r["ms"]
+    for name, pr in (res.get("step_profile") or {}).items():
+        lim = res["roofline"]["limit_ms_quantized" if name.startswith("quantized") else "limit_ms_float"]
+        if pr.get("weight_kernels_ms"):
+            pr["weight_kernels_pct_of_roofline"] = 100 * lim / pr["weight_kernels_ms"]
 
-    echo("[6/7] sizes and peak RSS")
+    echo("[7/8] sizes and peak RSS")
     theory = report["theoretical"]["total"]
     rows = [{"artifact": "float HF checkpoint", "path": str(fdir), "bytes": sizes.disk_bytes(fdir), "kind": "hf"},
             {"artifact": "quantized checkpoint", "path": str(qdir), "bytes": sizes.disk_bytes(qdir), "kind": "quantized",
@@ -190,11 +350,14 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
         row = {"artifact": label, "path": path, "bytes": sizes.disk_bytes(path), "kind": Path(path).suffix[1:]}
         if label.startswith(("pte quantized", "onnx quantized")):
             row["theoretical_bytes"] = theory
+            if _is_speed_mode(label):
+                row["speed_mode"] = True
         rows.append(row)
     for row in rows:
         if "theoretical_bytes" in row:
             row["vs_theoretical"] = row["bytes"] / row["theoretical_bytes"]
-        if rss:
+        # one fresh process each (~5-10 s of imports): --quick measures the two checkpoints and our artifacts
+        if rss and (not quick or row["kind"] in ("hf", "quantized") or "theoretical_bytes" in row):
             row["rss"] = sizes.peak_rss(row["kind"], row["path"])
     for name, p in (res.get("peers") or {}).items():
         if "expert_bytes" in p:
@@ -202,7 +365,7 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
     res["sizes"] = rows
 
     if offline:
-        echo("[7/7] offline costs (plan per method, quantizer throughput)")
+        echo("[8/8] offline costs (plan per method, quantizer throughput)")
         from moe_export.bench.offline import CALIBRATED, DATA_FREE, plan_times, quantize_throughput
 
         batches = torch.randint(0, vocab, (4, 32) if quick else (8, 64), generator=gen)
@@ -216,21 +379,55 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
             res.setdefault("errors", {})["offline"] = f"{type(err).__name__}: {err}"[:300]
     res["targets"] = _targets(res)
     res["wall_s"] = time.perf_counter() - t_start
+    res["settings"]["load_avg_end"] = _load_avg()
+    if phases:
+        last = next(reversed(phases))
+        phases[last] = round(res["wall_s"] - phases[last], 1)
+    res["phase_s"] = phases
     atomic_write_json(out / "results.json", res)
     md = format_markdown(res)
     atomic_write_text(out / "results.md", md)
     if docs:
         atomic_write_text(docs, md)
-    echo(md)
+    say(md)
     return res
+
+
+def _parity(runners: dict, art_rows: dict, qmodel, fmodel, vocab: int, tokens: int = 16) -> dict:
+    """Logits of every quantized artifact vs eager quantized (prefill and token-by-token decode through the
+    cache): SQNR and max abs error relative to the largest logit; SQNR vs the float model too."""
+    from moe_export.export.parity import compare, hf_logits_fn
+
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
+    eager, flt = hf_logits_fn(qmodel), hf_logits_fn(fmodel)
+    out = {}
+    for label, runner in runners.items():
+        if not label.startswith(("pte quantized", "onnx quantized")):
+            continue
+        try:
+            rep = compare(runner, eager, ids, flt)
+            out[label] = {"sqnr_vs_eager_db": rep.sqnr_vs_eager_db, "decode_sqnr_vs_eager_db": rep.decode_sqnr_vs_eager_db,
+                          "max_rel_err_vs_eager": max(rep.max_abs_err_vs_eager, rep.decode_max_abs_err_vs_eager)
+                          / max(rep.logit_scale, 1e-30),
+                          "sqnr_vs_float_db": rep.sqnr_vs_float_db, "eager_sqnr_vs_float_db": rep.eager_sqnr_vs_float_db,
+                          "approximate": _is_speed_mode(label),  # both speed modes use int8 activations
+                          "ops": art_rows.get(label, {}).get("ops")}
+        except Exception as err:
+            out[label] = {"error": f"{type(err).__name__}: {err}"[:200]}
+    return out
 
 
 def _is_ours(name: str) -> bool:
     return name.startswith(("quantized", "pte quantized", "onnx quantized"))
 
 
+def _is_speed_mode(name: str) -> bool:
+    return "(fast)" in name or "(xnnpack-int)" in name
+
+
 def _targets(res: dict) -> list[dict]:
     dec = res["latency"]["decode"]
+    pl = res["plan"]
     out = []
 
     def ms(n):
@@ -238,8 +435,13 @@ def _targets(res: dict) -> list[dict]:
 
     if ms("quantized compiled") and ms(BASELINE):
         sp = ms(BASELINE) / ms("quantized compiled")
-        out.append({"target": "quantized compiled decode >= 2x float compiled (<= 3 avg bits)", "value": f"{sp:.2f}x",
-                    "met": sp >= 2 and res["plan"]["mean_bits"] <= 3})
+        out.append({"target": f"quantized compiled decode >= 2x float compiled (experts {pl['mean_bits']:.2f} <= 3 avg bits)",
+                    "value": f"{sp:.2f}x", "met": sp >= 2 and pl["mean_bits"] <= 3})
+        alt = "float compiled (batched_mm)"
+        if ms(alt):
+            sp2 = ms(alt) / ms("quantized compiled")
+            out.append({"target": f"(also) quantized compiled decode >= 2x {alt}, the fastest float decode", "value": f"{sp2:.2f}x",
+                        "met": sp2 >= 2 and pl["mean_bits"] <= 3})
     pct = dec.get("quantized compiled", {}).get("pct_of_roofline")
     if pct is not None:
         out.append({"target": "quantized compiled decode >= 50% of the bandwidth limit", "value": f"{pct:.1f}%", "met": pct >= 50})
@@ -253,6 +455,8 @@ def _targets(res: dict) -> list[dict]:
     for row in res["sizes"]:
         if "vs_theoretical" in row:
             v = row["vs_theoretical"]
-            out.append({"target": f"{row['artifact']} within 5% of theoretical size", "value": f"{v:.3f}",
-                        "met": abs(v - 1) <= 0.05})
+            what = f"{row['artifact']} within 5% of theoretical size"
+            if row.get("speed_mode"):
+                what += " (speed mode: wider containers / float fallbacks by design)"
+            out.append({"target": what, "value": f"{v:.3f}", "met": abs(v - 1) <= 0.05})
     return out

@@ -13,15 +13,24 @@ import click
               help="Zoo entry (tiny, small-mixtral; a random model of its shape if not built) or a checkpoint folder.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: runs/bench-MODEL].")
-@click.option("--reps", type=int, default=None, help="Timed runs per variant [default: 10 quick, 30 full].")
+@click.option("--reps", type=int, default=None, help="Interleaved rounds per variant, 3 timed calls each [default: 10 quick, 30 full].")
 @click.option("--avg-bits", type=float, default=2.5, show_default=True, help="Mean bits of the mixed plan.")
 @click.option("--levels", default="3,2", show_default=True, help="Bit widths of the mixed plan.")
+@click.option("--non-expert", default=None,
+              help="Widths of non-expert weights, role=bits[:group|row][:sym|asym] comma-separated, or 'float' "
+                   "[default: attention=4,lm_head=8:row:sym].")
+@click.option("--pte-modes", default=None, help="Quantized .pte modes, comma-separated [default: packed quick; "
+                                                 "packed,xnnpack,xnnpack-int full].")
+@click.option("--onnx-modes", default=None, help="Quantized .onnx modes, comma-separated [default: packed,fast].")
 @click.option("--no-peers", is_flag=True, help="Skip the torchao / onnxruntime peers.")
 @click.option("--no-rss", is_flag=True, help="Skip the peak-RSS subprocesses.")
 @click.option("--no-offline", is_flag=True, help="Skip plan/quantizer timings.")
 @click.option("--docs", type=click.Path(dir_okay=False), default=None, help="Also write the markdown here (docs/benchmarks.md).")
-def command(quick, model, out_dir, reps, avg_bits, levels, no_peers, no_rss, no_offline, docs):
-    from moe_export.bench.run import run_bench
+def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes, onnx_modes, no_peers, no_rss, no_offline,
+            docs):
+    from moe_export.bench.run import DEFAULT_NON_EXPERT, parse_non_expert, run_bench
+    from moe_export.export.executorch import PTE_MODES
+    from moe_export.export.onnx import ONNX_MODES
 
     if reps is not None and reps < 1:
         raise click.BadParameter(f"must be >= 1, got {reps}", param_hint="--reps")
@@ -29,8 +38,23 @@ def command(quick, model, out_dir, reps, avg_bits, levels, no_peers, no_rss, no_
         lv = [int(b) for b in levels.split(",") if b.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated bit widths such as 3,2; got {levels!r}", param_hint="--levels")
+    non_expert = DEFAULT_NON_EXPERT if non_expert is None else non_expert
     try:
-        run_bench(model, out_dir, quick=quick, reps=reps, avg_bits=avg_bits, levels=lv, peers=not no_peers,
+        parse_non_expert(non_expert, 128)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--non-expert")
+    modes = {}
+    for opt, given, allowed in (("--pte-modes", pte_modes, PTE_MODES), ("--onnx-modes", onnx_modes, ONNX_MODES)):
+        if given is None:
+            continue
+        ms = [m.strip() for m in given.split(",") if m.strip()]
+        bad = [m for m in ms if m not in allowed]
+        if bad or not ms:
+            raise click.BadParameter(f"unknown mode(s) {bad or given!r}; choose from {', '.join(allowed)}", param_hint=opt)
+        modes[opt] = ms
+    try:
+        run_bench(model, out_dir, quick=quick, reps=reps, avg_bits=avg_bits, levels=lv, non_expert=non_expert,
+                  pte_modes=modes.get("--pte-modes"), onnx_modes=modes.get("--onnx-modes"), peers=not no_peers,
                   offline=not no_offline, rss=not no_rss, docs=docs, echo=click.echo)
     except FileNotFoundError as err:
         raise click.BadParameter(str(err), param_hint="--model")

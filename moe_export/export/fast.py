@@ -1,6 +1,9 @@
 """Speed-oriented export forms of a mixed-width expert stack: dense dispatch over experts with each expert's
 projections on the runtime's fast quantized kernel.
 
+Packed non-expert linears (attention, lm_head at the plan's non-expert widths) get the same kernel as the
+experts in both modes.
+
 * ONNX ``fast``: every expert projection is one ``com.microsoft::MatMulNBits`` (2/4/8-bit codes, block =
   group size). int3 has no MatMulNBits kernel: 3-bit codes go in 4-bit containers (same values, 4 bits a
   weight), 1-bit in 2-bit containers; fractional (HQQ) zeros become float zero points.
@@ -103,7 +106,9 @@ class DenseExperts(nn.Module):
         self.num_experts = len(gate)
         self.expert_bits = list(expert_bits)
         self.skip_unrouted = False
-        self._expert_fns = [lambda x, e=e: self._expert(e, x) for e in range(self.num_experts)]
+        # out + w * expert_e(x) under an If: the weighted sum is built inside the branches, so an unrouted expert
+        # costs one If and a copy, and no zeros, stack or routing matmul follow the experts
+        self._accumulate_fns = [lambda out, x, w, e=e: out + w * self._expert(e, x) for e in range(self.num_experts)]
 
     def _expert(self, e: int, x):  # [T, H] -> [T, H]
         if self.up is None:
@@ -116,18 +121,18 @@ class DenseExperts(nn.Module):
         x = hidden_states
         experts = torch.arange(self.num_experts, dtype=top_k_index.dtype)  # [E]
         route = ((top_k_index.unsqueeze(-1) == experts).to(x.dtype) * top_k_weights.unsqueeze(-1).to(x.dtype)).sum(1)  # [T, E]
-        ys = []
-        for e in range(self.num_experts):
-            if self.skip_unrouted:  # an ONNX If per expert: at decode only the k routed experts run
-                ys.append(torch.cond(route[:, e].sum() > 0, self._expert_fns[e], _zeros_like, (x,)))
-            else:
-                ys.append(self._expert(e, x))  # [T, H]
-        y = torch.stack(ys, dim=1)  # [T, E, H]
+        if self.skip_unrouted:  # an ONNX If per expert: at decode only the k routed experts run
+            hit = (route != 0).any(0)  # [E]
+            out = torch.zeros_like(x)  # [T, H]
+            for e in range(self.num_experts):
+                out = torch.cond(hit[e], self._accumulate_fns[e], _pass_through, (out, x, route[:, e : e + 1]))
+            return out
+        y = torch.stack([self._expert(e, x) for e in range(self.num_experts)], dim=1)  # [T, E, H]
         return torch.bmm(route.unsqueeze(1), y).squeeze(1)  # [T, H]
 
 
-def _zeros_like(x):
-    return torch.zeros_like(x)
+def _pass_through(out, x, w):
+    return out.clone()  # a cond branch may not return its input itself
 
 
 def _split_experts(ex: PackedMixedExperts, make, fused: bool = False) -> "DenseExperts":
@@ -148,7 +153,22 @@ def _split_experts(ex: PackedMixedExperts, make, fused: bool = False) -> "DenseE
     return DenseExperts(gate, None if fused else up, down, ex.act_fn, ex.expert_bits)
 
 
-def _replace_experts(model: nn.Module, build) -> nn.Module:
+class _Biased(nn.Module):
+    def __init__(self, inner: nn.Module, bias: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        return self.inner(x) + self.bias
+
+
+def _replace_experts(model: nn.Module, build, make_linear=None) -> nn.Module:
+    """A copy with every packed expert stack replaced by ``build(experts)`` and, given ``make_linear(packed,
+    scale, zero, bits, k)``, every packed non-expert linear (quantized attention, lm_head, ...) by its result:
+    left as in-graph unpacks, those would dequantize their whole weight on every step."""
+    from moe_export.export.prepare import PackedLinear
+
     model = copy.deepcopy(model)
     n = 0
     for mod in list(model.modules()):
@@ -159,6 +179,15 @@ def _replace_experts(model: nn.Module, build) -> nn.Module:
     if n == 0:
         raise ValueError("no packed mixed-width experts in the model: fast export modes need a quantized model "
                          "(prepare_for_export of a moe_export.api.quantize_ model)")
+    if make_linear is not None:
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, PackedLinear):
+                p, sc, z, b = _expert_qparams(mod.weight_q, 0)
+                new = make_linear(p, sc, z, b, mod.weight_q.k)
+                if mod.bias is not None:
+                    new = _Biased(new, mod.bias)
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, new)
     return model
 
 
@@ -181,7 +210,7 @@ def to_nbits_experts(model: nn.Module, accuracy_level: int = 4, skip_unrouted: b
         dense.skip_unrouted = skip_unrouted
         return dense
 
-    return _replace_experts(model, build)
+    return _replace_experts(model, build, make)
 
 
 # ---------------------------------------------------------------- ExecuTorch: XNNPACK int4 group-wise experts
@@ -281,7 +310,7 @@ def to_xnnpack_int_experts(model: nn.Module, fallback: str = "float") -> tuple[n
     def build(ex: PackedMixedExperts) -> DenseExperts:
         return _split_experts(ex, make)
 
-    return _replace_experts(model, build), counts
+    return _replace_experts(model, build, make), counts
 
 
 def expert_reference(w: MixedWidthWeight, e: int) -> torch.Tensor:  # [N, K] float32, for tests

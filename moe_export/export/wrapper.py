@@ -55,7 +55,20 @@ class DecoderStep(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size = cfg.vocab_size
+        self._rope = self._rope_table(model.model.rotary_emb, max_seq_len)
         self.eval()
+
+    @staticmethod
+    def _rope_table(rotary, max_seq_len):
+        """cos/sin ``[1, S, D]`` of every cache position, from the model's own rotary embedding, or None when
+        its frequencies depend on the sequence (dynamic rope types). torch.compile reads rows of it: computed
+        in the graph, inductor fuses cos/sin into the KV-cache and score loops and recomputes them for every
+        cache slot (per layer and decode step, thousands of vector sin/cos for one token's worth of angles).
+        Plain attributes, not buffers, so exported programs do not change."""
+        if getattr(rotary, "rope_type", "default") != "default":
+            return None
+        with torch.no_grad():
+            return rotary(torch.zeros(1), torch.arange(max_seq_len).unsqueeze(0))
 
     def cache_shape(self) -> tuple[int, ...]:
         return (self.num_layers, 1, self.num_kv_heads, self.max_seq_len, self.head_dim)
@@ -84,7 +97,10 @@ class DecoderStep(nn.Module):
 
         h = inner.embed_tokens(tokens)  # [1, T, H]
         position_ids = positions.unsqueeze(0)  # [1, T]
-        pe = inner.rotary_emb(h, position_ids)
+        if self._rope is None or torch.compiler.is_exporting():
+            pe = inner.rotary_emb(h, position_ids)
+        else:
+            pe = tuple(t[:, positions].to(h.dtype) for t in self._rope)  # [1, T, D] each
         for layer in inner.layers:
             out = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache, position_embeddings=pe)
             h = out[0] if isinstance(out, tuple) else out

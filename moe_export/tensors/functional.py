@@ -180,6 +180,18 @@ def packed_linear_experts(
     return out
 
 
+# Rows (tokens) up to which a CPU packed linear runs the C++ mat-vec (moe_export::cpu_packed_linear, one pass
+# over the packed weight per 8 rows with AVX-512, 4 without); above it, one dequantize + BLAS matmul is faster.
+CPU_LINEAR_MAX_ROWS = 16
+
+
+def _cpu_linear(x: torch.Tensor, bits: int) -> bool:
+    from moe_export.kernels import cpu_ops
+
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and bits in cpu_ops.FUSED_WIDTHS
+            and cpu_ops.enabled() and not torch.compiler.is_exporting() and cpu_ops.fused_ready())
+
+
 def packed_linear(
     x: torch.Tensor,  # [..., K]
     packed: torch.Tensor,  # uint8 [N, K*b/8]
@@ -191,6 +203,9 @@ def packed_linear(
     matvec_max_rows: int = 4,
 ) -> torch.Tensor:  # [..., N]
     rows = x.numel() // k
+    if rows <= CPU_LINEAR_MAX_ROWS and _cpu_linear(x, bits):
+        out = torch.ops.moe_export.cpu_packed_linear(x, packed, scale, zero, bits)
+        return out if bias is None else out + bias
     if rows <= matvec_max_rows and torch.compiler.is_compiling():  # eager: dequantize + BLAS is faster
         x2 = x.reshape(rows, k)  # [R, K]
         n = packed.shape[0]

@@ -47,10 +47,27 @@ class MixedWidthExpertsTensor(TorchAOBaseTensor):
         self.expert_bits = expert_bits
         self.slot = slot
         self.bit_widths = tuple(int(b) for b in bit_widths)
+        counts: dict[int, int] = {}
+        slots = []
+        for b in self.bit_widths:
+            slots.append(counts.get(b, 0))
+            counts[b] = slots[-1] + 1
+        # a plain attribute, not a property: compiled graphs read it, and dynamo guards on what they read
+        # on every call (a property would be re-run by each guard check)
+        self.slots = tuple(slots)
+        self.widths = tuple(sorted(counts))
         self.group_size = group_size
         self.transposed = transposed
         for name in _GROUP_NAMES:
             setattr(self, name, groups.get(name))
+        self._flat = TorchAOBaseTensor.__tensor_flatten__(self)
+
+    def __tensor_flatten__(self):
+        # torch.compile's guards flatten every subclass parameter twice per call; torchao's version walks
+        # all 24 optional group names each time (~0.5 ms a step on a 4-layer model). The inner tensors
+        # never change after construction, so the answer is built once.
+        names, attrs = self._flat
+        return list(names), dict(attrs)
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -89,19 +106,8 @@ class MixedWidthExpertsTensor(TorchAOBaseTensor):
     def num_experts(self) -> int:
         return len(self.bit_widths)
 
-    @property
-    def slots(self) -> tuple[int, ...]:
-        counts: dict[int, int] = {}
-        out = []
-        for b in self.bit_widths:
-            out.append(counts.get(b, 0))
-            counts[b] = out[-1] + 1
-        return tuple(out)
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """The widths present, ascending."""
-        return tuple(sorted(set(self.bit_widths)))
+    # ``slots`` (expert e's row inside its width group) and ``widths`` (the widths present, ascending) are
+    # plain tuples set in __init__.
 
     @property
     def symmetric(self) -> bool:

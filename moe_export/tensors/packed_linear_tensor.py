@@ -44,6 +44,12 @@ class PackedLinearWeight(TorchAOBaseTensor):
         self.bits = bits
         self.group_size = group_size
         self.transposed = transposed
+        self._flat = TorchAOBaseTensor.__tensor_flatten__(self)
+
+    def __tensor_flatten__(self):
+        # built once: torch.compile's guards call this twice per subclass parameter on every call
+        names, attrs = self._flat
+        return list(names), dict(attrs)
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
