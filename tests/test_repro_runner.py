@@ -11,6 +11,9 @@ TINY = experiments.SyntheticSweep(
     alphas=(0.2,), seeds=(0, 1), routings=("expert_choice", "token_choice"), n_random=2, n_test=100, n_calib=100,
     base={"expert_choice": {"lr": 0.2, "steps": 40}, "token_choice": {"lr": 1.0, "steps": 40}},
     overrides=dict(d=16, n_tokens=8, n_irrelevant=8, n_experts=4, n_neurons=4),
+    scan={"expert_choice": [{"expert_init_std": 0.1, "previous": True}, {"expert_init_std": 2.0}],
+          "token_choice": [{"expert_init_std": 0.1}]},
+    scan_seeds=(0,), scan_n_test=100,
 )
 
 
@@ -84,6 +87,69 @@ def test_cli_rebuilds_from_json(results, tmp_path):
     assert bad.exit_code != 0 and "unknown zoo entry" in bad.output
 
 
+def test_scan_records_flags_and_section(results):
+    scan = results["scan"]
+    assert [(e["routing"], e["config"]["expert_init_std"]) for e in scan] == [
+        ("expert_choice", 0.1), ("expert_choice", 2.0), ("token_choice", 0.1)]
+    assert [e["previous"] for e in scan] == [True, False, False]
+    # TINY's base leaves the init at the config default (0.1): that scan row is the sweep's own setting
+    assert [e["default"] for e in scan] == [True, False, True]
+    for e in scan:
+        assert [x["seed"] for x in e["seeds"]] == list(TINY.scan_seeds)
+        assert set(e["seeds"][0]["uniform"]) == {"1", "2", "3", "4"}
+        assert e["config"]["n_neurons"] == 4 and e["config"]["steps"] == 40
+    md = report.build_markdown(results, "cmd")
+    sec = md[md.index("### Choosing the setting"):md.index("### Claim 1")]
+    rows = [line for line in sec.splitlines() if line.startswith("| expert-choice") or line.startswith("| token-choice")]
+    assert len(rows) == 3 and "(previous default)" in rows[0] and "used by the sweep" in rows[2]
+    for row, e in zip(rows, scan):
+        assert row.endswith("| yes |") == report.scan_stats(e)["meets_bar"], row
+
+
+def test_scan_entry_overrides_base_and_sweep_overrides():
+    cfg = TINY.config("expert_choice", 0.1, 3, {"expert_init_std": 2.0, "n_neurons": 8, "previous": True})
+    assert (cfg.expert_init_std, cfg.n_neurons, cfg.d, cfg.lr, cfg.seed) == (2.0, 8, 16, 0.2, 3)
+    assert TINY.config("expert_choice", 0.1, 3).n_neurons == 4
+
+
+def _scan_entry(float_acc, one_bit, three_bit):
+    unif = {"1": one_bit, "2": one_bit, "3": three_bit, "4": float_acc}
+    acc = lambda fr, inf: {"acc_frequent": fr, "acc_infrequent": inf}
+    return {"seeds": [{"float": acc(*float_acc), "uniform": {b: acc(*v) for b, v in unif.items()},
+                       "n_infrequent_experts": 1}]}
+
+
+def test_scan_bar():
+    assert report.scan_stats(_scan_entry((1.0, 1.0), (1.0, 0.90), (1.0, 0.995)))["meets_bar"]
+    # 1 bit hurts only frequent samples: not the damage the bar asks for
+    assert not report.scan_stats(_scan_entry((1.0, 1.0), (0.90, 1.0), (1.0, 1.0)))["meets_bar"]
+    # 3 bits not near float
+    assert not report.scan_stats(_scan_entry((1.0, 1.0), (1.0, 0.90), (0.98, 1.0)))["meets_bar"]
+    # float itself too weak
+    v = report.scan_stats(_scan_entry((1.0, 0.97), (1.0, 0.80), (1.0, 0.97)))
+    assert not v["meets_bar"] and v["damage_1"] == pytest.approx(0.17)
+
+
+def test_safe_width_per_kind_sees_infrequent_damage_that_overall_accuracy_hides():
+    acc = lambda fr, inf: {"acc_frequent": fr, "acc_infrequent": inf, "acc": 0.9 * fr + 0.1 * inf}
+    curve = {str(b): acc(1.0, 0.95 if b <= 2 else 1.0) for b in range(1, 9)}
+    curve["5"] = acc(0.985, 1.0)  # a dip above the first safe width pushes the safe width past it
+    run = {"routing": "expert_choice", "alpha": 0.1, "float": acc(1.0, 1.0),
+           "safe_width": {"infrequent": {"curve": curve, "min_safe_bits": 1}, "frequent": None}}
+    assert report.min_safe_each_kind(run, "infrequent", 0.01) == 6
+    assert report.min_safe_each_kind(run, "infrequent", 0.06) == 1
+    assert report.safe_width_stats([run], "each kind")[("expert_choice", 0.1)]["infrequent"] == [6]
+    assert report.safe_width_stats([run], "overall")[("expert_choice", 0.1)]["infrequent"] == [1]
+
+
+def test_high_bit_shares():
+    row = lambda bits: {"methods": {experiments.OURS: {"bits": bits}}}
+    run = {"scores": {"feature": [0, 2, -1, -1]},
+           "allocation": [row([1, 1, 1, 1]), row([1, 3, 3, 1]), row([3, 3, 3, 1]), row([3, 3, 3, 3])]}
+    sh = report.high_bit_shares([run], experiments.OURS, 3)
+    assert sh == pytest.approx({"frequent": 1 / 5, "infrequent": 2 / 5, "irrelevant": 2 / 5})
+
+
 def _fake_zoo():
     """Zoo records in the runner's format, with made-up bpb values: tests the report only."""
     points = []
@@ -95,14 +161,19 @@ def _fake_zoo():
                         continue
                     # ours better than random at interior points by construction
                     bpb = 3.0 - 0.1 * avg + (0.05 if m == "random" else 0.0)
-                    points.append({"setting": setting, "levels": ls, "avg_bits": avg, "method": m, "bpb": bpb,
-                                   "plan_s": 0.01, "bits": [[2] * 4]})
+                    pt = {"setting": setting, "levels": ls, "avg_bits": avg, "method": m, "bpb": bpb,
+                          "plan_s": 0.01, "bits": [[2] * 4]}
+                    if avg == 2.5:  # cloze on a thinner grid, as in the full sweep: random one item behind
+                        pt["cloze"] = 0.70 - (0.01 if m == "random" else 0.0)
+                    points.append(pt)
     run = lambda seed: {"model": "tiny", "seed": seed, "arch": "mixtral", "group_size": 64,
-                        "float": {"finetune": {"bpb": 2.5, "corpus": "c"}, "pretrain-only": {"bpb": 2.4, "corpus": "s"}},
+                        "float": {"finetune": {"bpb": 2.5, "cloze": 0.75, "corpus": "c"},
+                                  "pretrain-only": {"bpb": 2.4, "cloze": 0.8, "corpus": "s"}},
                         "scores": {"model.layers.0.mlp": {"change": [0.1 * seed, 0.2, -0.1, 0.0],
                                                           "abs_change": [0.1, 0.2, 0.1, 0.0],
                                                           "final_norm": [1.0, 2.0, 3.0, 4.0 + seed],
-                                                          "pretrained_norm": [1.0, 2.0, 3.0, 4.0]}},
+                                                          "pretrained_norm": [1.0, 2.0, 3.0, 4.0],
+                                                          "init_change": [0.5, 1.5, 2.5, 3.5]}},
                         "points": points}
     ctrl = {"finetune": {"model.layers.0.mlp": [0.1, 0.2, 0.3, 0.4]},
             "repeat": {"model.layers.0.mlp": [0.1, 0.2, 0.3, 0.5]},
@@ -111,7 +182,7 @@ def _fake_zoo():
     runs = [run(0), run(1)]
     runs[0]["controls"] = ctrl
     return {"sweep": {"seeds": [0, 1], "methods": ["router", "router+maxvar", "random", "uniform"], "eval_tokens": 64,
-                      "random_seeds": [0], "calib_tokens": 64},
+                      "random_seeds": [0], "calib_tokens": 64, "n_cloze": 100, "cloze_avg_bits": {"3,2": [2.5], "3,2,1": [2.5]}},
             "runs": runs, "rank_stability": {"tiny/change": [0.4]}, "wall_s": 1.0}
 
 
@@ -122,7 +193,15 @@ def test_zoo_section_and_plot(results, tmp_path):
     assert "![quality vs bits](img/zoo_bpb_vs_bits.png)" in z
     assert (tmp_path / "img" / "zoo_bpb_vs_bits.png").stat().st_size > 5000
     # random is worse by 0.05 bpb at the interior points of both level sets and settings, both seeds
-    assert "router-norm: **reproduced** (better in 8/8 comparisons)" in z
+    assert "router-norm: **reproduced** (better in 8/8 comparisons; per setting: finetune 4/4, pretrain-only 4/4)" in z
+    # cloze: only the 2.5-bit points scored it (interior in {3,2} only); random one item behind ours each time
+    assert (tmp_path / "img" / "zoo_cloze_vs_bits.png").stat().st_size > 5000
+    assert "router-norm: mean +1.00, better in 4, worse in 0, tied in 0 of 4" in z
+    assert "<details><summary>tiny, fine-tuned model" in z and "cloze accuracy, mean ± sd over 2 build seeds (float: 0.7500 ± 0.0000)" in z
+    # the two pre-train scorings: here the init change ranks exactly like the pre-trained norm
+    assert "pre-training change vs pre-trained norm +1.00 (+1.00..+1.00)" in z and "rank experts almost alike" in z
+    assert "| +0.500 +1.500 +2.500 +3.500 | 1.00 2.00 3.00 4.00 |" in z
+    assert "initialisation" not in z[z.index("Not run yet"):] and "cloze" not in z[z.index("Not run yet"):]
     assert "| tiny | finetune | {3,2} | +0.3125 | router-norm | +0.0500 [2/2] |" in z  # damage: mean(2.8, 2.8, 2.85, 2.8) - 2.5
     assert "tiny/change: mean +0.40 over 1 pairs" in z
     assert "| tiny | 0 | model.layers.0.mlp | +1.00 | -1.00 | 0.250 / 0.275 / 0.250 |" in z
@@ -163,12 +242,17 @@ def test_spearman_and_group_size():
 def test_zoo_runner_on_tiny(tiny_zoo_dir, tmp_path, monkeypatch):
     from moe_export.repro import zoo_sweep
 
-    sw = zoo_sweep.ZooSweep(settings=("finetune",), level_sets=("3,2",), avg_bits={"3,2": [2.5]},
+    sw = zoo_sweep.ZooSweep(settings=("finetune", "pretrain-init"), level_sets=("3,2",), avg_bits={"3,2": [2.5]},
                             methods=("router", "random", "uniform"), eval_tokens=256, calib_tokens=128,
                             random_seeds=(0,), controls=False)
     out = zoo_sweep.run_zoo(sw, progress=False, cache_dir=tmp_path)
     (run,) = out["runs"]
-    pts = {p["method"]: p for p in run["points"]}
+    # pre-train setting: the router plan follows the change from the initialisation, not the final norm
+    init_pts = {p["method"]: p for p in run["points"] if p["setting"] == "pretrain-init"}
+    for layer_bits, (layer, sc) in zip(init_pts["router"]["bits"], run["scores"].items()):
+        top = sorted(range(8), key=lambda e: sc["init_change"][e])[:4]
+        assert sorted(e for e in range(8) if layer_bits[e] == 3) == sorted(top), layer
+    pts = {p["method"]: p for p in run["points"] if p["setting"] == "finetune"}
     assert set(pts) == {"router", "random"}  # uniform only at integer widths
     for p in pts.values():
         assert p["bpb"] > run["float"]["finetune"]["bpb"] - 0.05 and p["plan_s"] >= 0
@@ -187,3 +271,23 @@ def test_zoo_runner_on_tiny(tiny_zoo_dir, tmp_path, monkeypatch):
     # controls=False runs no control fine-tune, but reports one already in the cache
     (tmp_path / "tiny-s0-controls.json").write_text('{"spearman": {}}')
     assert zoo_sweep.run_zoo(sw, progress=False, cache_dir=tmp_path)["runs"][0]["controls"] == {"spearman": {}}
+
+
+def test_pretrain_init_shares_reference_free_points(tiny_zoo_dir, tmp_path):
+    from moe_export.repro import zoo_sweep
+
+    sw = zoo_sweep.ZooSweep(settings=("pretrain-init", "pretrain-only"), level_sets=("3,2",), avg_bits={"3,2": [2.5]},
+                            methods=("router", "maxvar"), eval_tokens=256, calib_tokens=128, random_seeds=(0,),
+                            controls=False)
+    (run,) = zoo_sweep.run_zoo(sw, progress=False)["runs"]
+    pts = {(p["setting"], p["method"]): p for p in run["points"]}
+    assert set(pts) == {(s, m) for s in ("pretrain-init", "pretrain-only") for m in ("router", "maxvar")}
+    # maxvar ignores the reference: pretrain-init reuses the pretrain-only point instead of recomputing it
+    shared = pts[("pretrain-init", "maxvar")]
+    assert shared["shared_with"] == "pretrain-only" and shared["bpb"] == pts[("pretrain-only", "maxvar")]["bpb"]
+    assert "shared_with" not in pts[("pretrain-init", "router")]
+    # the router plan of each setting follows its own score
+    for setting, key in (("pretrain-init", "init_change"), ("pretrain-only", "pretrained_norm")):
+        for layer_bits, sc in zip(pts[(setting, "router")]["bits"], run["scores"].values()):
+            top = sorted(range(8), key=lambda e: sc[key][e])[:4]
+            assert sorted(e for e in range(8) if layer_bits[e] == 3) == sorted(top), setting

@@ -142,3 +142,49 @@ def test_quantize_experts_per_expert_widths():
     assert err[0] < 0.02 < err[1] < err[2]  # 8-bit ~exact, 2-bit and 1-bit increasingly lossy
     table = syn.quantize_table(w1)
     assert torch.equal(syn.quantize_experts(w1, [16, 8, 2, 1], table=table), q)
+
+
+def test_noise_knob_sets_the_token_noise_norm():
+    for noise in (0.0, 0.3, 1.0):
+        cfg, task = _task(d=64, n_irrelevant=16, noise=noise)
+        b = task.sample(400, torch.Generator().manual_seed(4))
+        clean = task.features[(b.x @ task.features.T).argmax(-1)]  # the feature each token was drawn from
+        norms = (b.x - clean).norm(dim=-1)
+        assert abs(norms.mean().item() - noise) <= 0.05 * noise + 1e-6, (noise, norms.mean().item())
+
+
+def test_expert_init_knob_sets_the_row_norm_and_leaves_the_router_small():
+    for std in (0.1, 2.0):
+        cfg = syn.SyntheticConfig(**{**TINY, "d": 64, "n_irrelevant": 16, "expert_init_std": std, "n_neurons": 16})
+        model = syn.TwoLayerMoE(cfg, torch.Generator().manual_seed(0))
+        rows = model.w1.detach().norm(dim=-1)
+        assert abs(rows.mean().item() / (std * 64**0.5) - 1) < 0.05, (std, rows.mean().item())
+        assert model.router.detach().norm(dim=1).max() < 10 * cfg.router_init_std * 64**0.5
+
+
+def _quant_damage(seed, **kw):
+    """Float accuracy minus uniform-width accuracy on the worse of the two kinds of samples."""
+    cfg, task = _task(d=32, n_tokens=8, n_irrelevant=8, n_experts=4, alpha=0.2, lr=0.1, steps=600, seed=seed, **kw)
+    r = syn.train(task, cfg)
+    g = torch.Generator().manual_seed(100 + seed)
+    sets = [task.sample(500, g, rare=False), task.sample(500, g, rare=True)]
+    w1 = r.model.w1.detach()
+    fl = [syn.accuracy(r.model, b) for b in sets]
+    out = {}
+    for bits in (1, 3):
+        q = syn.quantize_experts(w1, [bits] * cfg.n_experts)
+        out[bits] = max(f - syn.accuracy(r.model, b, q) for f, b in zip(fl, sets))
+    return min(fl), out
+
+
+def test_a_large_expert_init_makes_low_bits_hurt_and_three_bits_not():
+    """The sweep's regime in miniature: with a large random W1 part next to the learned feature part,
+    1-bit RTN costs clearly more than noise and 3 bits stay near float; the same model with a small
+    init loses nothing at 1 bit."""
+    big = [_quant_damage(s, expert_init_std=2.0, n_neurons=4) for s in (0, 1, 2)]
+    small = [_quant_damage(s, expert_init_std=0.1, n_neurons=4) for s in (0, 1)]
+    assert min(f for f, _ in big) > 0.95  # the float model still learns the task
+    d1 = sum(d[1] for _, d in big) / 3
+    d3 = sum(d[3] for _, d in big) / 3
+    assert d1 > 0.05 and d1 > 4 * d3, (d1, d3)
+    assert max(d[1] for _, d in small) < 0.01, small

@@ -71,6 +71,9 @@ def test_build_manifest_cache_and_determinism(home):
     pre = _weights(out / "pretrained")
     key = "model.layers.0.block_sparse_moe.gate.weight"  # transformers saves Mixtral in its legacy key layout
     assert not torch.equal(pre[key], w1[key])
+    # initial/ is the untrained model of that seed: the reference of the pre-training run's router change
+    init = _weights(out / "initial")
+    assert torch.equal(init[key], m0.model.layers[0].mlp.gate.weight) and not torch.equal(init[key], pre[key])
 
 
 def test_hf_formats_load_with_auto_classes(home):

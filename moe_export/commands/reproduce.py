@@ -19,7 +19,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--quick", is_flag=True, help="Fewer seeds, test samples and bit levels: minutes on 2 CPU cores.")
 @click.option("--out", "out_dir", default="docs", show_default=True, type=click.Path(file_okay=False),
               help="Folder that receives results.md, results-*.json and img/*.png.")
-@click.option("--seeds", default=None, help="Synthetic-task seeds, comma-separated (default: 0-2 with --quick, 0-4).")
+@click.option("--seeds", default=None, help="Synthetic-task seeds, comma-separated (default: 0-2 with --quick, 0-9).")
 @click.option("--routing", "routings", multiple=True, type=click.Choice(["token_choice", "expert_choice"]),
               help="Routing(s) of the synthetic MoE (default: both).")
 @click.option("--zoo/--no-zoo", default=True, show_default=True, help="Also run the sweep on zoo models.")

@@ -7,6 +7,9 @@ One run = train the two-layer MoE for one (routing, alpha, seed), then
     bits and measure accuracy on frequent-feature and infrequent-feature test samples;
   * find the smallest safe width of the frequent-feature and of the infrequent-feature experts
     (the theory's log2((1 - alpha) / alpha) gap).
+Before the sweep, a scan trains a grid of expert-init scales and widths at one alpha and records what
+uniform quantization costs there, so the report can show why the sweep's setting was chosen: a
+setting where low-bit quantization does not hurt cannot separate the allocations.
 Records are plain dicts so the report can be rebuilt from the JSON alone.
 """
 
@@ -27,10 +30,33 @@ METHODS = ["ours (smallest change first)", "ours + MaxVar", "largest change firs
 OURS, OURS_MAXVAR, REVERSE, FREQUENCY, RANDOM, ORACLE = METHODS
 
 
+# Per-routing training settings. lr/steps: token-choice needs a larger step, its gates start at 1/k.
+# expert_init_std/n_neurons: chosen from the scan below (measured before the sweep, alpha = 0.1, 5 seeds):
+# the smallest init scale at which uniform 1-bit RTN costs at least 5 points on infrequent-feature
+# samples while 3 bits stay within 1 point of float. With 16 neurons no init up to 4.0 cleared that
+# bar for either routing, and with the previous init (0.1) even 1 bit cost nothing: the learned feature
+# component dwarfed the quantization error, so no allocation could be told from another.
+BASE = {
+    "token_choice": {"lr": 2.0, "steps": 1000, "expert_init_std": 4.0, "n_neurons": 4},
+    "expert_choice": {"lr": 0.1, "steps": 1500, "expert_init_std": 2.0, "n_neurons": 4},
+}
+# The setting published before the scan, kept as a scan row so the report can show what it measured.
+PREVIOUS = {
+    "token_choice": {"lr": 2.0, "steps": 2000, "expert_init_std": 0.1, "n_neurons": 16},
+    "expert_choice": {"lr": 0.1, "steps": 600, "expert_init_std": 0.1, "n_neurons": 16},
+}
+
+
+def scan_grid(inits=(0.1, 1.0, 2.0, 3.0, 4.0), neurons=(16, 4), previous: bool = True) -> dict[str, list[dict]]:
+    """Per routing: the previous setting, then expert init x width at the routing's lr and steps."""
+    grid = [{"expert_init_std": s, "n_neurons": m} for m in neurons for s in inits]
+    return {r: ([{**PREVIOUS[r], "previous": True}] if previous else []) + grid for r in BASE}
+
+
 @dataclass
 class SyntheticSweep:
     alphas: tuple[float, ...] = (0.05, 0.1, 0.2)
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    seeds: tuple[int, ...] = tuple(range(10))  # damage is all-or-nothing per feature and seed: many seeds
     routings: tuple[str, ...] = ("token_choice", "expert_choice")
     levels: tuple[int, int] = (3, 1)  # (b_h, b_l)
     n_random: int = 8  # random allocations averaged per run
@@ -38,17 +64,19 @@ class SyntheticSweep:
     n_calib: int = 2000
     safe_drop: float = 0.01  # "safe" width: accuracy within this of float
     zeta: float = 3.0
-    # Per-routing training settings (measured: token-choice needs a larger step, its gates start at 1/k).
-    base: dict = field(
-        default_factory=lambda: {
-            "token_choice": {"lr": 2.0, "steps": 2000},
-            "expert_choice": {"lr": 0.1, "steps": 600},
-        }
-    )
+    group_size: int | None = None  # RTN group; None = the whole row (the coarsest, so the most damage)
+    base: dict = field(default_factory=lambda: {r: dict(v) for r, v in BASE.items()})
     overrides: dict = field(default_factory=dict)  # applied to every SyntheticConfig (tests shrink the model)
+    # Setting scan: per routing, override dicts on top of base + overrides ("previous": True marks the
+    # old default); trained at scan_alpha for scan_seeds, scored by uniform quantization only.
+    scan: dict = field(default_factory=scan_grid)
+    scan_alpha: float = 0.1
+    scan_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    scan_n_test: int = 1000
 
-    def config(self, routing: str, alpha: float, seed: int) -> syn.SyntheticConfig:
-        kw = {**self.base.get(routing, {}), **self.overrides}
+    def config(self, routing: str, alpha: float, seed: int, extra: dict | None = None) -> syn.SyntheticConfig:
+        kw = {**self.base.get(routing, {}), **self.overrides, **(extra or {})}
+        kw.pop("previous", None)
         return syn.SyntheticConfig(routing=routing, alpha=alpha, seed=seed, **kw)
 
     def avg_bits_grid(self, n_experts: int) -> list[float]:
@@ -59,7 +87,8 @@ class SyntheticSweep:
         return asdict(self)
 
 
-QUICK = SyntheticSweep(seeds=(0, 1, 2), n_random=4, n_test=1000, n_calib=1000)
+QUICK = SyntheticSweep(seeds=(0, 1, 2), n_random=4, n_test=1000, n_calib=1000, scan_seeds=(0, 1),
+                       scan=scan_grid(inits=(0.1, 2.0, 4.0), neurons=(4,)))
 FULL = SyntheticSweep()
 
 
@@ -103,7 +132,7 @@ def run_one(sweep: SyntheticSweep, routing: str, alpha: float, seed: int) -> dic
     sets = {"frequent": task.sample(sweep.n_test, g, rare=False), "infrequent": task.sample(sweep.n_test, g, rare=True)}
     calib = task.sample(sweep.n_calib, g)
     w1 = model.w1.detach()
-    table = syn.quantize_table(w1)
+    table = syn.quantize_table(w1, group_size=sweep.group_size)
 
     feat = syn.learned_feature(res, task).tolist()
     scores = {
@@ -172,10 +201,48 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+SCAN_WIDTHS = (1, 2, 3, 4)
+
+
+def scan_one(sweep: SyntheticSweep, routing: str, extra: dict, seed: int) -> dict:
+    """Train one scan setting and score it by uniform quantization of every expert."""
+    cfg = sweep.config(routing, sweep.scan_alpha, seed, extra)
+    task = syn.SyntheticTask(cfg, seed)
+    res = syn.train(task, cfg)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    sets = {"frequent": task.sample(sweep.scan_n_test, g, rare=False),
+            "infrequent": task.sample(sweep.scan_n_test, g, rare=True)}
+    w1 = res.model.w1.detach()
+    table = syn.quantize_table(w1, SCAN_WIDTHS, sweep.group_size)
+    feat = syn.learned_feature(res, task).tolist()
+    return {"seed": seed, "float": _eval(res.model, sets, cfg.alpha),
+            "uniform": {str(b): _eval(res.model, sets, cfg.alpha, syn.quantize_experts(w1, [b] * cfg.n_experts, table=table))
+                        for b in SCAN_WIDTHS},
+            "n_infrequent_experts": sum(f in (2, 3) for f in feat)}
+
+
+def run_scan(sweep: SyntheticSweep, progress: bool = True) -> list[dict]:
+    jobs = [(r, i, e, s) for r in sweep.routings for i, e in enumerate(sweep.scan.get(r, [])) for s in sweep.scan_seeds]
+    out = {}
+    for routing, i, extra, seed in tqdm(jobs, desc="setting scan", disable=not progress):
+        key = (routing, i)
+        if key not in out:
+            cfg = sweep.config(routing, sweep.scan_alpha, seed, extra)
+            out[key] = {"routing": routing, "previous": bool(extra.get("previous")),
+                        "config": {k: getattr(cfg, k) for k in ("lr", "steps", "expert_init_std", "n_neurons")},
+                        "default": cfg.to_dict() == sweep.config(routing, sweep.scan_alpha, seed).to_dict(),
+                        "seeds": []}
+        out[key]["seeds"].append(scan_one(sweep, routing, extra, seed))
+    return list(out.values())
+
+
 def run_synthetic(sweep: SyntheticSweep, progress: bool = True) -> dict:
     jobs = [(r, a, s) for r in sweep.routings for a in sweep.alphas for s in sweep.seeds]
-    runs = []
     t0 = time.perf_counter()
+    scan = run_scan(sweep, progress)
+    scan_s = time.perf_counter() - t0
+    runs = []
     for routing, alpha, seed in tqdm(jobs, desc="synthetic task", disable=not progress):
         runs.append(run_one(sweep, routing, alpha, seed))
-    return {"sweep": sweep.to_dict(), "runs": runs, "machine": machine(), "wall_s": time.perf_counter() - t0}
+    return {"sweep": sweep.to_dict(), "runs": runs, "scan": scan, "machine": machine(),
+            "wall_s": time.perf_counter() - t0, "scan_s": scan_s}

@@ -1,9 +1,10 @@
 """Zoo part of the reproduction: every plan method x average bits x build seed on models trained here.
 
-Per zoo build (``moe_export.zoo.build``: ``pretrained/`` then ``finetuned/``):
+Per zoo build (``moe_export.zoo.build``: ``initial/``, ``pretrained/``, ``finetuned/``):
   * router scores of every MoE layer: the signed change over the fine-tune (``finetuned - pretrained``,
-    the paper's Switch setting), the final norm alone (its Mixtral setting: pre-trained model, no
-    init), and for Switch the absolute change;
+    the paper's Switch setting), the change over the pre-training (``pretrained - initial``) and the
+    final norm alone (the two readings of its Mixtral setting, where only the pre-trained model exists),
+    and for Switch the absolute change;
   * for each level set and average width, a plan per method (``moe_export.plan.methods.make_plan``,
     timed), ``quantize_`` of a fresh copy of the fine-tuned model, and held-out bits per byte on the
     fine-tune corpus (lower is better) plus continuation-cloze accuracy;
@@ -19,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
+
+USES_REFERENCE = ("router", "router+maxvar")  # methods whose plan depends on the reference checkpoint
 
 LEVEL_SETS = {
     "3,2": ([3, 2], [2.0 + 0.125 * i for i in range(9)]),
@@ -36,12 +39,16 @@ class ZooSweep:
     avg_bits: dict = field(default_factory=dict)  # level set -> grid override (the quick mode thins the grid)
     eval_tokens: int = 4096
     n_cloze: int = 0
+    # level set -> average widths at which cloze accuracy is scored too (absent: every point). Cloze reads
+    # 4 passages per item, ~12x the tokens of the bpb eval, so the full sweep scores it on a thinner grid.
+    cloze_avg_bits: dict = field(default_factory=dict)
     calib_tokens: int = 2048
     random_seeds: tuple[int, ...] = (0, 1, 2)  # random plans averaged per point
     # "finetune": plan the fine-tuned model, router score = change over the fine-tune (paper's Switch setting);
-    # "pretrain-only": plan the pre-trained model, router score = final norm (paper's Mixtral setting),
-    # evaluated on the pre-training corpus.
-    settings: tuple[str, ...] = ("finetune", "pretrain-only")
+    # "pretrain-init": plan the pre-trained model, router score = change from the initialisation;
+    # "pretrain-only": plan the pre-trained model, router score = final norm (what the paper's Mixtral code
+    # does); both pre-train settings are evaluated on the pre-training corpus.
+    settings: tuple[str, ...] = ("finetune", "pretrain-init", "pretrain-only")
     controls: bool = True  # the repeat and same-domain control fine-tunes (see control_finetunes)
     model_seeds: dict = field(default_factory=dict)  # name -> seeds, overriding `seeds` for that model
 
@@ -72,17 +79,24 @@ def spearman(a, b) -> float:
 
 
 def router_scores(model_dir) -> dict:
-    """Per MoE layer: signed change, absolute change and final norm of each router row."""
+    """Per MoE layer: signed change over the fine-tune, its absolute value, the fine-tuned norm, the
+    pre-trained norm and the change over the pre-training (pre-trained minus initial norm) of each router row."""
+    from pathlib import Path
+
     from moe_export.models import find_moe_layers
     from moe_export.zoo.train import load
 
     ft, _ = load(model_dir, which="finetuned")
     pre, _ = load(model_dir, which="pretrained")
+    init = load(model_dir, which="initial")[0] if (Path(model_dir) / "initial").is_dir() else None
     out = {}
-    for a, b in zip(find_moe_layers(ft), find_moe_layers(pre)):
+    for i, (a, b) in enumerate(zip(find_moe_layers(ft), find_moe_layers(pre))):
         n_ft, n_pre = a.router_weight.norm(dim=1), b.router_weight.norm(dim=1)
         out[a.name] = {"change": (n_ft - n_pre).tolist(), "abs_change": (n_ft - n_pre).abs().tolist(),
                        "final_norm": n_ft.tolist(), "pretrained_norm": n_pre.tolist()}
+        if init is not None:
+            n_init = find_moe_layers(init)[i].router_weight.norm(dim=1)
+            out[a.name]["init_change"] = (n_pre - n_init).tolist()
     return out
 
 
@@ -134,7 +148,7 @@ def run_model(sweep: ZooSweep, name: str, seed: int, progress: bool = True) -> d
     rec = {"model": name, "seed": seed, "arch": entry.arch, "scores": router_scores(folder), "points": [], "float": {}}
     for setting in sweep.settings:
         which, corpus = ("finetuned", entry.finetune.corpus) if setting == "finetune" else ("pretrained", entry.pretrain.corpus)
-        reference = folder / "pretrained" if setting == "finetune" else None  # None: final-norm proxy
+        reference = {"finetune": folder / "pretrained", "pretrain-init": folder / "initial"}.get(setting)  # None: final norm
         model, tok = load(folder, which=which)
         seq_len = entry.seq_len
         test = token_stream(tok, corpus, "test")
@@ -142,15 +156,26 @@ def run_model(sweep: ZooSweep, name: str, seed: int, progress: bool = True) -> d
         gs = group_size_for(find_moe_layers(model))
         rec["group_size"] = gs
 
-        def quality(m) -> dict:
+        def quality(m, with_cloze: bool = True) -> dict:
             r = {"bpb": bits_per_byte(logits_fn_for(m), tok, test, seq_len, max_tokens=sweep.eval_tokens,
                                       progress=False)["bits_per_byte"]}
-            if sweep.n_cloze:
+            if sweep.n_cloze and with_cloze:
                 r["cloze"] = cloze(logits_fn_for(m), tok, corpus, seq_len, sweep.n_cloze, progress=False)["accuracy"]
             return r
 
+        def scores_cloze(ls: str, avg: float) -> bool:
+            return ls not in sweep.cloze_avg_bits or any(abs(avg - b) < 1e-9 for b in sweep.cloze_avg_bits[ls])
+
         rec["float"][setting] = {**quality(model), "corpus": corpus}
-        jobs = [(ls, avg, m) for ls in sweep.level_sets for avg in sweep.grid(ls)[1] for m in sweep.methods]
+        methods = sweep.methods
+        if setting == "pretrain-init" and "pretrain-only" in sweep.settings:
+            # Same model, corpus and calibration as pretrain-only: only the methods that read the reference
+            # plan differently; the others' points are shared below instead of recomputed.
+            methods = tuple(m for m in methods if m in USES_REFERENCE)
+        # Plans are deterministic given their bits, so methods that land on the same per-expert widths (all
+        # of them at a uniform average, often router vs router+maxvar) share one quantize + eval.
+        evaluated: dict[tuple, dict] = {}
+        jobs = [(ls, avg, m) for ls in sweep.level_sets for avg in sweep.grid(ls)[1] for m in methods]
         for ls, avg, method in tqdm(jobs, desc=f"{name} s{seed} {setting}", disable=not progress):
             levels = sweep.grid(ls)[0]
             if method == "uniform" and float(avg) not in levels:
@@ -162,12 +187,20 @@ def run_model(sweep: ZooSweep, name: str, seed: int, progress: bool = True) -> d
                 t0 = time.perf_counter()
                 plan = make_plan(model, cfg, reference=reference, batches=calib, progress=False)
                 plan_s = time.perf_counter() - t0
-                q = quantize_(copy.deepcopy(model), MoEQuantConfig(plan=plan), progress=False)
-                res.append({"plan_s": plan_s, **quality(q), "bits": [l.bits for l in plan.layers]})
-                del q
+                key = tuple(tuple(l.bits) for l in plan.layers)
+                want_cloze = scores_cloze(ls, avg)
+                if key not in evaluated or (want_cloze and sweep.n_cloze and "cloze" not in evaluated[key]):
+                    q = quantize_(copy.deepcopy(model), MoEQuantConfig(plan=plan), progress=False)
+                    evaluated[key] = quality(q, want_cloze)
+                    del q
+                got = evaluated[key] if want_cloze else {k: v for k, v in evaluated[key].items() if k != "cloze"}
+                res.append({"plan_s": plan_s, **got, "bits": [l.bits for l in plan.layers]})
             rec["points"].append({"setting": setting, "levels": ls, "avg_bits": avg, "method": method,
                                   **{k: sum(r[k] for r in res) / len(res) for k in res[0] if k != "bits"},
                                   "bits": res[0]["bits"]})
+    if "pretrain-init" in sweep.settings and "pretrain-only" in sweep.settings:
+        rec["points"] += [{**p, "setting": "pretrain-init", "shared_with": "pretrain-only"} for p in rec["points"]
+                          if p["setting"] == "pretrain-only" and p["method"] not in USES_REFERENCE]
     rec["wall_s"] = time.perf_counter() - t_start
     return rec
 
@@ -215,7 +248,9 @@ def run_zoo(sweep: ZooSweep, progress: bool = True, cache_dir=None) -> dict:
         for i in range(len(rs)):
             for j in range(i + 1, len(rs)):
                 for layer in rs[i]["scores"]:
-                    for key in ("change", "final_norm"):
+                    for key in ("change", "init_change", "final_norm"):
+                        if key not in rs[i]["scores"][layer] or key not in rs[j]["scores"][layer]:
+                            continue
                         stability.setdefault(f"{name}/{key}", []).append(
                             spearman(rs[i]["scores"][layer][key], rs[j]["scores"][layer][key]))
     return {"sweep": sweep.to_dict(), "runs": runs, "rank_stability": stability, "wall_s": time.perf_counter() - t0,
@@ -223,4 +258,7 @@ def run_zoo(sweep: ZooSweep, progress: bool = True, cache_dir=None) -> dict:
 
 
 QUICK = ZooSweep(avg_bits={"3,2": [2.0, 2.5, 3.0], "3,2,1": [1.5, 2.0, 2.5]}, random_seeds=(0, 1))
-FULL = ZooSweep(seeds=(0, 1, 2), eval_tokens=2048, random_seeds=(0, 1))
+# Cloze (100 items, ~15x the cost of the bpb eval) only at one interior width per level set: the middle of
+# each grid, where the methods' plans differ most.
+FULL = ZooSweep(seeds=(0, 1, 2), eval_tokens=2048, random_seeds=(0, 1), n_cloze=100,
+                cloze_avg_bits={"3,2": [2.5], "3,2,1": [2.0]})

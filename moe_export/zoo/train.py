@@ -1,5 +1,7 @@
-"""Build a zoo model: BPE tokenizer, pre-train (cosine decay), fine-tune on a second corpus, save both
-checkpoints with ``save_pretrained`` and write a manifest.
+"""Build a zoo model: BPE tokenizer, pre-train (cosine decay), fine-tune on a second corpus, save the
+initialisation and both trained checkpoints with ``save_pretrained`` (``initial/``, ``pretrained/``,
+``finetuned/``) and write a manifest. ``initial/`` is what the router-norm change of a pre-training run is
+measured against (the paper's Mixtral setting, where the pre-trained model is all there is).
 
 Deterministic for a seed at a fixed thread count, resumable (a training-state checkpoint every
 ``ckpt_every`` steps) and cached (a build whose manifest fingerprint matches is skipped).
@@ -27,7 +29,7 @@ from moe_export.zoo.data import bigram_bits_per_byte, byte_bigram_bits_per_byte,
 from moe_export.zoo.registry import Entry, TrainSpec, get_entry
 from moe_export.zoo.tokenizer import get_tokenizer, moe_export_home, token_bytes
 
-FORMAT_VERSION = 1  # bump when a change to this file changes what a build produces
+FORMAT_VERSION = 2  # bump when a change to this file changes what a build produces (2: initial/ checkpoint)
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def _versions() -> dict:
 
 def is_built(out: Path, entry: Entry, seed: int) -> bool:
     man = out / "manifest.json"
-    if not man.exists() or not (out / "pretrained").is_dir() or not (out / "finetuned").is_dir():
+    if not man.exists() or not all((out / d).is_dir() for d in ("initial", "pretrained", "finetuned")):
         return False
     try:
         return json.loads(man.read_text()).get("fingerprint") == fingerprint(entry, seed)
@@ -220,7 +222,7 @@ def is_built(out: Path, entry: Entry, seed: int) -> bool:
 
 
 def build(name: str, out_dir=None, seed: int = 0, *, force: bool = False, threads: int = 1, progress: bool = True) -> Path:
-    """Build (or reuse) zoo entry ``name``; returns the folder with pretrained/, finetuned/, manifest.json."""
+    """Build (or reuse) zoo entry ``name``; returns the folder with initial/, pretrained/, finetuned/, manifest.json."""
     entry = get_entry(name)
     out = Path(out_dir) if out_dir is not None else default_dir(name, seed)
     if not force and is_built(out, entry, seed):
@@ -260,6 +262,8 @@ def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, th
     with _threads(threads):
         tok, tok_dir = get_tokenizer(entry.vocab_size, entry.corpora)
         model = make_model(entry, tok, seed)
+        if not (out / "initial").is_dir():
+            _save_checkpoint(model, tok, out / "initial")
         stages = {}
         for stage, spec, stage_seed in (("pretrain", entry.pretrain, seed), ("finetune", entry.finetune, seed + 1000)):
             done = state / f"{stage}.json"
