@@ -254,6 +254,11 @@ def test_zoo_runner_on_tiny(tiny_zoo_dir, tmp_path, monkeypatch):
         assert sorted(e for e in range(8) if layer_bits[e] == 3) == sorted(top), layer
     pts = {p["method"]: p for p in run["points"] if p["setting"] == "finetune"}
     assert set(pts) == {"router", "random"}  # uniform only at integer widths
+    # the record says how good the float model is, beside the bigram baseline of its manifest
+    b = run["build"]
+    assert b["parameters"] > 0 and b["pretrained"]["corpus"] == "shakespeare" and b["finetuned"]["corpus"] == "python-stdlib"
+    assert 0 < b["finetuned"]["bpb"] < 10 and 0 < b["finetuned"]["token_bigram_bpb"] < 10
+    assert "The models before quantization" in "\n".join(report.zoo_markdown(out))
     for p in pts.values():
         assert p["bpb"] > run["float"]["finetune"]["bpb"] - 0.05 and p["plan_s"] >= 0
         for layer_bits in p["bits"]:

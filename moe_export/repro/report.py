@@ -709,6 +709,10 @@ def quantization_damage(runs, key) -> float:
     return st.mean(vals) if vals else float("nan")
 
 
+def _f2(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def zoo_markdown(zoo: dict, img_rel: str = "img") -> list[str]:
     from moe_export.repro.zoo_sweep import spearman
 
@@ -744,10 +748,25 @@ def zoo_markdown(zoo: dict, img_rel: str = "img") -> list[str]:
                 "manifest), so the signed change is also meaningful and is what the tables below show. "
                 if any(r["arch"] == "switch" for r in runs) else "")
              + 
-             f"Calibration methods use {sw['calib_tokens']} tokens of the fine-tune corpus. Wall time of this "
+             f"Calibration methods use {sw['calib_tokens']} tokens of the setting's corpus. Wall time of this "
              f"invocation {zoo['wall_s']:.0f} s"
              + (f" ({len(reused)} of {len(runs)} model records were read from the resume cache, so their compute "
                 "time is not in it)" if reused else "") + ".", ""]
+    built = [r for r in sorted(runs, key=lambda r: (r["model"], r["seed"])) if r.get("build")]
+    if built:
+        lines += ["**The models before quantization** (from each build's manifest: bits per byte on the held-out "
+                  "split, up to 32,768 tokens a corpus, lower is better, beside an add-k token "
+                  "bigram fitted on the same training split; cloze as above). A model that does not beat the bigram "
+                  "has learned little beyond token pairs, and its quantization comparisons say less.", "",
+                  "| model | seed | parameters | build s | pre-trained bpb (Shakespeare) | bigram | fine-tuned bpb "
+                  "(Python stdlib) | bigram | cloze pre-trained / fine-tuned |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in built:
+            b = r["build"]
+            pre, ft = b["pretrained"], b["finetuned"]
+            lines.append(f"| {r['model']} | {r['seed']} | {b['parameters']:,} | {b['build_wall_s']:.0f} | {pre['bpb']:.3f} | "
+                         f"{pre['token_bigram_bpb']:.3f} | {ft['bpb']:.3f} | {ft['token_bigram_bpb']:.3f} | "
+                         f"{_f2(pre['cloze'])} / {_f2(ft['cloze'])} |")
+        lines.append("")
     if single:
         lines += [("**Seeds.** " + ", ".join(single) + (" has" if len(single) == 1 else " have")
                    + " a single build seed (only that build was run"

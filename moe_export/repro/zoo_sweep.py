@@ -132,6 +132,27 @@ def control_finetunes(name: str, seed: int, progress: bool = True) -> dict:
     return out
 
 
+def build_summary(name: str, seed: int) -> dict | None:
+    """How good the built model is before any quantization, from its manifest: a quantization comparison on a
+    model that has not learned its corpora says little, so the report shows these beside a bigram baseline."""
+    import json
+
+    from moe_export.zoo.registry import get_entry
+    from moe_export.zoo.train import default_dir
+
+    path = default_dir(name, seed) / "manifest.json"
+    if not path.exists():
+        return None
+    man, entry = json.loads(path.read_text()), get_entry(name)
+    out = {"parameters": man["parameters"], "build_wall_s": man["build_wall_s"], "threads": man.get("threads")}
+    for which, corpus in (("pretrained", entry.pretrain.corpus), ("finetuned", entry.finetune.corpus)):
+        r = man["eval"][which]["results"][corpus]
+        out[which] = {"corpus": corpus, "bpb": r["bpb"]["bits_per_byte"], "tokens": r["bpb"]["tokens_scored"],
+                      "cloze": r.get("cloze", {}).get("accuracy"),
+                      "token_bigram_bpb": man["baselines"][corpus]["token_bigram"]["bits_per_byte"]}
+    return out
+
+
 def run_model(sweep: ZooSweep, name: str, seed: int, progress: bool = True) -> dict:
     from moe_export.api import MoEQuantConfig, quantize_
     from moe_export.eval import bits_per_byte, cloze, logits_fn_for
@@ -233,6 +254,7 @@ def run_zoo(sweep: ZooSweep, progress: bool = True, cache_dir=None) -> dict:
                 rec = run_model(sweep, name, seed, progress)
                 if cached is not None:
                     atomic_write_json(cached, {"sweep": key, "run": rec})
+            rec["build"] = build_summary(name, seed)
             # controls=False computes no control fine-tune but still reports one already in the cache
             ccache = Path(cache_dir) / f"{name}-s{seed}-controls.json" if cache_dir else None
             if ccache is not None and ccache.exists():
