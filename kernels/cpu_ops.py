@@ -170,6 +170,17 @@ def _(x, idx, packed, scale, zero, bits):
 FUSED_WIDTHS = KERNEL_BITS
 
 
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether the C++ ops may take ``x``: a CPU tensor, the ops enabled, and not under ``torch.export`` (an
+    exported graph must not name ops its runtime lacks)."""
+    return x.device.type == "cpu" and enabled() and not torch.compiler.is_exporting()
+
+
+def fused_runs_on(x: torch.Tensor) -> bool:
+    """``runs_on`` for the fused ops (``cpu_moe_ffn``, ``cpu_packed_linear``): float32 only, and built."""
+    return x.dtype == torch.float32 and runs_on(x) and fused_ready()
+
+
 @torch.compiler.assume_constant_result
 def fused_ready() -> bool:
     """Whether ``cpu_moe_ffn`` / ``cpu_packed_linear`` exist: the default build loaded (built on the first

@@ -77,17 +77,13 @@ def fused_cpu_forward(self, hidden_states, top_k_index, top_k_weights):
     )
 
 
-def _use_cpu_kernel(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and cpu_ops.enabled() and not torch.compiler.is_exporting()
-
-
 def routed_linear(w: MixedWidthExpertsTensor, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
     """``y[s] = W[expert_ids[s]] @ x[s]`` for a packed mixed-width stack; ``x`` ``[S, K]`` -> ``[S, N]``."""
     bits_of = w.expert_bits[expert_ids]  # [S]
     slot_of = w.slot[expert_ids]  # [S]
     out = None
     widths = w.widths
-    kernel = _use_cpu_kernel(x)
+    kernel = cpu_ops.runs_on(x)
     for b in widths:
         p, s, z = getattr(w, f"packed_{b}"), getattr(w, f"scale_{b}"), getattr(w, f"zero_{b}")
         if kernel and b in cpu_ops.KERNEL_BITS:
@@ -194,10 +190,9 @@ def mixed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     # --- end of dispatch point ---
 
     if ((top_k_index.numel() <= CPU_FUSED_EAGER_MAX_PAIRS or torch.compiler.is_compiling())
-            and hidden_states.dtype == torch.float32 and _use_cpu_kernel(hidden_states) and _fusable(self)
-            and cpu_ops.fused_ready()):
+            and _fusable(self) and cpu_ops.fused_runs_on(hidden_states)):
         return fused_cpu_forward(self, hidden_states, top_k_index, top_k_weights)
-    if top_k_index.numel() <= CPU_KERNEL_MAX_PAIRS and _use_cpu_kernel(hidden_states):
+    if top_k_index.numel() <= CPU_KERNEL_MAX_PAIRS and cpu_ops.runs_on(hidden_states):
         return routed_gather(self, hidden_states, top_k_index, top_k_weights)
     if not torch.compiler.is_compiling():
         # eager: the fused mat-vec is one big broadcast expression, only fast once inductor fuses it

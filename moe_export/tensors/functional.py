@@ -188,8 +188,7 @@ CPU_LINEAR_MAX_ROWS = 16
 def _cpu_linear(x: torch.Tensor, bits: int) -> bool:
     from moe_export.kernels import cpu_ops
 
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and bits in cpu_ops.FUSED_WIDTHS
-            and cpu_ops.enabled() and not torch.compiler.is_exporting() and cpu_ops.fused_ready())
+    return bits in cpu_ops.FUSED_WIDTHS and cpu_ops.fused_runs_on(x)
 
 
 def packed_linear(
