@@ -8,7 +8,6 @@ is switched to the ``moe_export_mixed`` experts implementation and keeps its pla
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,11 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moe_export.quant.base import QuantizedWeight, Quantizer, get_quantizer
+from moe_export.quant.apply import install_quantized_layer, quantize_layer_experts, quantize_non_expert_
+from moe_export.quant.base import Quantizer, get_quantizer
 
-log = logging.getLogger(__name__)
-
-__all__ = ["MoEQuantConfig", "quantize_", "quantize_layer_experts", "install_quantized_layer", "quantize_non_expert_"]
+__all__ = ["MoEQuantConfig", "quantize_", "calibration_batches_for"]
 
 
 @dataclass
@@ -50,92 +48,45 @@ def _resolve_quantizer(q, options) -> Quantizer:
     raise TypeError(f"MoEQuantConfig.quantizer must be a name such as 'rtn' or a Quantizer, got {type(q).__name__}")
 
 
-def quantize_layer_experts(layer, bits: list[int], quantizer: Quantizer, group_size: int | None, symmetric: bool,
-                           hessians: dict | None = None) -> dict[str, list[QuantizedWeight]]:
-    """Quantize every expert of one ``MoELayer`` at its width: ``{proj: [QuantizedWeight per expert]}``.
+def calibration_batches_for(model: nn.Module, cal, tokenizer=None) -> torch.Tensor:
+    """Calibration token ids ``[B, S]`` for ``model``: ``cal.n_tokens`` tokens of zoo text.
 
-    ``hessians[proj][e]``: ``[K, K]`` or None, for data-aware quantizers.
+    The corpus and window length come from ``cal``, else from the zoo manifest beside the model's folder (its
+    fine-tune corpus and training length), else the defaults of ``zoo.data.calibration_batches``. The text is
+    tokenized with ``tokenizer``, else with the tokenizer saved in the model's folder.
     """
-    if len(bits) != layer.num_experts:
-        raise ValueError(f"{layer.name}: {len(bits)} widths given for {layer.num_experts} experts")
-    out: dict[str, list[QuantizedWeight]] = {}
-    for proj in layer.projections:
-        qws = []
-        for e in range(layer.num_experts):
-            h = None if hessians is None else hessians.get(proj, [None] * layer.num_experts)[e]
-            w = layer.expert_weight(proj, e)  # [N, K] (out, in)
-            qws.append(quantizer.quantize(w, int(bits[e]), group_size, symmetric, hessian=h))
-        out[proj] = qws
-    return out
+    from moe_export.zoo.data import calibration_batches
+
+    src = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+        except Exception as exc:  # noqa: BLE001 - reported as one actionable message
+            raise ValueError(
+                f"calibration needs text: no tokenizer found at the model's path {src!r} ({exc}); "
+                "set CalibrationConfig.batches=LongTensor[B, T] or pass tokenizer="
+            ) from exc
+    entry = _zoo_entry(src)
+    corpus = cal.corpus or entry.get("finetune", {}).get("corpus")
+    seq_len = cal.seq_len or entry.get("seq_len") or min(256, getattr(model.config, "max_position_embeddings", 256))
+    kwargs = {} if corpus is None else {"corpus": corpus}
+    return calibration_batches(tokenizer, cal.n_tokens, seq_len, cal.seed, **kwargs)
 
 
-def install_quantized_layer(model: nn.Module, layer, qweights: dict[str, list[QuantizedWeight]]) -> None:
-    """Replace the float expert weights of ``layer`` by packed subclasses built from ``qweights``."""
-    from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
+def _zoo_entry(model_path) -> dict:
+    """The zoo recipe of a checkpoint folder (``finetuned/`` or ``pretrained/`` of a zoo build), or {}."""
+    import json
+    from pathlib import Path
 
-    for proj, qws in qweights.items():
-        if layer.fused:
-            old = getattr(layer.experts, proj)
-            if getattr(layer.experts, "is_transposed", False):
-                raise NotImplementedError(f"{layer.name}: transposed expert layouts are not supported yet")
-            new = MixedWidthExpertsTensor.from_quantized(qws, dtype=old.dtype)
-            if tuple(new.shape) != tuple(old.shape):
-                raise ValueError(f"{layer.name}.{proj}: quantized shape {tuple(new.shape)} != {tuple(old.shape)}")
-            setattr(layer.experts, proj, nn.Parameter(new, requires_grad=False))
-        else:
-            for e, qw in enumerate(qws):
-                lin = getattr(layer.experts[f"expert_{e}"], proj)
-                lin.weight = nn.Parameter(PackedLinearWeight.from_quantized(qw, dtype=lin.weight.dtype),
-                                          requires_grad=False)
-
-
-def _set_param(model: nn.Module, fqn: str, value: nn.Parameter) -> None:
-    mod_name, _, attr = fqn.rpartition(".")
-    setattr(model.get_submodule(mod_name) if mod_name else model, attr, value)
-
-
-def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = None) -> list[str]:
-    """Quantize 2-D weights of the roles the plan's ``non_expert`` policy gives a width; returns their FQNs.
-
-    Tied parameters (e.g. embeddings and lm_head) are quantized once and stay tied.
-    """
-    from moe_export.models import parameter_role
-    from moe_export.quant.rtn import RTNQuantizer
-    from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
-
-    quantizer = quantizer or RTNQuantizer()
-    if all(v == "float" for v in plan.non_expert.values()):
-        return []
-    by_id: dict[int, list[str]] = {}
-    params = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-        params[id(p)] = p
-    done = []
-    for pid, names in by_id.items():
-        p = params[pid]
-        if isinstance(p, (MixedWidthExpertsTensor, PackedLinearWeight)) or p.dim() != 2:
-            continue
-        roles = sorted({parameter_role(model, n) for n in names})
-        policies = [plan.non_expert.get(r, "float") for r in roles]
-        if any(pol != policies[0] for pol in policies):
-            raise ValueError(f"parameter shared by {names} has roles {roles} with different policies {policies}; "
-                             "give these roles the same non_expert policy in the plan")
-        policy = policies[0]
-        if policy == "float":
-            continue
-        bits, gs, sym = int(policy["bits"]), policy.get("group_size"), bool(policy.get("symmetric", False))
-        k = p.shape[1]
-        if k % 8 or (gs is not None and k % gs):
-            # e.g. T5 relative-attention bias tables [buckets, heads]: too small to pack, kept float
-            log.warning("%s: input dim %d is not a multiple of 8 and of group size %s; kept float", names[0], k, gs)
-            continue
-        qw = quantizer.quantize(p.detach(), bits, gs, sym)
-        new = nn.Parameter(PackedLinearWeight.from_quantized(qw, dtype=p.dtype), requires_grad=False)
-        for n in names:
-            _set_param(model, n, new)
-        done.extend(names)
-    return done
+    if not model_path:
+        return {}
+    p = Path(model_path)
+    for m in (p / "manifest.json", p.parent / "manifest.json"):
+        if m.is_file():
+            return json.loads(m.read_text()).get("entry", {})
+    return {}
 
 
 def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -> nn.Module:
@@ -155,9 +106,12 @@ def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -
         plan.provenance = {**plan.provenance, "quantized_with": quantizer.name}
     with torch.no_grad():
         if quantizer.needs_calibration:
-            from moe_export.quant.calibration import quantize_sequential
+            from moe_export.eval import logits_fn_for
+            from moe_export.quant.calibration import quantize_sequential, resolve_calibration
 
-            quantize_sequential(model, MoEQuantConfig(plan, quantizer, config.quantizer_options, config.calibration),
+            cal = resolve_calibration(config.calibration)
+            batches = cal.batches if cal.batches is not None else calibration_batches_for(model, cal)
+            quantize_sequential(model, plan, quantizer, cal, batches=batches, forward=logits_fn_for(model),
                                 progress=progress)
         else:
             layers = find_moe_layers(model)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from moe_export import MoEQuantConfig, quantize_
-from moe_export.api import expert_bytes, install_quantized_layer, quantize_layer_experts, theoretical_expert_bytes
+from moe_export.api import expert_bytes, theoretical_expert_bytes
+from moe_export.quant.apply import install_quantized_layer, quantize_layer_experts
 from moe_export.model_configs import tiny_random_model
 from moe_export.models import find_moe_layers
 from moe_export.plan.bitplan import BitPlan, BitPlanError

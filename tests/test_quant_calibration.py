@@ -1,19 +1,19 @@
 """Layer-by-layer GPTQ calibration: every expert reached, starved experts fall back to RTN and are reported."""
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from moe_export.eval import logits_fn_for
 from moe_export.model_configs import tiny_random_model
 from moe_export.models import find_moe_layers
 from moe_export.plan.bitplan import BitPlan
+from moe_export.quant.apply import install_fake_quant
 from moe_export.quant.base import get_quantizer
 from moe_export.quant.calibration import (
     CalibrationConfig,
     _capture_layer_inputs,
-    install_fake_quant,
     quantize_layer_calibrated,
     quantize_sequential,
 )
@@ -28,9 +28,10 @@ def _batches(model, n=8, seq=32, seed=1):
 
 
 def _config(model, bits=2, group_size=32, quantizer="gptq", **cal):
+    """quantize_sequential's resolved arguments for ``model``: plan, quantizer, calibration and forward."""
     plan = BitPlan.uniform(find_moe_layers(model), bits, group_size=group_size, quantizer=quantizer)
-    return SimpleNamespace(plan=plan, quantizer=quantizer, quantizer_options={},
-                           calibration=CalibrationConfig(**{"min_tokens": 16, **cal}))
+    return dict(plan=plan, quantizer=get_quantizer(quantizer), calibration=CalibrationConfig(**{"min_tokens": 16, **cal}),
+                forward=logits_fn_for(model))
 
 
 def _starve_expert(model, e=STARVED):
@@ -55,17 +56,17 @@ def test_starved_expert_falls_back_to_rtn_and_is_reported():
     model = tiny_random_model(MIXTRAL, seed=0)
     _starve_expert(model)
     cfg = _config(model, all_experts=False)
-    report = quantize_sequential(model, cfg, batches=_batches(model), install=install_fake_quant, progress=False)
+    report = quantize_sequential(model, **cfg, batches=_batches(model), install=install_fake_quant, progress=False)
     names = [l.name for l in find_moe_layers(model)]
     for name in names:
         assert report.routed_tokens[name][STARVED] == 0
         assert report.hessian_tokens[name][STARVED] == 0
         assert report.rtn_fallback[name] == [STARVED]
         assert sum(report.routed_tokens[name]) == 8 * 32 * 2  # every token routed to top-2
-    prov = cfg.plan.provenance["calibration"]
+    prov = cfg["plan"].provenance["calibration"]
     assert prov["rtn_fallback"] == {n: [STARVED] for n in names}
     assert prov["config"]["all_experts"] is False
-    assert BitPlan.from_json(cfg.plan.to_json()).provenance["calibration"]["rtn_fallback"] == prov["rtn_fallback"]
+    assert BitPlan.from_json(cfg["plan"].to_json()).provenance["calibration"]["rtn_fallback"] == prov["rtn_fallback"]
     # the fallback expert holds exactly RTN's weights, and nothing is NaN
     float_model = tiny_random_model(MIXTRAL, seed=0)
     for lq, lf in zip(find_moe_layers(model), find_moe_layers(float_model)):
@@ -79,7 +80,7 @@ def test_starved_expert_falls_back_to_rtn_and_is_reported():
 def test_all_experts_routing_reaches_the_starved_expert():
     model = tiny_random_model(MIXTRAL, seed=0)
     _starve_expert(model)
-    report = quantize_sequential(model, _config(model, all_experts=True), batches=_batches(model),
+    report = quantize_sequential(model, **_config(model, all_experts=True), batches=_batches(model),
                                  install=install_fake_quant, progress=False)
     for name, counts in report.hessian_tokens.items():
         assert counts == [8 * 32] * 8  # every token in every expert's Hessians
@@ -96,7 +97,7 @@ def test_gptq_model_output_on_calibration_text_closer_to_float_than_rtn(bits):
     for quantizer in ("rtn", "gptq"):
         model = tiny_random_model(MIXTRAL, seed=0)
         if quantizer == "gptq":
-            quantize_sequential(model, _config(model, bits), batches=x, install=install_fake_quant, progress=False)
+            quantize_sequential(model, **_config(model, bits), batches=x, install=install_fake_quant, progress=False)
         else:
             rtn = get_quantizer("rtn")
             for layer in find_moe_layers(model):
@@ -115,15 +116,15 @@ def test_each_layer_calibrates_on_the_quantized_outputs_of_the_previous_one():
     model = copy.deepcopy(float_model)
     cfg = _config(model, bits=2, all_experts=False)
     x = _batches(model)
-    quantize_sequential(model, cfg, batches=x, install=install_fake_quant, progress=False)
+    quantize_sequential(model, **cfg, batches=x, install=install_fake_quant, progress=False)
     quantizer = get_quantizer("gptq")
     q_layer1, f_layer1 = find_moe_layers(model)[1], find_moe_layers(float_model)[1]
     fresh = copy.deepcopy(float_model)
     fresh_layer1 = find_moe_layers(fresh)[1]
 
     def redo(inputs_from):
-        X, routed = _capture_layer_inputs(inputs_from, find_moe_layers(inputs_from)[1], x, 8)
-        qw, *_ = quantize_layer_calibrated(fresh_layer1, X, routed, [2] * 8, quantizer, 32, False, cfg.calibration)
+        X, routed = _capture_layer_inputs(logits_fn_for(inputs_from), find_moe_layers(inputs_from)[1], x, 8)
+        qw, *_ = quantize_layer_calibrated(fresh_layer1, X, routed, [2] * 8, quantizer, 32, False, cfg["calibration"])
         return qw["down_proj"][0].dequantize()
 
     # inputs of layer 1 through quantized layer 0 reproduce what was installed; float inputs do not
@@ -134,7 +135,7 @@ def test_each_layer_calibrates_on_the_quantized_outputs_of_the_previous_one():
 
 def test_switch_encoder_and_decoder_layers():
     model = tiny_random_model("SwitchTransformersForConditionalGeneration", seed=0)
-    report = quantize_sequential(model, _config(model, bits=3, all_experts=False, min_tokens=4),
+    report = quantize_sequential(model, **_config(model, bits=3, all_experts=False, min_tokens=4),
                                  batches=_batches(model), install=install_fake_quant, progress=False)
     names = [l.name for l in find_moe_layers(model)]
     assert set(report.routed_tokens) == set(names) and len(names) == 2
@@ -152,13 +153,14 @@ def test_calibration_config_rejects_bad_values():
         CalibrationConfig(n_tokens=0)
     with pytest.raises(ValueError, match="min_tokens"):
         CalibrationConfig(min_tokens=-1)
+    from moe_export.api import MoEQuantConfig, quantize_
+
     model = tiny_random_model(MIXTRAL, seed=0)
     cfg = _config(model)
-    cfg.calibration = {"n_tokens": 10}
     with pytest.raises(TypeError, match="CalibrationConfig"):
-        quantize_sequential(model, cfg, batches=_batches(model), install=install_fake_quant, progress=False)
+        quantize_(model, MoEQuantConfig(cfg["plan"], "gptq", calibration={"n_tokens": 10}), progress=False)
     with pytest.raises(ValueError, match=r"token ids \[B, S\]"):
-        quantize_sequential(model, _config(model), batches=torch.zeros(5, dtype=torch.long),
+        quantize_sequential(model, **_config(model), batches=torch.zeros(5, dtype=torch.long),
                             install=install_fake_quant, progress=False)
 
 
@@ -171,7 +173,7 @@ def test_quantize_api_with_gptq_packs_exactly_what_calibration_computed(arch):
     cal = CalibrationConfig(batches=x, all_experts=False, min_tokens=8)
     plan = BitPlan.uniform(find_moe_layers(packed), 3, group_size=32)
     quantize_(packed, MoEQuantConfig(plan, "gptq", calibration=cal), progress=False)
-    quantize_sequential(fake, _config(fake, bits=3, all_experts=False, min_tokens=8), batches=x,
+    quantize_sequential(fake, **_config(fake, bits=3, all_experts=False, min_tokens=8), batches=x,
                         install=install_fake_quant, progress=False)
     assert torch.equal(_logits(packed, x), _logits(fake, x))  # packed bytes dequantize to the same weights
     prov = packed.moe_export_plan.provenance["calibration"]
@@ -194,9 +196,11 @@ def test_gptq_beats_rtn_on_held_out_text_of_the_trained_tiny_model(tiny_zoo_dir)
         model = copy.deepcopy(float_model)
         plan = BitPlan.uniform(find_moe_layers(model), 2, group_size=32)
         if name == "gptq":
-            cfg = SimpleNamespace(plan=plan, quantizer="gptq", quantizer_options={},
-                                  calibration=CalibrationConfig(n_tokens=4096))
-            quantize_sequential(model, cfg, tokenizer=tok, install=install_fake_quant, progress=False)
+            from moe_export.api import calibration_batches_for
+
+            cal = CalibrationConfig(n_tokens=4096)
+            quantize_sequential(model, plan, get_quantizer("gptq"), cal, batches=calibration_batches_for(model, cal, tok),
+                                forward=logits_fn_for(model), install=install_fake_quant, progress=False)
         else:
             rtn = get_quantizer("rtn")
             for layer in find_moe_layers(model):

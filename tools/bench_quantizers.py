@@ -52,17 +52,19 @@ def _kl_bits(ref_logp, logp) -> float:
 
 
 def _quantize(model, plan, name, tok, cal):
-    from types import SimpleNamespace
-
+    from moe_export.api import calibration_batches_for
+    from moe_export.eval import logits_fn_for
     from moe_export.models import find_moe_layers
+    from moe_export.quant.apply import install_fake_quant
     from moe_export.quant.base import get_quantizer
-    from moe_export.quant.calibration import install_fake_quant, quantize_sequential
+    from moe_export.quant.calibration import quantize_sequential
 
     quantizer = get_quantizer(name)
     g, sym = plan.quantizer.group_size, plan.quantizer.symmetric
     if quantizer.needs_calibration:
-        cfg = SimpleNamespace(plan=plan, quantizer=quantizer, quantizer_options={}, calibration=cal)
-        rep = quantize_sequential(model, cfg, tokenizer=tok, install=install_fake_quant, progress=False)
+        batches = cal.batches if cal.batches is not None else calibration_batches_for(model, cal, tok)
+        rep = quantize_sequential(model, plan, quantizer, cal, batches=batches, forward=logits_fn_for(model),
+                                  install=install_fake_quant, progress=False)
         return {"rtn_fallback": {k: v for k, v in rep.rtn_fallback.items() if v}}
     for layer in find_moe_layers(model):
         bits = plan.bits_for(layer.name)

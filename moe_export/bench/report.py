@@ -70,14 +70,7 @@ def plan_line(pl: dict) -> str:
 def format_markdown(res: dict) -> str:
     m, s, pl = res["model"], res["settings"], res["plan"]
     impl = m.get("experts_implementation")
-    from moe_export.bench.run import FULL_MODES, QUICK_MODES
-
-    cmd = f"moe-export bench{' --quick' if s['quick'] else ''} --model {m['model']}"
-    defaults = QUICK_MODES if s["quick"] else FULL_MODES
-    for kind in ("pte", "onnx"):
-        given = s.get(f"{kind}_modes")
-        if given is not None and tuple(given) != tuple(defaults[kind]):
-            cmd += f" --{kind}-modes {','.join(given)}"
+    cmd = s["command"]
     out = [
         f"# Benchmarks: {m['model']}",
         "",

@@ -136,6 +136,16 @@ def _plan_summary(plan, fmodel, theory: dict) -> dict:
     }
 
 
+def _command_line(model_name: str, quick: bool, pte_modes, onnx_modes) -> str:
+    """The ``moe-export bench`` command that reproduces a run (modes spelled out only where not the default)."""
+    cmd = f"moe-export bench{' --quick' if quick else ''} --model {model_name}"
+    defaults = QUICK_MODES if quick else FULL_MODES
+    for kind, given in (("pte", pte_modes), ("onnx", onnx_modes)):
+        if tuple(given) != tuple(defaults[kind]):
+            cmd += f" --{kind}-modes {','.join(given)}"
+    return cmd
+
+
 def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = True, reps: int | None = None,
               avg_bits: float = 2.5, levels=(3, 2), non_expert: str | dict | None = DEFAULT_NON_EXPERT,
               targets=("pte", "onnx"), pte_modes=None, onnx_modes=None, compile: bool = True, peers: bool = True,
@@ -184,6 +194,7 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
 
     echo("[1/8] model and plan")
     fmodel, info = load_bench_model(model)
+    res["settings"]["command"] = _command_line(info["model"], quick, pte_modes, onnx_modes)
     info["parameters"] = count_params(fmodel)
     info["experts_implementation"] = getattr(fmodel.config, "_experts_implementation", None)
     res["model"] = info

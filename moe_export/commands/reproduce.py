@@ -84,7 +84,7 @@ def command(quick, out_dir, seeds, routings, zoo, zoo_models, zoo_seeds, from_js
         zs = zoo_sweep.QUICK if quick else zoo_sweep.FULL
         zs = replace(zs, models=models, model_seeds=model_seeds, controls=controls,
                      **({"seeds": zoo_seed_t} if zoo_seed_t else {}))
-        from moe_export.zoo.tokenizer import moe_export_home
+        from moe_export.paths import moe_export_home
 
         # finished (model, seed) records are kept outside the repo so an interrupted sweep resumes
         zoo_results = zoo_sweep.run_zoo(zs, cache_dir=moe_export_home() / "reproduce")

@@ -1,6 +1,8 @@
 """Calibrated (GPTQ) quantization of a whole MoE model, one MoE layer at a time.
 
-    quantize_sequential(model, MoEQuantConfig(plan, quantizer="gptq", calibration=CalibrationConfig()))
+    quantize_sequential(model, plan, quantizer, calibration, batches=ids, forward=logits_fn)
+
+(``moe_export.api.quantize_`` resolves the plan, quantizer and calibration settings and produces the token ids.)
 
 For each MoE layer in forward order (T = calibration tokens, E = experts, H = hidden, I = intermediate):
   1. run the calibration batches through the model, whose earlier MoE layers are already quantized,
@@ -12,7 +14,7 @@ For each MoE layer in forward order (T = calibration tokens, E = experts, H = hi
      H_down = 2/n Z_e^T Z_e -> quantize down (wo);
      an expert whose Hessian would see fewer than ``min_tokens`` tokens is quantized round-to-nearest
      and listed in the report and the BitPlan provenance;
-  3. install the layer's quantized experts (helper D's install_quantized_layer), so the next layer
+  3. install the layer's quantized experts (``quant.apply.install_quantized_layer``), so the next layer
      calibrates on quantized outputs.
 Memory: one layer's inputs plus one expert's two Hessians at a time.
 """
@@ -27,6 +29,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from moe_export.quant.apply import install_quantized_layer
 from moe_export.quant.base import QuantizedWeight, Quantizer, get_quantizer
 
 log = logging.getLogger(__name__)
@@ -84,12 +87,13 @@ class _StopForward(Exception):
     pass
 
 
-def _capture_layer_inputs(model, layer, batches, batch_size: int):
-    """-> X [T, H] float32 (inputs of ``layer.experts``) and routed [T, E] bool, stopping each forward there."""
-    from moe_export.eval import logits_fn_for
+def _capture_layer_inputs(forward: Callable, layer, batches, batch_size: int):
+    """-> X [T, H] float32 (inputs of ``layer.experts``) and routed [T, E] bool, stopping each forward there.
+
+    ``forward(ids [b, S])`` runs the model the way it is evaluated (SwitchTransformers: as a prefix LM).
+    """
     from moe_export.plan.calibration_stats import _experts_args, _routed
 
-    run = logits_fn_for(model)  # the forward the model is evaluated with (Switch: prefix LM)
     xs, masks = [], []
 
     def hook(module, args, kwargs):
@@ -106,7 +110,7 @@ def _capture_layer_inputs(model, layer, batches, batch_size: int):
     try:
         for i in range(0, batches.shape[0], batch_size):
             try:
-                run(batches[i : i + batch_size])
+                forward(batches[i : i + batch_size])
             except _StopForward:
                 pass
     finally:
@@ -127,59 +131,6 @@ def _expert_hidden(layer, e: int, x: torch.Tensor, w_first: torch.Tensor) -> tor
         gate, up = (x @ w_first.T).chunk(2, dim=-1)  # [T_e, I] each
         return layer.experts.act_fn(gate) * up
     return layer.experts[f"expert_{e}"].act(x @ w_first.T)
-
-
-def install_fake_quant(model, layer, qweights: dict[str, list[QuantizedWeight]]) -> None:
-    """Write the dequantized weights into the float parameters (for tests and as a fallback)."""
-    with torch.no_grad():
-        for proj, qws in qweights.items():
-            for e, qw in enumerate(qws):
-                w = layer.expert_weight(proj, e)
-                w.copy_(qw.dequantize(w.dtype))
-
-
-def _default_install() -> Callable:
-    try:
-        from moe_export.api import install_quantized_layer
-    except ImportError:
-        log.warning("moe_export.api.install_quantized_layer not available: installing fake-quantized float weights")
-        return install_fake_quant
-    return install_quantized_layer
-
-
-def _calibration_batches(model, cfg: CalibrationConfig, tokenizer):
-    from moe_export.zoo.data import calibration_batches
-
-    src = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(src)
-        except Exception as exc:  # noqa: BLE001 - reported as one actionable message
-            raise ValueError(
-                f"calibration needs text: no tokenizer found at the model's path {src!r} ({exc}); "
-                "pass batches=LongTensor[B, T] or tokenizer= to quantize_sequential"
-            ) from exc
-    entry = _zoo_entry(src)
-    corpus = cfg.corpus or entry.get("finetune", {}).get("corpus")
-    seq_len = cfg.seq_len or entry.get("seq_len") or min(256, getattr(model.config, "max_position_embeddings", 256))
-    kwargs = {} if corpus is None else {"corpus": corpus}
-    return calibration_batches(tokenizer, cfg.n_tokens, seq_len, cfg.seed, **kwargs)
-
-
-def _zoo_entry(model_path) -> dict:
-    """The zoo recipe of a checkpoint folder (``finetuned/`` or ``pretrained/`` of a zoo build), or {}."""
-    import json
-    from pathlib import Path
-
-    if not model_path:
-        return {}
-    p = Path(model_path)
-    for m in (p / "manifest.json", p.parent / "manifest.json"):
-        if m.is_file():
-            return json.loads(m.read_text()).get("entry", {})
-    return {}
 
 
 def quantize_layer_calibrated(layer, X: torch.Tensor, routed: torch.Tensor, bits: list[int], quantizer: Quantizer,
@@ -210,37 +161,31 @@ def quantize_layer_calibrated(layer, X: torch.Tensor, routed: torch.Tensor, bits
     return qweights, n_tokens, fallback, max_damp
 
 
-def _resolve(config):
-    from moe_export.plan.bitplan import BitPlan
-
-    plan = config.plan if isinstance(config.plan, BitPlan) else BitPlan.load(config.plan)
-    q = config.quantizer
-    quantizer = get_quantizer(q, **dict(getattr(config, "quantizer_options", None) or {})) if isinstance(q, str) else q
-    cal = getattr(config, "calibration", None) or CalibrationConfig()
-    if not isinstance(cal, CalibrationConfig):
-        raise TypeError(f"MoEQuantConfig.calibration must be a CalibrationConfig, got {type(cal).__name__}")
-    return plan, quantizer, cal
+def resolve_calibration(calibration) -> CalibrationConfig:
+    """``MoEQuantConfig.calibration`` -> a ``CalibrationConfig`` (None: the defaults)."""
+    if calibration is None:
+        return CalibrationConfig()
+    if not isinstance(calibration, CalibrationConfig):
+        raise TypeError(f"MoEQuantConfig.calibration must be a CalibrationConfig, got {type(calibration).__name__}")
+    return calibration
 
 
 @torch.no_grad()
-def quantize_sequential(model, config, *, batches: torch.Tensor | None = None, tokenizer=None,
-                        install: Callable | None = None, progress: bool = True) -> CalibrationReport:
+def quantize_sequential(model, plan, quantizer: Quantizer, calibration: CalibrationConfig, *, batches: torch.Tensor,
+                        forward: Callable, install: Callable = install_quantized_layer,
+                        progress: bool = True) -> CalibrationReport:
     """Quantize every MoE layer's experts with a calibrated quantizer, layer by layer, in place.
 
-    ``config``: a ``MoEQuantConfig`` (``plan``, ``quantizer``, ``quantizer_options``, ``calibration``).
-    ``batches``: LongTensor ``[B, S]`` of token ids (else ``calibration.batches``, else
-    ``calibration.n_tokens`` tokens of zoo text tokenized with ``tokenizer`` or the model's own). ``install(model, layer,
-    qweights)`` puts a quantized layer in place (default: ``moe_export.api.install_quantized_layer``).
-    The report also goes into ``plan.provenance["calibration"]`` when ``config.plan`` is a BitPlan.
+    ``plan``: a ``BitPlan``; ``batches``: LongTensor ``[B, S]`` of calibration token ids; ``forward(ids)`` runs
+    ``model`` on a batch of them (``moe_export.eval.logits_fn_for(model)``). ``install(model, layer, qweights)``
+    puts a quantized layer in place (``quant.apply.install_quantized_layer``: packed subclasses;
+    ``install_fake_quant``: dequantized floats). The report also goes into ``plan.provenance["calibration"]``.
     """
     from moe_export.models import find_moe_layers
 
     t0 = time.perf_counter()
-    plan, quantizer, cal = _resolve(config)
+    cal = calibration
     plan.validate_against(model)
-    install = install or _default_install()
-    if batches is None:
-        batches = cal.batches if cal.batches is not None else _calibration_batches(model, cal, tokenizer)
     if batches.dim() != 2:
         raise ValueError(f"calibration batches must be token ids [B, S], got shape {tuple(batches.shape)}")
     batches = batches.long()
@@ -254,7 +199,7 @@ def quantize_sequential(model, config, *, batches: torch.Tensor | None = None, t
     try:
         for name in bar:
             layer = {l.name: l for l in find_moe_layers(model)}[name]  # fresh views after earlier installs
-            X, routed = _capture_layer_inputs(model, layer, batches, cal.batch_size)  # [T, H], [T, E]
+            X, routed = _capture_layer_inputs(forward, layer, batches, cal.batch_size)  # [T, H], [T, E]
             qweights, n_tok, fallback, damp = quantize_layer_calibrated(
                 layer, X, routed, plan.bits_for(name), quantizer, gs, sym, cal
             )

@@ -181,7 +181,7 @@ def token_stream(tokenizer, corpus: str, split: str) -> torch.Tensor:
     disk = None
     tj = Path(src) / "tokenizer.json" if src else None
     if tj is not None and tj.exists():  # any tokenizer saved in HF format: cache by its content
-        from moe_export.zoo.tokenizer import moe_export_home
+        from moe_export.paths import moe_export_home
 
         tok_hash = hashlib.sha256(tj.read_bytes()).hexdigest()[:16]
         digest = hashlib.sha256(c.splits[split].encode()).hexdigest()[:16]

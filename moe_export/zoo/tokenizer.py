@@ -14,14 +14,11 @@ from pathlib import Path
 import torch
 
 from moe_export.io import atomic_write_json
+from moe_export.paths import moe_export_home
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 # Cap on the characters of each corpus the BPE merges are learned from: keeps training to seconds.
 TRAIN_CHARS = 2_000_000
-
-
-def moe_export_home() -> Path:
-    return Path(os.environ.get("MOE_EXPORT_HOME", Path.home() / ".cache" / "moe_export"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moe_export.io import atomic_path, atomic_write_json, atomic_write_text
+from moe_export.paths import moe_export_home
 from moe_export.zoo.data import bigram_bits_per_byte, byte_bigram_bits_per_byte, load_corpus, random_windows, token_stream
 from moe_export.zoo.registry import Entry, TrainSpec, get_entry
-from moe_export.zoo.tokenizer import get_tokenizer, moe_export_home, token_bytes
+from moe_export.zoo.tokenizer import get_tokenizer, token_bytes
 
 FORMAT_VERSION = 2  # bump when a change to this file changes what a build produces (2: initial/ checkpoint)
 

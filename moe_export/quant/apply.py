@@ -1,0 +1,118 @@
+"""Putting quantized weights into a model: the steps every quantize front end shares.
+
+``quantize_layer_experts`` quantizes one MoE layer's experts at their widths, ``install_quantized_layer`` swaps
+the float expert weights for packed subclasses, ``install_fake_quant`` writes the dequantized values into the
+float weights instead (to measure a quantizer's error without the packed runtime), and ``quantize_non_expert_``
+applies a plan's non-expert policy. ``moe_export.api.quantize_`` (round-to-nearest, HQQ) and
+``moe_export.quant.calibration.quantize_sequential`` (GPTQ) both build on these, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from moe_export.quant.base import QuantizedWeight, Quantizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["quantize_layer_experts", "install_quantized_layer", "install_fake_quant", "quantize_non_expert_"]
+
+
+def quantize_layer_experts(layer, bits: list[int], quantizer: Quantizer, group_size: int | None, symmetric: bool,
+                           hessians: dict | None = None) -> dict[str, list[QuantizedWeight]]:
+    """Quantize every expert of one ``MoELayer`` at its width: ``{proj: [QuantizedWeight per expert]}``.
+
+    ``hessians[proj][e]``: ``[K, K]`` or None, for data-aware quantizers.
+    """
+    if len(bits) != layer.num_experts:
+        raise ValueError(f"{layer.name}: {len(bits)} widths given for {layer.num_experts} experts")
+    out: dict[str, list[QuantizedWeight]] = {}
+    for proj in layer.projections:
+        qws = []
+        for e in range(layer.num_experts):
+            h = None if hessians is None else hessians.get(proj, [None] * layer.num_experts)[e]
+            w = layer.expert_weight(proj, e)  # [N, K] (out, in)
+            qws.append(quantizer.quantize(w, int(bits[e]), group_size, symmetric, hessian=h))
+        out[proj] = qws
+    return out
+
+
+def install_quantized_layer(model: nn.Module, layer, qweights: dict[str, list[QuantizedWeight]]) -> None:
+    """Replace the float expert weights of ``layer`` by packed subclasses built from ``qweights``."""
+    from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
+
+    for proj, qws in qweights.items():
+        if layer.fused:
+            old = getattr(layer.experts, proj)
+            if getattr(layer.experts, "is_transposed", False):
+                raise NotImplementedError(f"{layer.name}: transposed expert layouts are not supported yet")
+            new = MixedWidthExpertsTensor.from_quantized(qws, dtype=old.dtype)
+            if tuple(new.shape) != tuple(old.shape):
+                raise ValueError(f"{layer.name}.{proj}: quantized shape {tuple(new.shape)} != {tuple(old.shape)}")
+            setattr(layer.experts, proj, nn.Parameter(new, requires_grad=False))
+        else:
+            for e, qw in enumerate(qws):
+                lin = getattr(layer.experts[f"expert_{e}"], proj)
+                lin.weight = nn.Parameter(PackedLinearWeight.from_quantized(qw, dtype=lin.weight.dtype),
+                                          requires_grad=False)
+
+
+def install_fake_quant(model: nn.Module, layer, qweights: dict[str, list[QuantizedWeight]]) -> None:
+    """Write the dequantized weights into the float expert parameters (same values, float storage)."""
+    with torch.no_grad():
+        for proj, qws in qweights.items():
+            for e, qw in enumerate(qws):
+                w = layer.expert_weight(proj, e)
+                w.copy_(qw.dequantize(w.dtype))
+
+
+def _set_param(model: nn.Module, fqn: str, value: nn.Parameter) -> None:
+    mod_name, _, attr = fqn.rpartition(".")
+    setattr(model.get_submodule(mod_name) if mod_name else model, attr, value)
+
+
+def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = None) -> list[str]:
+    """Quantize 2-D weights of the roles the plan's ``non_expert`` policy gives a width; returns their FQNs.
+
+    Tied parameters (e.g. embeddings and lm_head) are quantized once and stay tied.
+    """
+    from moe_export.models import parameter_role
+    from moe_export.quant.rtn import RTNQuantizer
+    from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
+
+    quantizer = quantizer or RTNQuantizer()
+    if all(v == "float" for v in plan.non_expert.values()):
+        return []
+    by_id: dict[int, list[str]] = {}
+    params = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    done = []
+    for pid, names in by_id.items():
+        p = params[pid]
+        if isinstance(p, (MixedWidthExpertsTensor, PackedLinearWeight)) or p.dim() != 2:
+            continue
+        roles = sorted({parameter_role(model, n) for n in names})
+        policies = [plan.non_expert.get(r, "float") for r in roles]
+        if any(pol != policies[0] for pol in policies):
+            raise ValueError(f"parameter shared by {names} has roles {roles} with different policies {policies}; "
+                             "give these roles the same non_expert policy in the plan")
+        policy = policies[0]
+        if policy == "float":
+            continue
+        bits, gs, sym = int(policy["bits"]), policy.get("group_size"), bool(policy.get("symmetric", False))
+        k = p.shape[1]
+        if k % 8 or (gs is not None and k % gs):
+            # e.g. T5 relative-attention bias tables [buckets, heads]: too small to pack, kept float
+            log.warning("%s: input dim %d is not a multiple of 8 and of group size %s; kept float", names[0], k, gs)
+            continue
+        qw = quantizer.quantize(p.detach(), bits, gs, sym)
+        new = nn.Parameter(PackedLinearWeight.from_quantized(qw, dtype=p.dtype), requires_grad=False)
+        for n in names:
+            _set_param(model, n, new)
+        done.extend(names)
+    return done
