@@ -62,10 +62,10 @@ def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, 
     """Run ``recipe`` end to end into ``work_dir`` (default ``runs/<recipe name>``) and return its summary."""
     from moe_export.api import MoEQuantConfig, quantize_
     from moe_export.checkpoint import checkpoint_bytes, save_quantized, theoretical_model_bytes
-    from moe_export.commands.quantize import load_float_model
     from moe_export.eval import evaluate, logits_fn_for
     from moe_export.export.parity import max_abs_err, sqnr
     from moe_export.export.pipeline import export_artifacts, format_report
+    from moe_export.loading import load_float_model
     from moe_export.plan.methods import PlanConfig, make_plan
 
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)

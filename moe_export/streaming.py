@@ -455,7 +455,7 @@ def _role_lookup(cfg: dict) -> Callable[[str], str]:
     return lambda name: parameter_role(model, name)
 
 
-# ------------------------------------------------------------------------------------------- the CLI
+# ------------------------------------------------------------------- whether the CLI streams
 
 
 def checkpoint_nbytes(folder) -> int:
@@ -482,29 +482,3 @@ def should_stream(src, quantizer: str, flag: bool | None) -> bool:
     if launched_by_torchrun():
         return True  # the in-memory path has no layer split; quantize_checkpoint names the quantizer if it cannot stream
     return quantizer in DATA_FREE and checkpoint_nbytes(src) > _mem_available() // 2
-
-
-def stream_command(src, plan_path, quantizer: str, output, quiet: bool) -> None:
-    """Body of ``moe-export quantize --streaming`` (and of every rank under torchrun)."""
-    import time
-
-    import click
-
-    from moe_export.distributed import process_group
-    from moe_export.io import CheckpointError
-    from moe_export.models import UnsupportedModelError
-    from moe_export.plan.bitplan import BitPlanError
-
-    t0 = time.perf_counter()
-    try:
-        with process_group() as (rank, world, barrier):
-            quantize_checkpoint(src, plan_path, output, quantizer, progress=not quiet and rank == 0, rank=rank,
-                                world_size=world, barrier=barrier)
-    except (StreamingError, BitPlanError, CheckpointError, UnsupportedModelError) as err:
-        raise click.ClickException(str(err)) from None
-    except OSError as err:
-        raise click.ClickException(f"{err.filename or output}: {err.strerror or err}") from None
-    if rank == 0:
-        n = len(list(Path(output).glob("model-*.safetensors")))
-        click.echo(f"quantized {src} with {quantizer} (streaming, {world} process{'es' if world > 1 else ''}) -> "
-                   f"{output}: {n} shards, {checkpoint_nbytes(output) / 1e6:.3f} MB in {time.perf_counter() - t0:.1f}s")

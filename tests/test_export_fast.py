@@ -31,7 +31,7 @@ def _packed_experts(prepared):
 
 @pytest.fixture(scope="module")
 def zoo_fast(tiny_zoo_dir, tmp_path_factory):
-    from moe_export.commands.quantize import load_float_model
+    from moe_export.loading import load_float_model
 
     fmodel = load_float_model(tiny_zoo_dir / "finetuned")
     qmodel, _ = _quantize(fmodel, ZOO_BITS)

@@ -46,7 +46,7 @@ def _packed_bytes(prepared):
 
 @pytest.fixture(scope="module")
 def zoo(tiny_zoo_dir, tmp_path_factory):
-    from moe_export.commands.quantize import load_float_model
+    from moe_export.loading import load_float_model
 
     torch.manual_seed(0)
     fmodel = load_float_model(tiny_zoo_dir / "finetuned")

@@ -54,9 +54,12 @@ def command(qdir: Path, targets: str, output: Path, pte_modes: str, onnx_modes: 
         raise click.ClickException(str(err)) from None
     fmodel = None
     if float_dir is not None:
-        from moe_export.commands.quantize import _model_folder, load_float_model
+        from moe_export.loading import load_float_model, model_folder
 
-        fmodel = load_float_model(_model_folder(float_dir))
+        try:
+            fmodel = load_float_model(model_folder(float_dir))
+        except CheckpointError as err:
+            raise click.ClickException(str(err)) from None
     try:
         report = export_artifacts(qmodel, output, targets=tlist, pte_modes=mlist, onnx_modes=olist,
                                   accuracy_level=accuracy_level, float_model=fmodel,

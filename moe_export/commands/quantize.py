@@ -8,27 +8,6 @@ from pathlib import Path
 import click
 
 
-def _model_folder(path: Path) -> Path:
-    # a zoo build folder holds pretrained/ and finetuned/: the fine-tuned model is the one to quantize
-    if not (path / "config.json").is_file() and (path / "finetuned" / "config.json").is_file():
-        return path / "finetuned"
-    if not (path / "config.json").is_file():
-        raise click.ClickException(f"{path}: no config.json; pass a transformers checkpoint folder or a zoo build folder")
-    return path
-
-
-def load_float_model(path: Path):
-    import json
-
-    import torch
-    import transformers
-
-    arch = (json.loads((path / "config.json").read_text()).get("architectures") or [None])[0]
-    if arch is None or not hasattr(transformers, arch):
-        raise click.ClickException(f"{path}/config.json: unknown architecture {arch!r}")
-    return getattr(transformers, arch).from_pretrained(str(path), dtype=torch.float32).eval()
-
-
 @click.command(name="quantize", help="Quantize MODEL_DIR by a bit plan into a packed checkpoint folder QDIR.")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
@@ -45,6 +24,8 @@ def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: P
 
     from moe_export.api import MoEQuantConfig, expert_bytes, quantize_, theoretical_expert_bytes
     from moe_export.checkpoint import checkpoint_bytes, save_quantized, theoretical_model_bytes
+    from moe_export.io import CheckpointError
+    from moe_export.loading import load_float_model, model_folder
     from moe_export.plan.bitplan import BitPlan, BitPlanError
     from moe_export.quant.base import available_quantizers
 
@@ -61,13 +42,16 @@ def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: P
         from moe_export.quant.calibration import CalibrationConfig
 
         calibration = CalibrationConfig(n_tokens=calib_tokens)
-    src = _model_folder(model_dir)
-    from moe_export.streaming import should_stream, stream_command
+    from moe_export.streaming import should_stream
 
-    if should_stream(src, name, streaming):
-        return stream_command(src, plan_path, name, output, quiet)
-    t0 = time.perf_counter()
-    model = load_float_model(src)
+    try:
+        src = model_folder(model_dir)
+        if should_stream(src, name, streaming):
+            return stream(src, plan_path, name, output, quiet)
+        t0 = time.perf_counter()
+        model = load_float_model(src)
+    except CheckpointError as err:
+        raise click.ClickException(str(err)) from None
     try:
         quantize_(model, MoEQuantConfig(plan, quantizer=name, calibration=calibration), progress=not quiet)
     except (BitPlanError, ValueError) as err:
@@ -80,3 +64,26 @@ def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: P
         f"  experts in memory {expert_bytes(model) / 1e6:.3f} MB (theoretical {theoretical_expert_bytes(model, plan) / 1e6:.3f} MB); "
         f"file {got / 1e6:.3f} MB (theoretical {want / 1e6:.3f} MB, {100 * (got / want - 1):+.2f}%)"
     )
+
+
+def stream(src, plan_path, quantizer: str, output, quiet: bool) -> None:
+    """Body of ``moe-export quantize --streaming`` (and of every rank under torchrun)."""
+    from moe_export.distributed import process_group
+    from moe_export.io import CheckpointError
+    from moe_export.models import UnsupportedModelError
+    from moe_export.plan.bitplan import BitPlanError
+    from moe_export.streaming import StreamingError, checkpoint_nbytes, quantize_checkpoint
+
+    t0 = time.perf_counter()
+    try:
+        with process_group() as (rank, world, barrier):
+            quantize_checkpoint(src, plan_path, output, quantizer, progress=not quiet and rank == 0, rank=rank,
+                                world_size=world, barrier=barrier)
+    except (StreamingError, BitPlanError, CheckpointError, UnsupportedModelError) as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:
+        raise click.ClickException(f"{err.filename or output}: {err.strerror or err}") from None
+    if rank == 0:
+        n = len(list(Path(output).glob("model-*.safetensors")))
+        click.echo(f"quantized {src} with {quantizer} (streaming, {world} process{'es' if world > 1 else ''}) -> "
+                   f"{output}: {n} shards, {checkpoint_nbytes(output) / 1e6:.3f} MB in {time.perf_counter() - t0:.1f}s")

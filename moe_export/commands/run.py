@@ -22,6 +22,7 @@ def command(recipe, output, seed, threads, quiet):
 def run(recipe, output, seed, threads, quiet):
     import torch
 
+    from moe_export.io import CheckpointError
     from moe_export.pipeline import run_recipe
     from moe_export.recipes import Recipe, RecipeError
 
@@ -30,5 +31,5 @@ def run(recipe, output, seed, threads, quiet):
     try:
         r = Recipe.load(recipe)
         run_recipe(r, output, seed=seed, progress=not quiet, echo=click.echo)
-    except RecipeError as err:
+    except (RecipeError, CheckpointError) as err:
         raise click.ClickException(str(err)) from None

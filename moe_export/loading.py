@@ -1,0 +1,35 @@
+"""Opening a float (unquantized) transformers checkpoint folder for planning, quantizing and parity.
+
+Errors are ``moe_export.io.CheckpointError`` with one line that says what to pass instead; the commands turn
+them into CLI errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moe_export.io import CheckpointError
+
+
+def model_folder(path: str | Path) -> Path:
+    """The checkpoint folder to quantize: ``path`` itself, or ``finetuned/`` of a zoo build folder."""
+    path = Path(path)
+    # a zoo build folder holds pretrained/ and finetuned/: the fine-tuned model is the one to quantize
+    if not (path / "config.json").is_file() and (path / "finetuned" / "config.json").is_file():
+        return path / "finetuned"
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json; pass a transformers checkpoint folder or a zoo build folder")
+    return path
+
+
+def load_float_model(path: str | Path):
+    """The float32 model in checkpoint folder ``path``, in eval mode, built by the class its config names."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    arch = (json.loads((path / "config.json").read_text()).get("architectures") or [None])[0]
+    if arch is None or not hasattr(transformers, arch):
+        raise CheckpointError(f"{path}/config.json: unknown architecture {arch!r}")
+    return getattr(transformers, arch).from_pretrained(str(path), dtype=torch.float32).eval()
