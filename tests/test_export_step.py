@@ -50,6 +50,16 @@ def test_step_cache_positions_are_independent():
         greedy_generate(a, ids[0, :3], new_tokens=11)  # the 11th token needs position 12
 
 
+def test_step_leaves_the_callers_model_as_it_was():
+    model = tiny_random_model("MixtralForCausalLM", seed=0).train()
+    impl = model.config._attn_implementation
+    step = DecoderStep(model, max_seq_len=16)
+    assert impl != "eager" and model.config._attn_implementation == impl and model.training
+    assert step.model.config._attn_implementation == "eager" and not step.model.training
+    # the step's copy holds the caller's weights themselves, not copies of them
+    assert all(a is b for a, b in zip(model.parameters(), step.model.parameters()))
+
+
 def test_clear_errors():
     model = tiny_random_model("MixtralForCausalLM", seed=0)
     with pytest.raises(ValueError, match="sliding_window=8 < max_seq_len=16"):

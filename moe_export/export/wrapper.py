@@ -13,6 +13,9 @@ cache object they update is ours.
 
 from __future__ import annotations
 
+import copy
+import itertools
+
 import torch
 import torch.nn as nn
 
@@ -46,8 +49,13 @@ class DecoderStep(nn.Module):
         window = getattr(cfg, "sliding_window", None)
         if window is not None and window < max_seq_len:
             raise ValueError(f"sliding_window={window} < max_seq_len={max_seq_len}: use max_seq_len <= {window}")
-        # The attention modules read the implementation from the shared config; eager attention is plain
-        # matmul/softmax with our additive mask, which every backend lowers.
+        # The attention modules read the implementation from the config they share; eager attention is plain
+        # matmul/softmax with our additive mask, which every backend lowers. The step runs its own copy of the
+        # module tree: the copy shares the caller's parameters and buffers (no weight is duplicated) but holds
+        # its own config, so setting eager attention (and eval mode) leaves the caller's model as it was.
+        shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        model = copy.deepcopy(model, memo=shared)
+        cfg = model.config
         cfg._attn_implementation = "eager"
         self.model = model
         self.max_seq_len = max_seq_len

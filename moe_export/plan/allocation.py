@@ -138,8 +138,9 @@ def knapsack(cost: torch.Tensor, levels: Sequence[int], total_bits: int, require
 
     ``cost`` ``[E, L]`` (column j = width ``levels[j]``). ``require``: widths that at least one expert
     must get (PMQ's "at least one expert at each of these"). Dynamic programming over (expert, bits
-    used, required widths seen): O(E * E*max(b) * L * 2^|require|), tiny for E <= 256.
-    Ties resolve to the lexicographically smallest choice index sequence, so results are deterministic.
+    used, required widths seen), filled from the last expert back over the states the first experts can reach:
+    O(E * E*max(b) * L * 2^|require|), tiny for E <= 256. At each state the first column with the strictly
+    smallest cost wins, so ties resolve to the lexicographically smallest choice sequence: deterministic.
     """
     E, L = cost.shape
     levels = [int(b) for b in levels]
@@ -151,48 +152,48 @@ def knapsack(cost: torch.Tensor, levels: Sequence[int], total_bits: int, require
     full = (1 << len(req)) - 1
     c = cost.to(torch.float64).tolist()
     INF = float("inf")
-    # best[e][(s, m)] = min cost of experts e..E-1 given bits s already used and mask m already seen
-    memo: dict[tuple[int, int, int], tuple[float, int]] = {}
+    seen = [sum(1 << r for r, lj in enumerate(req) if lj == j) for j in range(L)]  # required-width bits of column j
+    lo, hi = min(levels, default=0), max(levels, default=0)
 
-    def solve(e: int, s: int, m: int) -> float:
-        if e == E:
-            return 0.0 if (s == total_bits and m == full) else INF
-        key = (e, s, m)
-        if key in memo:
-            return memo[key][0]
-        best, arg = INF, -1
-        remaining = E - e
-        for j, b in enumerate(levels):
-            s2 = s + b
-            # prune: what is left must fit between min and max level
-            if s2 + (remaining - 1) * min(levels) > total_bits or s2 + (remaining - 1) * max(levels) < total_bits:
-                continue
-            m2 = m | sum(1 << r for r, lj in enumerate(req) if lj == j)
-            v = c[e][j] + solve(e + 1, s2, m2)
-            if v < best:
-                best, arg = v, j
-        memo[key] = (best, arg)
-        return best
+    def moves(e: int, s: int):
+        # (j, bits used after expert e): what is left must still fit between the min and max level
+        rest = E - e - 1
+        return [(j, s + b) for j, b in enumerate(levels) if s + b + rest * lo <= total_bits <= s + b + rest * hi]
 
-    import sys
-
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 4 * E + 100))
-    try:
-        if solve(0, 0, 0) == INF:
-            raise AllocationError(
-                f"no assignment of levels {levels} to {E} experts sums to {total_bits} bits"
-                + (f" with at least one expert at each of {list(require)}" if require else "")
-            )
-        bits, s, m = [], 0, 0
-        for e in range(E):
-            j = memo[(e, s, m)][1]
-            bits.append(levels[j])
-            s += levels[j]
-            m |= sum(1 << r for r, lj in enumerate(req) if lj == j)
-        return bits
-    finally:
-        sys.setrecursionlimit(limit)
+    # states[e] = the (bits used, mask seen) pairs that experts 0..e-1 can leave, in discovery order
+    states: list[dict[tuple[int, int], None]] = [{(0, 0): None}]
+    for e in range(E):
+        nxt: dict[tuple[int, int], None] = {}
+        for s, m in states[e]:
+            for j, s2 in moves(e, s):
+                nxt[(s2, m | seen[j])] = None
+        states.append(nxt)
+    # best[(s, m)] = (min cost of experts e..E-1 from that state, the first column reaching it), for e = E down to 0
+    best = {(s, m): (0.0 if (s == total_bits and m == full) else INF, -1) for s, m in states[E]}
+    choice: list[dict[tuple[int, int], int]] = [{} for _ in range(E)]
+    for e in range(E - 1, -1, -1):
+        cur = {}
+        for s, m in states[e]:
+            v_best, arg = INF, -1
+            for j, s2 in moves(e, s):
+                v = c[e][j] + best[(s2, m | seen[j])][0]
+                if v < v_best:
+                    v_best, arg = v, j
+            cur[(s, m)] = (v_best, arg)
+            choice[e][(s, m)] = arg
+        best = cur
+    if best[(0, 0)][0] == INF:
+        raise AllocationError(
+            f"no assignment of levels {levels} to {E} experts sums to {total_bits} bits"
+            + (f" with at least one expert at each of {list(require)}" if require else "")
+        )
+    bits, s, m = [], 0, 0
+    for e in range(E):
+        j = choice[e][(s, m)]
+        bits.append(levels[j])
+        s += levels[j]
+        m |= seen[j]
+    return bits
 
 
 def paper_bits(L_s: Sequence[float], b_avg: float, levels: Sequence[int], maxvar: Sequence[float] | None = None,

@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles between modules, and the library never imports the CLI.
+"""The package's structure: no import cycles between modules, the library never imports the CLI, and no module
+changes process-wide interpreter settings.
 
 Imports inside functions count: a lazy import is still a dependency, and a cycle through one is a design tie
 whether or not Python meets it at import time. A package ``__init__`` re-exporting its own submodules is not a
@@ -126,3 +127,13 @@ def test_the_library_never_imports_the_cli():
     importers = {m for m, deps in edges.items() if not m.startswith(CLI)
                  and any(d.startswith("moe_export.commands") for d in deps)}
     assert not importers, f"library modules importing moe_export.commands: {sorted(importers)}"
+
+
+def test_no_module_changes_the_recursion_limit():
+    # the limit is process-wide: a library that raises it for its own recursion changes every caller's
+    calls = []
+    for m, (f, _) in _modules().items():
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Attribute) and node.attr == "setrecursionlimit":
+                calls.append(f"{m}:{node.lineno}")
+    assert not calls, f"sys.setrecursionlimit in {calls}"
