@@ -20,7 +20,7 @@ SUBCOMMANDS = {
     "export": "Export a quantized checkpoint to ExecuTorch (.pte) and ONNX.",
     "bench": "Speed, memory and size of every runtime against float.",
     "demo": "Run the whole pipeline on the built-in tiny model.",
-    "run": "Run a recipe from recipes/.",
+    "run": "Run a shipped recipe (moe_export/recipes/) or a recipe file.",
     "reproduce": "Regenerate docs/results.md (the paper's claims on models trained here).",
 }
 

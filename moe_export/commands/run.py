@@ -1,4 +1,4 @@
-"""``moe-export run RECIPE``: the whole pipeline of one recipe from recipes/."""
+"""``moe-export run RECIPE``: the whole pipeline of one recipe (a shipped one from moe_export/recipes/, or a file)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 
-@click.command(name="run", help="Run RECIPE (a recipes/*.json path or a shipped recipe name) end to end: "
+@click.command(name="run", help="Run RECIPE (a recipe JSON path or a shipped recipe name) end to end: "
                "model, plan, quantize, compile, export, parity, one summary table.")
 @click.argument("recipe")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,

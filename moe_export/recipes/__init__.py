@@ -4,6 +4,9 @@ A recipe names a model (a zoo entry, a local folder, or a hub id with its archit
 method, bit levels and average, the quantizer and group size, the non-expert policy and the export
 targets. Recipes for real checkpoints are validated against their architecture config, built from
 transformers' config classes on the meta device, so no weights are downloaded.
+
+The shipped recipes are the ``*.json`` files beside this module, package data found through
+``importlib.resources``, so they are there in an installed wheel as in a source checkout.
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from fractions import Fraction
+from importlib import resources
 from itertools import product
 from pathlib import Path
 
 RECIPE_FORMAT = "moe_export.recipe"
 RECIPE_VERSION = 1
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 KNOWN_METHODS = (
     "router", "router+maxvar", "maxvar", "weight-error", "frequency", "routing-weight", "pmq", "random", "uniform",
 )
@@ -108,10 +111,11 @@ class Recipe:
     @classmethod
     def load(cls, path_or_name: str | Path) -> "Recipe":
         path = Path(path_or_name)
-        if not path.exists() and (RECIPES_DIR / f"{path_or_name}.json").exists():
-            path = RECIPES_DIR / f"{path_or_name}.json"
         if not path.exists():
-            raise RecipeError(f"no recipe at {path_or_name!r}; shipped recipes: {', '.join(shipped_recipes())}")
+            shipped = _shipped().joinpath(f"{path_or_name}.json")
+            if not shipped.is_file():
+                raise RecipeError(f"no recipe at {path_or_name!r}; shipped recipes: {', '.join(shipped_recipes())}")
+            path = shipped
         try:
             doc = json.loads(path.read_text())
         except json.JSONDecodeError as err:
@@ -143,8 +147,13 @@ class Recipe:
             return cls(config)
 
 
+def _shipped():
+    """The folder of shipped recipes (an ``importlib.resources`` Traversable: this package's data files)."""
+    return resources.files(__name__)
+
+
 def shipped_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+    return sorted(p.name.removesuffix(".json") for p in _shipped().iterdir() if p.name.endswith(".json"))
 
 
 def reachable_counts(num_experts: int, levels: list[int], avg_bits: float) -> list[tuple[int, ...]]:
