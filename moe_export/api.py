@@ -123,38 +123,3 @@ def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -
         model.set_experts_implementation("moe_export_mixed")
     model.moe_export_plan = plan
     return model
-
-
-def expert_bytes(model: nn.Module) -> int:
-    """Bytes the routed experts of ``model`` hold (packed codes + scales + zeros, or float)."""
-    from moe_export.models import find_moe_layers
-    from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
-
-    total = 0
-    for layer in find_moe_layers(model):
-        if layer.fused:
-            ps = [getattr(layer.experts, p) for p in layer.projections]
-        else:
-            ps = [getattr(layer.experts[f"expert_{e}"], p).weight for e in range(layer.num_experts)
-                  for p in layer.projections]
-        for p in ps:
-            if isinstance(p, (MixedWidthExpertsTensor, PackedLinearWeight)):
-                total += p.nbytes_stored()
-            else:
-                total += p.numel() * p.element_size()
-    return total
-
-
-def theoretical_expert_bytes(model: nn.Module, plan) -> float:
-    """README formula summed over every routed expert weight: ``N*K*b/8 + N*(K/g)*2 (+ N*(K/g)*2 zeros)``."""
-    from moe_export.models import find_moe_layers
-    from moe_export.quant.base import theoretical_bytes
-
-    total = 0.0
-    for layer in find_moe_layers(model):
-        bits = plan.bits_for(layer.name)
-        for proj in layer.projections:
-            for e, b in enumerate(bits):
-                n, k = layer.expert_weight(proj, e).shape
-                total += theoretical_bytes(n, k, b, plan.quantizer.group_size, plan.quantizer.symmetric)
-    return total

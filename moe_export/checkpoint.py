@@ -224,7 +224,7 @@ def checkpoint_bytes(qdir: str | os.PathLike) -> int:
 
 def theoretical_model_bytes(model: nn.Module) -> float:
     """README formula for every quantized weight plus the stored bytes of everything kept float."""
-    from moe_export.quant.base import theoretical_bytes
+    from moe_export.size import theoretical_bytes
     from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 
     total = 0.0

@@ -135,22 +135,21 @@ def _model_key(disk_key: str, model_type: str) -> str:
     return disk_key
 
 
-def _rest(rd, unit: Unit, model_type: str, roles: Callable[[str], str], non_expert: dict) -> dict[str, torch.Tensor]:
+def _rest(rd, unit: Unit, model_type: str, roles: Callable[[str], str], policy) -> dict[str, torch.Tensor]:
+    """The non-expert tensors of ``unit``, packed where ``policy`` (a ``NonExpertPolicy``) gives the role a width
+    and the weight packs (``size.packs``; otherwise kept float, as ``quant.apply.quantize_non_expert_`` does)."""
     from moe_export.quant.rtn import RTNQuantizer
+    from moe_export.size import packs
     from moe_export.tensors import PackedLinearWeight
 
     out = {}
     for key in unit.keys:
         w = _finite(rd.read(key), key, rd.folder)
         name = _model_key(key, model_type)
-        policy = non_expert.get(roles(name), "float")
-        if policy != "float" and w.dim() == 2:
-            bits, gs, sym = int(policy["bits"]), policy.get("group_size"), bool(policy.get("symmetric", False))
-            k = w.shape[1]
-            if k % 8 or (gs is not None and k % gs):
-                raise StreamingError(f"{key}: input dim {k} is not a multiple of 8 and of group size {gs}; "
-                                     f"keep role {roles(name)!r} float in the plan's non_expert policy")
-            w = PackedLinearWeight.from_quantized(RTNQuantizer().quantize(w.float(), bits, gs, sym), dtype=w.dtype)
+        q = policy.quant_for(roles(name))
+        if q is not None and packs(w.shape, q.group_size):
+            w = PackedLinearWeight.from_quantized(RTNQuantizer().quantize(w.float(), q.bits, q.group_size, q.symmetric),
+                                                  dtype=w.dtype)
         out[name] = w
     return out
 
@@ -306,7 +305,8 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
     fp = fingerprint(src, plan, quantizer, quantizer_options)
     mine = [u for u in units if assign([v.nbytes for v in units], world_size)[u.index] == rank]
     model_type = cfg.get("model_type", "")
-    roles = _role_lookup(cfg) if any(v != "float" for v in plan.non_expert.values()) else (lambda n: "other")
+    policy = plan.non_expert_policy()
+    roles = (lambda n: "other") if policy.all_float else _role_lookup(cfg)
     dtype = _dtype(cfg)
     gs, sym = plan.quantizer.group_size, plan.quantizer.symmetric
 
@@ -329,7 +329,7 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
             if u.kind == "experts":
                 state = _quantize_layer(reader, u.layer, plan.bits_for(u.layer.name), qz, gs, sym, dtype)
             else:
-                state = _rest(reader, u, model_type, roles, plan.non_expert)
+                state = _rest(reader, u, model_type, roles, policy)
             reader.close()
             tensors, meta = encode_state(state)
             meta = {**meta, "moe_export.unit": str(u.index), "moe_export.fingerprint": fp}

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from moe_export import MoEQuantConfig, quantize_
-from moe_export.api import expert_bytes, theoretical_expert_bytes
 from moe_export.quant.apply import install_quantized_layer, quantize_layer_experts
 from moe_export.model_configs import tiny_random_model
 from moe_export.models import find_moe_layers
 from moe_export.plan.bitplan import BitPlan, BitPlanError
 from moe_export.quant.rtn import RTNQuantizer
+from moe_export.size import expert_bytes, theoretical_expert_bytes
 from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 from tests._mixed_plans import mixed_plan
 

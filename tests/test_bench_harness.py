@@ -49,7 +49,11 @@ def test_interleaved_burst_times_warm_calls_back_to_back():
 
 
 def test_parse_non_expert():
-    from moe_export.bench.run import DEFAULT_NON_EXPERT, parse_non_expert
+    from moe_export.bench.run import DEFAULT_NON_EXPERT
+    from moe_export.plan.bitplan import NonExpertPolicy
+
+    def parse_non_expert(spec, group_size):  # the plan's non_expert entries of the roles given a width
+        return {r: q.to_dict() for r, q in NonExpertPolicy.parse(spec, group_size).quantized().items()}
 
     assert parse_non_expert(DEFAULT_NON_EXPERT, 128) == {
         "attention": {"bits": 4, "group_size": 128, "symmetric": False},
@@ -59,13 +63,17 @@ def test_parse_non_expert():
     for bad in ("attn=4", "attention=x", "attention=4:big", "attention"):
         with pytest.raises(ValueError, match="non-expert item"):
             parse_non_expert(bad, 64)
+    # the plan command's repeated option reads the same syntax, with its own group size and grid as defaults
+    assert NonExpertPolicy.parse(["attention=4", "router=float", "lm_head=8:row"], 32, True).to_dict() == {
+        **NonExpertPolicy().to_dict(), "attention": {"bits": 4, "group_size": 32, "symmetric": True},
+        "lm_head": {"bits": 8, "group_size": None, "symmetric": True}}
 
 
 def test_bytes_per_decoded_token_counts_quantized_non_expert_weights():
     from moe_export.model_configs import tiny_random_model
     from moe_export.models import find_moe_layers
     from moe_export.plan.bitplan import BitPlan
-    from moe_export.quant.base import theoretical_bytes
+    from moe_export.size import theoretical_bytes
 
     model = tiny_random_model("MixtralForCausalLM")
     cfg = model.config
@@ -191,7 +199,8 @@ def test_fast_export_forms_take_the_quantized_non_expert_linears():
     """The bench plan quantizes attention and lm_head: the speed export forms must give those the fast kernel
     too (left as in-graph unpacks they would dequantize the whole weight every step). Eager forms only."""
     from moe_export.api import MoEQuantConfig, quantize_
-    from moe_export.bench.run import DEFAULT_NON_EXPERT, parse_non_expert
+    from moe_export.bench.run import DEFAULT_NON_EXPERT
+    from moe_export.plan.bitplan import NonExpertPolicy
     from moe_export.export.fast import NBitsLinear, to_nbits_experts, to_xnnpack_int_experts
     from moe_export.export.parity import sqnr
     from moe_export.export.prepare import PackedLinear, prepare_for_export
@@ -201,7 +210,7 @@ def test_fast_export_forms_take_the_quantized_non_expert_linears():
 
     model = tiny_random_model("MixtralForCausalLM", num_layers=1)
     plan = mixed_plan(model, widths=(3, 2))
-    plan.non_expert = {**plan.non_expert, **parse_non_expert(DEFAULT_NON_EXPERT, 32)}
+    plan.non_expert = NonExpertPolicy.parse(DEFAULT_NON_EXPERT, 32).to_dict()
     quantize_(model, MoEQuantConfig(plan), progress=False)
     step = DecoderStep(prepare_for_export(model), 16)
     n_packed = sum(isinstance(m, PackedLinear) for m in step.modules())

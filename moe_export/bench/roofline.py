@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn as nn
 
-from moe_export.quant.base import theoretical_bytes
+from moe_export.size import non_expert_bytes, theoretical_bytes
 
 
 def measure_bandwidth(mbytes: float = 256, reps: int = 5) -> dict[str, float]:
@@ -50,16 +50,6 @@ def _expert_bytes_per_expert(block, plan_bits: list[int] | None, group_size, sym
     return out
 
 
-def _non_expert_bytes(p: torch.Tensor, policy) -> float:
-    """Stored bytes of one non-expert weight under the plan's policy for its role ("float" or a width)."""
-    if policy == "float" or p.dim() != 2 or p.shape[1] % 8:
-        return float(p.numel() * p.element_size())
-    gs = policy.get("group_size")
-    if gs is not None and p.shape[1] % gs:
-        return float(p.numel() * p.element_size())  # kept float by quantize_non_expert_ as well
-    return theoretical_bytes(p.shape[0], p.shape[1], int(policy["bits"]), gs, bool(policy.get("symmetric", False)))
-
-
 def bytes_per_decoded_token(float_model: nn.Module, plan=None) -> dict[str, float]:
     """Weight bytes one decoded token reads: ``top_k`` routed experts per layer (mean over the layer's experts,
     i.e. uniform routing; packed by ``plan`` if given) + every non-expert weight (packed where the plan's
@@ -67,6 +57,7 @@ def bytes_per_decoded_token(float_model: nn.Module, plan=None) -> dict[str, floa
     static KV cache read is reported apart (``kv_cache``)."""
     from moe_export.export.experts import moe_blocks
     from moe_export.models import parameter_role
+    from moe_export.plan.bitplan import NonExpertPolicy
 
     cfg = float_model.config
     top_k = cfg.num_experts_per_tok
@@ -83,13 +74,12 @@ def bytes_per_decoded_token(float_model: nn.Module, plan=None) -> dict[str, floa
     emb = float_model.get_input_embeddings().weight
     other = 0.0
     seen = set(expert_ids)
-    policies = plan.non_expert if plan is not None else {}
+    policy = plan.non_expert_policy() if plan is not None else NonExpertPolicy()
     for name, p in float_model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        policy = policies.get(parameter_role(float_model, name), "float")
-        full = _non_expert_bytes(p, policy)
+        full = non_expert_bytes(tuple(p.shape), p.element_size(), policy.quant_for(parameter_role(float_model, name)))
         other += full / p.shape[0] if p is emb else full  # one embedding row
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return {"routed_experts": experts, "non_expert": other, "weights": experts + other,

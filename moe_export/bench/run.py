@@ -46,42 +46,6 @@ def _group_size(model) -> int | None:
     return None
 
 
-def parse_non_expert(spec: str | dict | None, group_size: int | None) -> dict:
-    """``"attention=4,lm_head=8:row:sym"`` -> the plan's ``non_expert`` entries. Each item is
-    ``role=bits[:group][:sym|asym]``; group is an integer or ``row`` (default: the experts' group size),
-    asymmetric unless ``sym``. ``"float"`` (or empty): every role float."""
-    from moe_export.plan.bitplan import NON_EXPERT_ROLES
-
-    if isinstance(spec, dict):
-        return dict(spec)
-    out: dict = {}
-    if spec is None or spec.strip() in ("", "float", "none"):
-        return out
-    for item in spec.split(","):
-        role, sep, rest = item.strip().partition("=")
-        if not sep or role not in NON_EXPERT_ROLES:
-            raise ValueError(f"non-expert item {item!r}: expected role=bits[:group][:sym|asym], role one of "
-                             f"{', '.join(NON_EXPERT_ROLES)}")
-        parts = rest.split(":")
-        try:
-            bits = int(parts[0])
-        except ValueError:
-            raise ValueError(f"non-expert item {item!r}: bits must be an integer") from None
-        gs, sym = group_size, False
-        for p in parts[1:]:
-            if p in ("sym", "asym"):
-                sym = p == "sym"
-            elif p == "row":
-                gs = None
-            else:
-                try:
-                    gs = int(p)
-                except ValueError:
-                    raise ValueError(f"non-expert item {item!r}: {p!r} is not a group size, 'row', 'sym' or 'asym'") from None
-        out[role] = {"bits": bits, "group_size": gs, "symmetric": sym}
-    return out
-
-
 def _own_code(module: torch.nn.Module) -> torch.nn.Module:
     """``module`` with a forward of its own code object. torch.compile keeps one cache per code object, so
     variants of one class compiled in one process would check each other's guards on every call (a cost
@@ -119,7 +83,7 @@ def _compiled(module):
 
 
 def _plan_summary(plan, fmodel, theory: dict) -> dict:
-    from moe_export.api import theoretical_expert_bytes
+    from moe_export.size import theoretical_expert_bytes
     from moe_export.bench.models import count_params
     from moe_export.models import find_moe_layers
 
@@ -129,7 +93,7 @@ def _plan_summary(plan, fmodel, theory: dict) -> dict:
     return {
         "method": plan.provenance.get("method", "maxvar"), "mean_bits": plan.mean_bits(), "levels": list(plan.levels),
         "group_size": plan.quantizer.group_size, "symmetric": plan.quantizer.symmetric, "quantizer": "rtn",
-        "non_expert": {r: v for r, v in plan.non_expert.items() if v != "float"},
+        "non_expert": {r: q.to_dict() for r, q in plan.non_expert_policy().quantized().items()},
         "expert_bits_per_weight": 8 * theoretical_expert_bytes(fmodel, plan) / n_expert,  # codes + scales/zeros
         "model_bits_per_weight": 8 * theory["total"] / n_all,
         "expert_params": n_expert, "params": n_all,
@@ -147,7 +111,7 @@ def _command_line(model_name: str, quick: bool, pte_modes, onnx_modes) -> str:
 
 
 def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = True, reps: int | None = None,
-              avg_bits: float = 2.5, levels=(3, 2), non_expert: str | dict | None = DEFAULT_NON_EXPERT,
+              avg_bits: float = 2.5, levels=(3, 2), non_expert: str | None = DEFAULT_NON_EXPERT,
               targets=("pte", "onnx"), pte_modes=None, onnx_modes=None, compile: bool = True, peers: bool = True,
               offline: bool = True, rss: bool = True, docs: str | Path | None = None, progress: bool = True,
               echo=print) -> dict:
@@ -161,6 +125,7 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
     from moe_export.export.runners import open_runner
     from moe_export.export.wrapper import DecoderStep
     from moe_export.kernels import cpu_ops
+    from moe_export.plan.bitplan import NonExpertPolicy
     from moe_export.plan.methods import PlanConfig, make_plan
 
     torch.set_num_threads(1)
@@ -200,7 +165,7 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
     res["model"] = info
     gs = _group_size(fmodel)
     cfg = PlanConfig(avg_bits=avg_bits, levels=list(levels), method="maxvar", group_size=gs)
-    cfg.non_expert = {**cfg.non_expert, **parse_non_expert(non_expert, gs)}
+    cfg.non_expert = NonExpertPolicy.parse(non_expert, gs)
     plan = make_plan(fmodel, cfg, progress=False)
     qmodel = quantize_(copy.deepcopy(fmodel), MoEQuantConfig(plan, quantizer="rtn"), progress=False)
     fdir, qdir = out / "float", out / "quantized"

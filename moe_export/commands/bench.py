@@ -17,7 +17,7 @@ import click
 @click.option("--avg-bits", type=float, default=2.5, show_default=True, help="Mean bits of the mixed plan.")
 @click.option("--levels", default="3,2", show_default=True, help="Bit widths of the mixed plan.")
 @click.option("--non-expert", default=None,
-              help="Widths of non-expert weights, role=bits[:group|row][:sym|asym] comma-separated, or 'float' "
+              help="Widths of non-expert weights, ROLE=float|BITS[:GROUP|row][:sym|asym] comma-separated, or 'float' "
                    "[default: attention=4,lm_head=8:row:sym].")
 @click.option("--pte-modes", default=None, help="Quantized .pte modes, comma-separated [default: packed quick; "
                                                  "packed,xnnpack,xnnpack-int full].")
@@ -28,7 +28,8 @@ import click
 @click.option("--docs", type=click.Path(dir_okay=False), default=None, help="Also write the markdown here (docs/benchmarks.md).")
 def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes, onnx_modes, no_peers, no_rss, no_offline,
             docs):
-    from moe_export.bench.run import DEFAULT_NON_EXPERT, parse_non_expert, run_bench
+    from moe_export.bench.run import DEFAULT_NON_EXPERT, run_bench
+    from moe_export.plan.bitplan import NonExpertPolicy
     from moe_export.export.executorch import PTE_MODES
     from moe_export.export.onnx import ONNX_MODES
 
@@ -40,7 +41,7 @@ def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes
         raise click.BadParameter(f"expected comma-separated bit widths such as 3,2; got {levels!r}", param_hint="--levels")
     non_expert = DEFAULT_NON_EXPERT if non_expert is None else non_expert
     try:
-        parse_non_expert(non_expert, 128)
+        NonExpertPolicy.parse(non_expert, 128)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--non-expert")
     modes = {}

@@ -32,22 +32,13 @@ def _group(ctx, param, value):
     return g
 
 
-def _non_expert(items, group_size, symmetric) -> dict:
-    from moe_export.plan.bitplan import NON_EXPERT_ROLES, default_non_expert
+def _non_expert(items, group_size, symmetric):
+    from moe_export.plan.bitplan import NonExpertPolicy
 
-    policy = default_non_expert()
-    for item in items:
-        role, _, value = item.partition("=")
-        if role not in NON_EXPERT_ROLES or not value:
-            raise click.BadParameter(f"expected ROLE=float or ROLE=BITS with ROLE in {', '.join(NON_EXPERT_ROLES)}; got {item!r}",
-                                     param_hint="--non-expert")
-        if value == "float":
-            policy[role] = "float"
-        elif value.isdigit() and 1 <= int(value) <= 8:
-            policy[role] = {"bits": int(value), "group_size": group_size, "symmetric": symmetric}
-        else:
-            raise click.BadParameter(f"{role}: expected 'float' or a width in 1..8, got {value!r}", param_hint="--non-expert")
-    return policy
+    try:
+        return NonExpertPolicy.parse(items, group_size, symmetric)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--non-expert") from None
 
 
 @click.command(name="plan", help="Per-expert bit plan (router-norm change + MaxVar, or a baseline) of MODEL_DIR.\n\n"
@@ -74,8 +65,9 @@ def _non_expert(items, group_size, symmetric) -> dict:
 @click.option("--calib-corpus", default="shakespeare", show_default=True, help="Calibration corpus (frequency/routing-weight/pmq).")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True)
 @click.option("--calib-seq-len", type=int, default=128, show_default=True)
-@click.option("--non-expert", "non_expert", multiple=True, metavar="ROLE=float|BITS",
-              help="Policy for non-expert weights, repeatable (e.g. --non-expert attention=4 --non-expert router=8); "
+@click.option("--non-expert", "non_expert", multiple=True, metavar="ROLE=float|BITS[:GROUP|row][:sym|asym]",
+              help="Policy for non-expert weights, repeatable or comma-separated (e.g. --non-expert attention=4 "
+                   "--non-expert lm_head=8:row:sym); GROUP defaults to --group-size, the grid to --symmetric; "
                    "roles: attention, router, shared_experts, embeddings, lm_head, dense_mlp. Default: all float.")
 @click.option("--name", default=None, help="Model name recorded in the plan (default: the folder name).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="BitPlan JSON to write.")

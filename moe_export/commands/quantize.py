@@ -22,12 +22,13 @@ import click
 def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: Path, quiet: bool, streaming):
     import torch
 
-    from moe_export.api import MoEQuantConfig, expert_bytes, quantize_, theoretical_expert_bytes
+    from moe_export.api import MoEQuantConfig, quantize_
     from moe_export.checkpoint import checkpoint_bytes, save_quantized, theoretical_model_bytes
     from moe_export.io import CheckpointError
     from moe_export.loading import load_float_model, model_folder
     from moe_export.plan.bitplan import BitPlan, BitPlanError
     from moe_export.quant.base import available_quantizers
+    from moe_export.size import expert_bytes, theoretical_expert_bytes
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
@@ -72,7 +73,8 @@ def stream(src, plan_path, quantizer: str, output, quiet: bool) -> None:
     from moe_export.io import CheckpointError
     from moe_export.models import UnsupportedModelError
     from moe_export.plan.bitplan import BitPlanError
-    from moe_export.streaming import StreamingError, checkpoint_nbytes, quantize_checkpoint
+    from moe_export.size import safetensors_bytes
+    from moe_export.streaming import StreamingError, quantize_checkpoint
 
     t0 = time.perf_counter()
     try:
@@ -86,4 +88,4 @@ def stream(src, plan_path, quantizer: str, output, quiet: bool) -> None:
     if rank == 0:
         n = len(list(Path(output).glob("model-*.safetensors")))
         click.echo(f"quantized {src} with {quantizer} (streaming, {world} process{'es' if world > 1 else ''}) -> "
-                   f"{output}: {n} shards, {checkpoint_nbytes(output) / 1e6:.3f} MB in {time.perf_counter() - t0:.1f}s")
+                   f"{output}: {n} shards, {safetensors_bytes(output) / 1e6:.3f} MB in {time.perf_counter() - t0:.1f}s")

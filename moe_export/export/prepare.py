@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_export.export.experts import MixedWidthWeight, PackedMixedExperts, WidthGroups, moe_blocks
-from moe_export.quant.base import theoretical_bytes
+from moe_export.size import theoretical_bytes
 
 
 class PackedLinear(nn.Module):

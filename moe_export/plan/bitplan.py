@@ -57,8 +57,109 @@ class LayerPlan:
         return d
 
 
-def default_non_expert() -> dict:
-    return {role: "float" for role in NON_EXPERT_ROLES}
+@dataclass(frozen=True)
+class NonExpertQuant:
+    """How the 2-D weights of one non-expert role are quantized (round-to-nearest, packed)."""
+
+    bits: int
+    group_size: int | None = None  # None = one group per row
+    symmetric: bool = False
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+
+@dataclass(frozen=True)
+class NonExpertPolicy:
+    """Which weights outside the routed experts are quantized: role -> ``NonExpertQuant``, or None (float).
+
+    Every role of ``NON_EXPERT_ROLES`` is present. A plan stores it as JSON (``BitPlan.non_expert``: ``"float"``
+    or ``{"bits", "group_size", "symmetric"}`` per role); ``from_dict`` is the one reader of that form and
+    ``parse`` the one reader of the command-line form.
+    """
+
+    roles: dict = field(default_factory=lambda: {role: None for role in NON_EXPERT_ROLES})
+
+    def quant_for(self, role: str) -> NonExpertQuant | None:
+        """The width of ``role``'s weights, or None to keep them float (roles outside the policy, e.g.
+        norms and biases, are float)."""
+        return self.roles.get(role)
+
+    @property
+    def all_float(self) -> bool:
+        return all(q is None for q in self.roles.values())
+
+    def to_dict(self) -> dict:
+        return {role: "float" if self.roles[role] is None else self.roles[role].to_dict() for role in NON_EXPERT_ROLES}
+
+    def quantized(self) -> dict:
+        """``{role: NonExpertQuant}`` of the roles that are not float."""
+        return {role: q for role, q in self.roles.items() if q is not None}
+
+    @classmethod
+    def from_dict(cls, d) -> "NonExpertPolicy":
+        """Read and validate the JSON form; a missing role is float. Raises ``BitPlanError``."""
+        if not isinstance(d, dict):
+            raise BitPlanError("bit plan 'non_expert' must be an object mapping role -> 'float' or {bits, group_size, symmetric}")
+        unknown = set(d) - set(NON_EXPERT_ROLES)
+        if unknown:
+            raise BitPlanError(f"non_expert: unknown role(s) {sorted(unknown)}; roles are {list(NON_EXPERT_ROLES)}")
+        roles = {}
+        for role in NON_EXPERT_ROLES:
+            v = d.get(role, "float")
+            if v == "float":
+                roles[role] = None
+                continue
+            if not isinstance(v, dict) or set(v) - {"bits", "group_size", "symmetric"} or "bits" not in v:
+                raise BitPlanError(
+                    f"non_expert.{role} must be \"float\" or {{\"bits\", \"group_size\", \"symmetric\"}}, got {v!r}"
+                )
+            if not _is_int(v["bits"]):
+                raise BitPlanError(f"non_expert.{role}.bits must be an integer, got {v['bits']!r}")
+            _check_bits(v["bits"], f"non_expert.{role}")
+            g = v.get("group_size")
+            if g is not None and (not _is_int(g) or g <= 0):
+                raise BitPlanError(f"non_expert.{role}.group_size must be a positive integer or null, got {g!r}")
+            if not isinstance(v.get("symmetric", False), bool):
+                raise BitPlanError(f"non_expert.{role}.symmetric must be true or false")
+            roles[role] = NonExpertQuant(v["bits"], g, v.get("symmetric", False))
+        return cls(roles)
+
+    @classmethod
+    def parse(cls, spec, group_size: int | None, symmetric: bool = False) -> "NonExpertPolicy":
+        """The command-line form: items ``ROLE=float`` or ``ROLE=BITS[:GROUP|row][:sym|asym]``, comma-separated
+        in one string and/or given as a list of strings (a repeated option). GROUP defaults to ``group_size``
+        (the experts' group), the grid to ``symmetric``; ``row`` is one group per row. ``"float"``, ``""`` or
+        None: every role float. Unnamed roles are float. Raises ``ValueError`` naming the item."""
+        items = [spec] if spec is None or isinstance(spec, str) else list(spec)
+        items = [i.strip() for s in items if s is not None for i in s.split(",") if i.strip()]
+        if items in ([], ["float"], ["none"]):
+            return cls()
+        syntax = f"expected ROLE=float or ROLE=BITS[:GROUP|row][:sym|asym] with ROLE in {', '.join(NON_EXPERT_ROLES)}"
+        roles = {role: None for role in NON_EXPERT_ROLES}
+        for item in items:
+            role, sep, rest = item.partition("=")
+            if not sep or role not in NON_EXPERT_ROLES or not rest:
+                raise ValueError(f"non-expert item {item!r}: {syntax}")
+            if rest == "float":
+                roles[role] = None
+                continue
+            bits, *opts = rest.split(":")
+            if not bits.isdigit() or not MIN_BITS <= int(bits) <= MAX_BITS:
+                raise ValueError(f"non-expert item {item!r}: {role}: expected 'float' or a width in "
+                                 f"{MIN_BITS}..{MAX_BITS}, got {bits!r}")
+            gs, sym = group_size, symmetric
+            for p in opts:
+                if p in ("sym", "asym"):
+                    sym = p == "sym"
+                elif p == "row":
+                    gs = None
+                elif p.isdigit() and int(p) > 0:
+                    gs = int(p)
+                else:
+                    raise ValueError(f"non-expert item {item!r}: {p!r} is not a group size, 'row', 'sym' or 'asym'")
+            roles[role] = NonExpertQuant(int(bits), gs, sym)
+        return cls(roles)
 
 
 @dataclass
@@ -68,7 +169,7 @@ class BitPlan:
     levels: list[int]
     quantizer: QuantizerSpec
     layers: list[LayerPlan]
-    non_expert: dict = field(default_factory=default_non_expert)
+    non_expert: dict = field(default_factory=lambda: NonExpertPolicy().to_dict())  # JSON form, see NonExpertPolicy
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -148,30 +249,11 @@ class BitPlan:
         self._validate_non_expert()
 
     def _validate_non_expert(self) -> None:
-        if not isinstance(self.non_expert, dict):
-            raise BitPlanError("bit plan 'non_expert' must be an object mapping role -> 'float' or {bits, group_size, symmetric}")
-        unknown = set(self.non_expert) - set(NON_EXPERT_ROLES)
-        if unknown:
-            raise BitPlanError(f"non_expert: unknown role(s) {sorted(unknown)}; roles are {list(NON_EXPERT_ROLES)}")
-        policy = {}
-        for role in NON_EXPERT_ROLES:
-            v = self.non_expert.get(role, "float")
-            if v != "float":
-                if not isinstance(v, dict) or set(v) - {"bits", "group_size", "symmetric"} or "bits" not in v:
-                    raise BitPlanError(
-                        f"non_expert.{role} must be \"float\" or {{\"bits\", \"group_size\", \"symmetric\"}}, got {v!r}"
-                    )
-                if not _is_int(v["bits"]):
-                    raise BitPlanError(f"non_expert.{role}.bits must be an integer, got {v['bits']!r}")
-                _check_bits(v["bits"], f"non_expert.{role}")
-                g = v.get("group_size")
-                if g is not None and (not _is_int(g) or g <= 0):
-                    raise BitPlanError(f"non_expert.{role}.group_size must be a positive integer or null, got {g!r}")
-                if not isinstance(v.get("symmetric", False), bool):
-                    raise BitPlanError(f"non_expert.{role}.symmetric must be true or false")
-                v = {"bits": v["bits"], "group_size": g, "symmetric": v.get("symmetric", False)}
-            policy[role] = v
-        self.non_expert = policy
+        self.non_expert = NonExpertPolicy.from_dict(self.non_expert).to_dict()  # canonical: every role, in order
+
+    def non_expert_policy(self) -> "NonExpertPolicy":
+        """The typed form of ``non_expert`` (read at each call, so edits to the JSON form are seen)."""
+        return NonExpertPolicy.from_dict(self.non_expert)
 
     def validate_against(self, model_or_layers, check_router: bool = True) -> None:
         """Check the plan fits a model: an ``nn.Module``, a list of ``MoELayer``, or a checkpoint folder.
@@ -267,7 +349,7 @@ class BitPlan:
             levels=list(d["levels"]) if isinstance(d["levels"], list) else d["levels"],
             quantizer=QuantizerSpec(q.get("name", "rtn"), q.get("group_size", 128), q.get("symmetric", False)),
             layers=layers,
-            non_expert=d.get("non_expert", default_non_expert()),
+            non_expert=d.get("non_expert", NonExpertPolicy().to_dict()),
             provenance=_object(d.get("provenance", {}), "provenance"),
         )
 

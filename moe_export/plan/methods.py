@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_export.plan import allocation, maxvar as maxvar_mod, pmq, router_norm, weight_error
-from moe_export.plan.bitplan import BitPlan, LayerPlan, QuantizerSpec, default_non_expert, router_sha256, _created_by
+from moe_export.plan.bitplan import BitPlan, LayerPlan, NonExpertPolicy, QuantizerSpec, router_sha256, _created_by
 
 METHODS = ("router", "router+maxvar", "maxvar", "weight-error", "frequency", "routing-weight", "pmq", "random", "uniform")
 CALIBRATED = ("frequency", "routing-weight", "pmq")
@@ -51,7 +51,7 @@ class PlanConfig:
     pmq_alpha: float = pmq.ALPHA
     pmq_beta: float = pmq.BETA
     pmq_tokens: int = 256  # routed calibration tokens kept per expert for L_e(b)
-    non_expert: dict = field(default_factory=default_non_expert)
+    non_expert: NonExpertPolicy = field(default_factory=NonExpertPolicy)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -232,7 +232,7 @@ def make_plan(model_or_dir, config: PlanConfig, reference=None, batches=None, mo
         levels=list(cfg.levels),
         quantizer=QuantizerSpec(cfg.quantizer, cfg.group_size, cfg.symmetric),
         layers=layer_plans,
-        non_expert=dict(cfg.non_expert),
+        non_expert=cfg.non_expert.to_dict(),
         provenance=provenance,
     )
 

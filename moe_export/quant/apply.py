@@ -81,10 +81,12 @@ def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = N
     """
     from moe_export.models import parameter_role
     from moe_export.quant.rtn import RTNQuantizer
+    from moe_export.size import packs
     from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 
     quantizer = quantizer or RTNQuantizer()
-    if all(v == "float" for v in plan.non_expert.values()):
+    policy = plan.non_expert_policy()
+    if policy.all_float:
         return []
     by_id: dict[int, list[str]] = {}
     params = {}
@@ -97,19 +99,20 @@ def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = N
         if isinstance(p, (MixedWidthExpertsTensor, PackedLinearWeight)) or p.dim() != 2:
             continue
         roles = sorted({parameter_role(model, n) for n in names})
-        policies = [plan.non_expert.get(r, "float") for r in roles]
-        if any(pol != policies[0] for pol in policies):
-            raise ValueError(f"parameter shared by {names} has roles {roles} with different policies {policies}; "
+        quants = [policy.quant_for(r) for r in roles]
+        if any(q != quants[0] for q in quants):
+            shown = ["float" if q is None else q.to_dict() for q in quants]
+            raise ValueError(f"parameter shared by {names} has roles {roles} with different policies {shown}; "
                              "give these roles the same non_expert policy in the plan")
-        policy = policies[0]
-        if policy == "float":
+        q = quants[0]
+        if q is None:
             continue
-        bits, gs, sym = int(policy["bits"]), policy.get("group_size"), bool(policy.get("symmetric", False))
-        k = p.shape[1]
-        if k % 8 or (gs is not None and k % gs):
+        if not packs(p.shape, q.group_size):
             # e.g. T5 relative-attention bias tables [buckets, heads]: too small to pack, kept float
-            log.warning("%s: input dim %d is not a multiple of 8 and of group size %s; kept float", names[0], k, gs)
+            log.warning("%s: input dim %d is not a multiple of 8 and of group size %s; kept float",
+                        names[0], p.shape[1], q.group_size)
             continue
+        bits, gs, sym = q.bits, q.group_size, q.symmetric
         qw = quantizer.quantize(p.detach(), bits, gs, sym)
         new = nn.Parameter(PackedLinearWeight.from_quantized(qw, dtype=p.dtype), requires_grad=False)
         for n in names:

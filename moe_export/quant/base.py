@@ -110,11 +110,3 @@ def get_quantizer(name: str, **options) -> Quantizer:
 
 def available_quantizers() -> list[str]:
     return ["rtn", "hqq", "gptq"]
-
-
-def theoretical_bytes(n: int, k: int, bits: float, group_size: int | None, symmetric: bool) -> float:
-    """Theoretical size of one ``[N, K]`` weight (README, "Theoretical size"): packed bits plus float16
-    scales, plus float16 zeros for asymmetric grids. ``bits`` may be a mean over experts."""
-    g = k if group_size is None else group_size
-    groups = n * (k // g)
-    return n * k * bits / 8 + 2 * groups + (0 if symmetric else 2 * groups)

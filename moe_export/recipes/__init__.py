@@ -18,6 +18,8 @@ from importlib import resources
 from itertools import product
 from pathlib import Path
 
+from moe_export.plan.bitplan import BitPlanError, NonExpertPolicy
+
 RECIPE_FORMAT = "moe_export.recipe"
 RECIPE_VERSION = 1
 KNOWN_METHODS = (
@@ -25,7 +27,6 @@ KNOWN_METHODS = (
 )
 KNOWN_QUANTIZERS = ("rtn", "hqq", "gptq")
 KNOWN_TARGETS = ("pte", "onnx")
-NON_EXPERT_ROLES = ("attention", "router", "shared_experts", "embeddings", "lm_head", "dense_mlp")
 
 
 class RecipeError(ValueError):
@@ -39,7 +40,7 @@ class Recipe:
     model: dict
     plan: dict
     quantizer: dict
-    non_expert: dict
+    non_expert: NonExpertPolicy
     export: dict
     expected_memory: dict = field(default_factory=dict)
     source: str = "<dict>"
@@ -98,10 +99,10 @@ class Recipe:
         bad = [t for t in targets if t not in KNOWN_TARGETS]
         if bad:
             fail(f"export.targets {bad} not among {', '.join(KNOWN_TARGETS)}")
-        non_expert = {role: "float" for role in NON_EXPERT_ROLES} | doc.get("non_expert", {})
-        unknown = set(non_expert) - set(NON_EXPERT_ROLES)
-        if unknown:
-            fail(f"non_expert roles {sorted(unknown)} unknown; known roles: {', '.join(NON_EXPERT_ROLES)}")
+        try:
+            non_expert = NonExpertPolicy.from_dict(doc.get("non_expert", {}))
+        except BitPlanError as err:
+            fail(str(err))
         return cls(
             name=doc["name"], description=doc.get("description", ""), model=model, plan=plan, quantizer=q,
             non_expert=non_expert, export=doc.get("export", {}), expected_memory=doc.get("expected_memory", {}),
@@ -197,14 +198,22 @@ def validate_recipe(recipe: Recipe) -> dict:
 
 
 def memory_footprint(recipe: Recipe, model=None, layers=None) -> dict:
-    """Bytes of the float16 model and of the quantized model by the theoretical size formula
-    (README, "Theoretical size"), in GiB. Non-expert roles kept in float count at 2 bytes a weight."""
+    """Weight bytes of the model in float16 and quantized by the recipe (``moe_export.size``), in GiB.
+
+    Quantized: the experts at the recipe's mean width, each non-expert weight by the non-expert policy, a weight
+    the policy leaves float (or that does not pack) at the checkpoint's dtype: the recipe config's ``dtype``
+    (or ``torch_dtype``), else 16-bit, as MoE checkpoints are published."""
+    import torch
+
     from moe_export.models import find_moe_layers, parameter_role
-    from moe_export.quant.base import theoretical_bytes
+    from moe_export.size import non_expert_bytes, theoretical_bytes
 
     model = recipe.meta_model() if model is None else model
     layers = find_moe_layers(model) if layers is None else layers
     sym = bool(recipe.quantizer.get("symmetric", False))
+    config = recipe.model.get("config", {})
+    dtype = config.get("dtype", config.get("torch_dtype", "float16"))
+    itemsize = getattr(torch, dtype).itemsize if isinstance(dtype, str) else 2
     expert_params = 0
     expert_bytes = 0.0
     for layer in layers:
@@ -223,16 +232,10 @@ def memory_footprint(recipe: Recipe, model=None, layers=None) -> dict:
         role = parameter_role(model, fqn)
         if role == "experts":
             continue
-        policy = recipe.non_expert.get(role, "float")
-        if policy == "float" or p.dim() != 2:
-            other_bytes += 2 * p.numel()
-        else:
-            n, k = p.shape
-            other_bytes += theoretical_bytes(n, k, policy["bits"], policy.get("group_size"), policy.get("symmetric", False))
+        other_bytes += non_expert_bytes(tuple(p.shape), itemsize, recipe.non_expert.quant_for(role))
     gib = 1024**3
     return {
         "float16_gib": round(float_bytes / gib, 2),
         "quantized_gib": round((expert_bytes + other_bytes) / gib, 2),
         "expert_params_billion": round(expert_params / 1e9, 3),
     }
-
