@@ -61,8 +61,6 @@ _FUSED_BLOCKS = {
 }
 _SWITCH_BLOCKS = {"SwitchTransformersSparseMLP"}
 
-ROLES = ("experts", "router", "shared_experts", "attention", "embeddings", "lm_head", "dense_mlp", "norm", "other")
-
 
 class UnsupportedModelError(ValueError):
     """The model (or checkpoint) has no MoE layer this package knows how to read."""
@@ -145,12 +143,6 @@ class MoELayer:
         if self.fused:
             return f"{self.name}.experts.{proj}"
         return f"{self.name}.experts.expert_{e}.{proj}.weight"
-
-    def expert_param_names(self) -> list[str]:
-        """FQNs of every parameter holding routed-expert weights of this layer."""
-        if self.fused:
-            return [self.param_name(p) for p in self.projections]
-        return [self.param_name(p, e) for e in range(self.num_experts) for p in self.projections]
 
 
 def model_architecture(model: nn.Module) -> str:
@@ -258,14 +250,6 @@ def _module_roles(model: nn.Module) -> dict[str, str]:
         elif cls.endswith("MLP") or cls.endswith("DenseActDense"):
             roles[name] = "dense_mlp"
     return roles
-
-
-def parameter_roles(model: nn.Module) -> dict[str, str]:
-    """{FQN: role} for every parameter and buffer of ``model`` (see `parameter_role`)."""
-    model = _unwrap(model)
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in model.named_buffers()]
-    return {n: parameter_role(model, n) for n in names}
 
 
 def parameter_role(model: nn.Module, fqn: str) -> str:

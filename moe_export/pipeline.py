@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from moe_export.io import atomic_write_json
-from moe_export.recipes import Recipe, RecipeError
+from moe_export.recipes import Recipe, RecipeError, validate_recipe
 
 
 def _model_root(recipe: Recipe, seed: int, echo) -> Path:
@@ -72,6 +72,10 @@ def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, 
     work = Path(work_dir or Path("runs") / recipe.name)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    if "architecture" in recipe.model:
+        # a recipe for a real checkpoint is checked on the meta device (layer names, group sizes, reachable
+        # averages) before any weight is read
+        validate_recipe(recipe)
     root = _model_root(recipe, seed, echo)
     final_dir, reference = _final_and_reference(root)
 

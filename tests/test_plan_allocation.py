@@ -12,7 +12,7 @@ from moe_export.plan.allocation import (
     check_reachable,
     knapsack,
     level_counts,
-    paper_bits,
+    paper_allocation,
     reachable,
     rearrange,
     three_level_counts,
@@ -88,6 +88,11 @@ def test_bits_from_order():
         bits_from_order([0, 0, 1], {3: 3})
     with pytest.raises(AllocationError, match="add up"):
         bits_from_order([0, 1, 2], {3: 2})
+
+
+def paper_bits(L_s, b_avg, levels, maxvar=None, zeta=3.0):
+    """Widths by the planner's allocation (``methods._plan_layer`` calls ``paper_allocation`` for router methods)."""
+    return paper_allocation(L_s, b_avg, levels, maxvar, zeta)[1]
 
 
 def test_paper_bits_example_and_levels():

@@ -46,11 +46,11 @@ def test_maxvar_matches_definition_and_chunking_bf16():
     # rows with a large mean (offset 5) check the two-pass variance keeps its digits
     W = (torch.randn(300, 64) * torch.linspace(0.1, 3, 300)[:, None] + 5.0).to(torch.bfloat16)
     ref = torch.var(W.double(), dim=1)
-    var, sq = mv.row_stats(W, chunk=7)
+    var, sq = mv.exact_row_var(W), mv.row_sq_norms(W, chunk=7)  # what maxvar() scores rows with
     # measured max relative error vs float64: ~4e-7 (float32 sums); 1e-5 leaves headroom, one-pass fails it
     assert torch.allclose(var.double(), ref, rtol=1e-5, atol=0)
     assert torch.allclose(sq.double(), W.double().square().sum(1), rtol=1e-5, atol=0)
-    assert torch.allclose(mv.row_stats(W, chunk=10_000)[0], var, rtol=1e-6, atol=0)
+    assert torch.allclose(mv.row_sq_norms(W, chunk=10_000), sq, rtol=1e-6, atol=0)
     assert mv.maxvar(W) == pytest.approx(float(ref.max()), rel=1e-5)
     assert mv.maxvar(W, "largest-norm-row") == pytest.approx(float(ref[torch.argmax(W.double().square().sum(1))]), rel=1e-5)
     assert torch.equal(mv.layer_maxvar([W, lambda: W * 2]), torch.tensor([mv.maxvar(W), mv.maxvar(W * 2)], dtype=torch.float64))

@@ -48,6 +48,17 @@ def test_group_size_that_does_not_divide_a_dim_is_rejected():
         validate_recipe(recipe)
 
 
+def test_run_checks_a_real_recipe_before_reading_weights(tmp_path):
+    from click.testing import CliRunner
+
+    from moe_export.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_doc(**{"quantizer.group_size": 96})))
+    r = CliRunner().invoke(main, ["run", str(bad), "-o", str(tmp_path / "work")])
+    assert r.exit_code == 1 and "group size 96 does not divide" in r.output and "Traceback" not in r.output
+
+
 def test_unreachable_average_is_rejected():
     recipe = Recipe.from_dict(_doc(**{"plan.avg_bits": 2.3, "plan.levels": [3, 2]}), source="bad.json")
     with pytest.raises(RecipeError, match="not reachable"):

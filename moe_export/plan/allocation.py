@@ -196,11 +196,13 @@ def knapsack(cost: torch.Tensor, levels: Sequence[int], total_bits: int, require
     return bits
 
 
-def paper_bits(L_s: Sequence[float], b_avg: float, levels: Sequence[int], maxvar: Sequence[float] | None = None,
-               zeta: float = 3.0) -> list[int]:
-    """The paper's allocation for one layer: ascending L_s, optional MaxVar rearrangement, level counts."""
-    L = torch.as_tensor(L_s, dtype=torch.float64)
-    order = [int(i) for i in torch.sort(L, stable=True).indices]
+def paper_allocation(L_s: Sequence[float] | torch.Tensor, b_avg: float, levels: Sequence[int],
+                     maxvar: Sequence[float] | torch.Tensor | None = None, zeta: float = 3.0) -> tuple[list[int], list[int]]:
+    """The paper's allocation for one layer -> (ranking, bits): experts by ascending L_s (stable), rearranged by
+    MaxVar when ``maxvar`` is given, then the level counts from the top of the ranking down."""
+    from moe_export.plan.router_norm import ascending_order
+
+    order = ascending_order(torch.as_tensor(L_s, dtype=torch.float64))
     if maxvar is not None:
         order = rearrange(order, maxvar, zeta)
-    return bits_from_order(order, level_counts(len(order), b_avg, levels))
+    return order, bits_from_order(order, level_counts(len(order), b_avg, levels))

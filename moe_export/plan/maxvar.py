@@ -20,26 +20,6 @@ _CHUNK = 256
 _BLOCK = 64  # candidate rows scored exactly at a time
 
 
-def row_stats(W1: torch.Tensor, chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row unbiased variance and squared l2 norm of ``W1`` ``[I, H]`` -> two ``[I]`` float32.
-
-    Two-pass (subtract the row mean, then sum squares) in float32: torch.var's Welford loop is
-    ~15x slower on one CPU thread, and the one-pass sum-of-squares formula loses digits when a
-    row's mean is large against its spread.
-    """
-    H = W1.shape[1]
-    var, sq = [], []
-    buf = torch.empty(min(chunk, W1.shape[0]), H, dtype=torch.float32)  # one block, reused: no page faults
-    for start in range(0, W1.shape[0], chunk):
-        src = W1[start : start + chunk]
-        w = buf[: src.shape[0]].copy_(src)  # [c, H] float32
-        m = w.sum(1) / H  # [c]
-        v = torch.linalg.vector_norm(w.sub_(m[:, None]), dim=1).square_()  # [c] sum of squared deviations
-        var.append(v / (H - 1))
-        sq.append(v + H * m * m)  # ||row||^2 = sum (x - m)^2 + H m^2
-    return torch.cat(var), torch.cat(sq)
-
-
 def row_sq_norms(W1: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
     """``||W1[r]||^2`` for every row -> ``[I]`` float32: one conversion pass and one reduction pass."""
     buf = torch.empty(min(chunk, W1.shape[0]), W1.shape[1], dtype=torch.float32)

@@ -121,12 +121,6 @@ def sources_from_checkpoint(folder) -> list[LayerSource]:
     return out
 
 
-def _sources(obj) -> list[LayerSource]:
-    if isinstance(obj, (str, os.PathLike)):
-        return sources_from_checkpoint(obj)
-    return sources_from_model(obj)
-
-
 def resolve_model_dir(model_dir, reference=None) -> tuple[Path, Path | None]:
     """A zoo build folder (``pretrained/`` + ``finetuned/``) plans ``finetuned/`` against ``pretrained/``."""
     p = Path(model_dir)
@@ -270,10 +264,11 @@ def _plan_layer(cfg: PlanConfig, s: LayerSource, W, W_ref, stats, quantizer, gen
                             "hold NaN/Inf; fix or re-export the checkpoint")
         record("maxvar", var)
     if m in USES_ROUTER:
-        order = router_norm.ascending_order(L_s)
-        if m == "router+maxvar":
-            order = allocation.rearrange(order, var, cfg.zeta)
-    elif m == "maxvar":
+        order, bits = allocation.paper_allocation(L_s, cfg.avg_bits, cfg.levels,
+                                                  var if m == "router+maxvar" else None, cfg.zeta)
+        scores.setdefault("ranking", {})[s.name] = order
+        return bits
+    if m == "maxvar":
         order = router_norm.ascending_order(-var if cfg.maxvar_order == "descending" else var)
     elif m == "random":
         order = torch.randperm(E, generator=gen).tolist()

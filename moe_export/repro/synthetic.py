@@ -21,7 +21,6 @@ import torch.nn as nn
 # Feature rows of SyntheticTask.features: the four class-relevant ones first, then the irrelevant ones.
 FREQ_POS, FREQ_NEG, RARE_POS, RARE_NEG = 0, 1, 2, 3
 N_RELEVANT = 4
-FEATURE_NAMES = ["o+ (frequent)", "o- (frequent)", "o+' (infrequent)", "o-' (infrequent)"]
 
 
 @dataclass
