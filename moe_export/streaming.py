@@ -173,44 +173,6 @@ def encode_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return tensors, {"format": FORMAT, "version": VERSION, "quantized": json.dumps(quantized)}
 
 
-class ShardedReader:
-    """A sharded quantized folder seen as one safetensors file (``keys``/``get_tensor``/``metadata``),
-    which is what `moe_export.checkpoint.load_quantized` reads."""
-
-    def __init__(self, folder):
-        from safetensors import safe_open
-
-        from moe_export.io import CheckpointError
-
-        self.folder = Path(folder)
-        try:
-            index = json.loads((self.folder / INDEX).read_text())
-            self.weight_map: dict[str, str] = index["weight_map"]
-        except (OSError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{self.folder / INDEX}: unreadable index ({err}); rerun `moe-export quantize`") from None
-        self._files = {}
-        quantized = {}
-        for name in sorted(set(self.weight_map.values())):
-            try:
-                f = self._files[name] = safe_open(str(self.folder / name), framework="pt")
-            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"{self.folder / name}: not a readable safetensors file ({err}); "
-                                      "rerun `moe-export quantize` (finished shards are kept)") from None
-            quantized.update(json.loads((f.metadata() or {}).get("quantized", "{}")))
-        meta = index.get("metadata", {})
-        self._metadata = {"format": meta.get("format"), "version": meta.get("version"), "bitplan": meta.get("bitplan"),
-                          "quantized": json.dumps(quantized)}
-
-    def metadata(self) -> dict:
-        return dict(self._metadata)
-
-    def keys(self):
-        return list(self.weight_map)
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        return self._files[self.weight_map[key]].get_tensor(key)
-
-
 def _write_shard(path: Path, tensors: dict, metadata: dict) -> None:
     from moe_export.io import save_safetensors
 
@@ -412,16 +374,13 @@ def _finish(src: Path, out: Path, units, plan, quantizer, options, fp) -> None:
             for k in f.keys():
                 weight_map[k] = name
         total += path.stat().st_size
-    from moe_export.checkpoint import FORMAT, PLAN_NAME, TOKENIZER_FILES, VERSION
+    from moe_export.checkpoint import FORMAT, PLAN_NAME, VERSION, copy_tokenizer, quantization_config
 
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "moe_export", "format": FORMAT, "version": VERSION, "bitplan": PLAN_NAME}
+    cfg["quantization_config"] = quantization_config()
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
     plan.save(out / PLAN_NAME)
-    for f in TOKENIZER_FILES:
-        if (src / f).is_file():
-            with atomic_path(out / f) as tmp:
-                shutil.copyfile(src / f, tmp)
+    copy_tokenizer(src, out)
     # temp files of writes a killed run never finished (atomic_path names them .<name>.<random>.tmp), and
     # weights of an earlier run with another shard count or of the in-memory path (model.safetensors)
     names = {SHARD.format(u.index + 1, len(units)) for u in units}

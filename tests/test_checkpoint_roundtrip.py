@@ -7,13 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from moe_export.api import MoEQuantConfig, quantize_
-from moe_export.checkpoint import (
-    _parameters_on_meta,
-    checkpoint_bytes,
-    load_quantized,
-    save_quantized,
-    theoretical_model_bytes,
-)
+from moe_export.checkpoint import checkpoint_bytes, save_quantized, theoretical_model_bytes
+from moe_export.hf import load_quantized
 from moe_export.io import CheckpointError
 from moe_export.model_configs import tiny_random_model
 from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
@@ -73,17 +68,29 @@ def test_size_on_disk_within_3_percent_of_theoretical(tmp_path):
     assert abs(got / want - 1) < 0.03, f"file {got} B vs theoretical {want:.0f} B ({100 * (got / want - 1):+.2f}%)"
 
 
-def test_load_never_materialises_float_weights(tmp_path):
+def test_load_never_materialises_float_weights(tmp_path, monkeypatch):
     model = tiny_random_model("MixtralForCausalLM")
     quantize_(model, MoEQuantConfig(mixed_plan(model)), progress=False)
     save_quantized(model, tmp_path)
-    import transformers
+    from moe_export import checkpoint
 
-    with _parameters_on_meta():  # what load_quantized builds the model in
-        empty = transformers.MixtralForCausalLM(model.config)
-    assert all(p.device.type == "meta" for p in empty.parameters())
-    assert all(b.device.type != "meta" for b in empty.buffers())  # rotary tables are computed, not loaded
+    # spy on the production path: when the holders are installed, the skeleton transformers built holds no
+    # float weight anywhere (parameters on meta), and the experts' stand-ins have the stored parts' shapes
+    seen = {}
+    install = checkpoint.install_holders
+
+    def spy(m, layout):
+        install(m, layout)
+        seen["params"] = {n: p.device.type for n, p in m.named_parameters()}
+        holder = m.model.layers[0].mlp.experts.gate_up_proj
+        seen["holder"] = {n: (b.device.type, tuple(b.shape), b.dtype) for n, b in holder.named_buffers()}
+
+    monkeypatch.setattr(checkpoint, "install_holders", spy)
     loaded = load_quantized(tmp_path)
+    assert seen["params"] and set(seen["params"].values()) == {"meta"}
+    stored = model.model.layers[0].mlp.experts.gate_up_proj
+    names, _ = stored.__tensor_flatten__()
+    assert seen["holder"] == {n: ("meta", tuple(getattr(stored, n).shape), getattr(stored, n).dtype) for n in names}
     experts = loaded.model.layers[0].mlp.experts
     assert isinstance(experts.gate_up_proj, MixedWidthExpertsTensor)
     assert loaded.config._experts_implementation == "moe_export_mixed"

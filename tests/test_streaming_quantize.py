@@ -16,7 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from moe_export.checkpoint import load_quantized, save_quantized
+from moe_export.checkpoint import save_quantized
+from moe_export.hf import load_quantized
 from moe_export.cli import main
 from moe_export.model_configs import tiny_random_model
 from moe_export.plan.bitplan import BitPlan

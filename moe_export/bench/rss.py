@@ -65,7 +65,7 @@ def main(argv=None) -> None:
 
         runner = EagerStepRunner(DecoderStep(AutoModelForCausalLM.from_pretrained(args.path).float().eval()))
     else:
-        from moe_export.checkpoint import load_quantized
+        from moe_export.hf import load_quantized
 
         runner = EagerStepRunner(DecoderStep(load_quantized(args.path).eval()))
     runner.reset()

@@ -32,7 +32,7 @@ def command(qdir: Path, targets: str, output: Path, pte_modes: str, onnx_modes: 
             no_latency: bool, quiet: bool):
     import torch
 
-    from moe_export.checkpoint import load_quantized
+    from moe_export.hf import load_quantized
     from moe_export.export.executorch import PTE_MODES
     from moe_export.export.onnx import ONNX_MODES
     from moe_export.export.parity import ParityError
