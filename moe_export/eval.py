@@ -9,9 +9,7 @@ scored (the SwitchTransformers prefix-LM adapter uses it; decoder-only models sc
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -189,29 +187,3 @@ def evaluate(logits_fn: LogitsFn, tokenizer, corpora: list[str], seq_len: int, m
             r["cloze"] = cloze(logits_fn, tokenizer, c, seq_len, n_cloze, batch_size=batch_size, progress=progress)
         out[c] = r
     return out
-
-
-def evaluate_checkpoint(path, corpora: list[str] | None = None, seq_len: int | None = None,
-                        max_tokens: int | None = 16384, n_cloze: int = 200, batch_size: int = 8,
-                        progress: bool = True) -> dict:
-    """Evaluate a zoo checkpoint folder (model + tokenizer); corpora and seq_len default to its manifest."""
-    from moe_export.zoo.train import load
-
-    path = Path(path)
-    man = _find_manifest(path)
-    entry = man.get("entry", {}) if man else {}
-    corpora = corpora or sorted({entry.get("pretrain", {}).get("corpus", "shakespeare"),
-                                 entry.get("finetune", {}).get("corpus", "python-stdlib")})
-    seq_len = seq_len or entry.get("seq_len")
-    model, tok = load(path, which=None)
-    if seq_len is None:
-        seq_len = getattr(model.config, "max_position_embeddings", None) or 128
-    res = evaluate(logits_fn_for(model), tok, corpora, seq_len, max_tokens, n_cloze, batch_size, progress)
-    return {"checkpoint": str(path), "seq_len": seq_len, "results": res}
-
-
-def _find_manifest(path: Path) -> dict | None:
-    for p in (path / "manifest.json", path.parent / "manifest.json"):
-        if p.exists():
-            return json.loads(p.read_text())
-    return None

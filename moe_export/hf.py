@@ -202,10 +202,10 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         kwargs["dtype"] = dtype
     elif quantized and json.loads((path / "config.json").read_text()).get("dtype") is None:
         kwargs["dtype"] = _logical_dtype(path)  # folders written before config.json carried it
-    if experts_implementation is not None and not quantized:
-        kwargs["experts_implementation"] = experts_implementation
     verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # what it would warn about is checked below and raised
+    transformers.utils.logging.disable_progress_bar()  # a per-load bar over tensors that take milliseconds
     try:
         model, info = cls.from_pretrained(str(path), output_loading_info=True, device_map=None, **kwargs)
     except CheckpointError:
@@ -214,6 +214,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         raise CheckpointError(f"{path}: cannot be loaded ({str(err).splitlines()[0]})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         items = sorted(str(x) for x in (info.get(kind) or []))
@@ -223,13 +225,14 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
         raise CheckpointError(f"{path}: the weights do not match the model: {'; '.join(problems)}. The folder was "
                               "written for another model or is incomplete; nothing is initialised at random")
     model = model.to(device).eval()
-    if quantized and experts_implementation is not None and model._can_set_experts_implementation():
+    # set after loading: not every architecture takes it (SwitchTransformers has one module per expert)
+    if experts_implementation is not None and model._can_set_experts_implementation():
         model.set_experts_implementation(experts_implementation)
     return model
 
 
 def load_quantized(qdir: str | os.PathLike, device: str | torch.device = "cpu", experts_implementation: str | None =
-                   "moe_export_mixed") -> nn.Module:
+                   "moe_export_mixed") -> torch.nn.Module:
     """Rebuild a quantized model from ``qdir`` without materialising float expert weights (the same path as
     ``from_pretrained(qdir)`` after ``import moe_export``, but strict: nothing missing, nothing left over)."""
     from moe_export.checkpoint import layout_of

@@ -6,7 +6,6 @@ them into CLI errors.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from moe_export.io import CheckpointError
@@ -24,12 +23,10 @@ def model_folder(path: str | Path) -> Path:
 
 
 def load_float_model(path: str | Path):
-    """The float32 model in checkpoint folder ``path``, in eval mode, built by the class its config names."""
+    """The float32 model in checkpoint folder ``path``, in eval mode, built by the class its config names; strict
+    (``moe_export.hf.load_pretrained``): a weight the folder lacks is an error, not a random initialisation."""
     import torch
-    import transformers
 
-    path = Path(path)
-    arch = (json.loads((path / "config.json").read_text()).get("architectures") or [None])[0]
-    if arch is None or not hasattr(transformers, arch):
-        raise CheckpointError(f"{path}/config.json: unknown architecture {arch!r}")
-    return getattr(transformers, arch).from_pretrained(str(path), dtype=torch.float32).eval()
+    from moe_export.hf import load_pretrained
+
+    return load_pretrained(path, dtype=torch.float32)

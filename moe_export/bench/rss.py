@@ -61,9 +61,9 @@ def main(argv=None) -> None:
     if args.kind in ("pte", "onnx"):
         runner = open_runner(args.path)
     elif args.kind == "hf":
-        from transformers import AutoModelForCausalLM
+        from moe_export.hf import load_pretrained
 
-        runner = EagerStepRunner(DecoderStep(AutoModelForCausalLM.from_pretrained(args.path).float().eval()))
+        runner = EagerStepRunner(DecoderStep(load_pretrained(args.path, dtype=torch.float32)))
     else:
         from moe_export.hf import load_quantized
 

@@ -64,7 +64,7 @@ def command(qdir: Path, targets: str, output: Path, pte_modes: str, onnx_modes: 
         report = export_artifacts(qmodel, output, targets=tlist, pte_modes=mlist, onnx_modes=olist,
                                   accuracy_level=accuracy_level, float_model=fmodel,
                                   max_seq_len=max_seq_len, check=not no_check, latency=not no_latency,
-                                  progress=not quiet)
+                                  progress=not quiet, source=qdir)
     except ParityError as err:
         raise click.ClickException(f"parity check failed: {err}") from None
     click.echo(format_report(report))

@@ -49,6 +49,7 @@ def export_artifacts(
     new_tokens: int = 32,
     seed: int = 0,
     progress: bool = True,
+    source: str | os.PathLike | None = None,
 ) -> dict:
     """Write the artifacts into ``out_dir`` and return (and save as ``export_report.json``) their report.
 
@@ -57,6 +58,9 @@ def export_artifacts(
     is compared in the same run. ``onnx_modes``: ``packed`` (smallest) and/or ``fast`` (MatMulNBits experts at
     MatMulNBits ``accuracy_level``); ``pte_modes``: ``packed``, ``xnnpack``, ``xnnpack-int``. Modes with int8
     activation arithmetic are checked against an SQNR floor (``parity.APPROX_MIN_SQNR_DB``). ``prompt``: token ids for the parity checks (default: random ids).
+    ``source``: the quantized folder ``qmodel`` was loaded from; its
+    tokenizer files are copied beside the artifacts and the report names it, so `moe-export eval ARTIFACT` can
+    score text.
     """
     from moe_export.export.executorch import PTE_MODES, export_pte, pte_ops
     from moe_export.export.onnx import ONNX_MODES, export_onnx, onnx_initializer_types, onnx_metadata, onnx_ops
@@ -138,6 +142,11 @@ def export_artifacts(
             row["decode_ms"] = round(decode_latency_ms(runner), 3)
         rows.append(row)
     report = {"theoretical": theory, "max_seq_len": max_seq_len, "artifacts": rows}
+    if source is not None:
+        from moe_export.checkpoint import copy_tokenizer
+
+        report["source"] = str(source)
+        copy_tokenizer(source, out_dir)
     atomic_write_json(out_dir / "export_report.json", report)
     if failures:
         raise ParityError("; ".join(failures) + f" (report: {out_dir / 'export_report.json'})")

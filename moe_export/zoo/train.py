@@ -248,7 +248,7 @@ def _locked(path: Path):
 
 
 def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, threads: int, progress: bool) -> Path:
-    from moe_export.eval import evaluate_checkpoint
+    from moe_export.eval import evaluate, logits_fn_for
 
     fp = fingerprint(entry, seed)
     state = out / ".state"
@@ -282,8 +282,11 @@ def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, th
             (state / f"{stage}.pt").unlink(missing_ok=True)
         results = {}
         for which in ("pretrained", "finetuned"):
-            results[which] = evaluate_checkpoint(out / which, corpora=entry.corpora, max_tokens=entry.eval_tokens,
-                                                 seq_len=entry.seq_len, n_cloze=entry.eval_cloze, progress=progress)
+            trained, trained_tok = load(out / which, which=None)
+            results[which] = {"checkpoint": str(out / which), "seq_len": entry.seq_len,
+                              "results": evaluate(logits_fn_for(trained), trained_tok, list(entry.corpora),
+                                                  entry.seq_len, entry.eval_tokens, entry.eval_cloze,
+                                                  progress=progress)}
         tb = token_bytes(tok)
         baselines = {}
         for c in entry.corpora:
@@ -359,13 +362,12 @@ def resolve(path_or_name, which: str | None = "finetuned", seed: int = 0) -> Pat
 
 def load(path_or_name, which: str | None = "finetuned", experts_implementation: str = "grouped_mm"):
     """(model, tokenizer) from a zoo entry name, a build folder (``which`` picks the checkpoint) or a checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, SwitchTransformersForConditionalGeneration
+    from transformers import AutoTokenizer
+
+    from moe_export.hf import is_quantized_folder, load_pretrained
 
     p = resolve(path_or_name, which)
-    cfg = AutoConfig.from_pretrained(p)
-    if cfg.model_type == "switch_transformers":
-        model = SwitchTransformersForConditionalGeneration.from_pretrained(p)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(p, experts_implementation=experts_implementation)
-    model.eval()
+    # strict: a weight the folder lacks is an error, never a random initialisation; a quantized folder keeps
+    # its own experts implementation
+    model = load_pretrained(p, experts_implementation=None if is_quantized_folder(p) else experts_implementation)
     return model, AutoTokenizer.from_pretrained(p)
