@@ -56,6 +56,7 @@ def calibration_batches_for(model: nn.Module, cal, tokenizer=None) -> torch.Tens
     tokenized with ``tokenizer``, else with the tokenizer saved in the model's folder.
     """
     from moe_export.zoo.data import calibration_batches
+    from moe_export.zoo.folders import find_manifest
 
     src = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
     if tokenizer is None:
@@ -68,25 +69,11 @@ def calibration_batches_for(model: nn.Module, cal, tokenizer=None) -> torch.Tens
                 f"calibration needs text: no tokenizer found at the model's path {src!r} ({exc}); "
                 "set CalibrationConfig.batches=LongTensor[B, T] or pass tokenizer="
             ) from exc
-    entry = _zoo_entry(src)
+    entry = find_manifest(src).get("entry", {})
     corpus = cal.corpus or entry.get("finetune", {}).get("corpus")
     seq_len = cal.seq_len or entry.get("seq_len") or min(256, getattr(model.config, "max_position_embeddings", 256))
     kwargs = {} if corpus is None else {"corpus": corpus}
     return calibration_batches(tokenizer, cal.n_tokens, seq_len, cal.seed, **kwargs)
-
-
-def _zoo_entry(model_path) -> dict:
-    """The zoo recipe of a checkpoint folder (``finetuned/`` or ``pretrained/`` of a zoo build), or {}."""
-    import json
-    from pathlib import Path
-
-    if not model_path:
-        return {}
-    p = Path(model_path)
-    for m in (p / "manifest.json", p.parent / "manifest.json"):
-        if m.is_file():
-            return json.loads(m.read_text()).get("entry", {})
-    return {}
 
 
 def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -> nn.Module:

@@ -33,16 +33,11 @@ class Target:
     model: object = field(default=None, repr=False)
 
 
-def _manifest(folder: Path) -> dict | None:
-    for p in (folder / "manifest.json", folder.parent / "manifest.json"):
-        if p.is_file():
-            return json.loads(p.read_text())
-    return None
-
-
 def _defaults(folder: Path, config_seq_len: int | None) -> tuple[tuple[str, ...], int | None]:
     """Corpora and training context length from a zoo manifest beside ``folder``, else the config's."""
-    entry = (_manifest(folder) or {}).get("entry", {})
+    from moe_export.zoo.folders import find_manifest
+
+    entry = find_manifest(folder).get("entry", {})
     corpora = tuple(sorted({entry["pretrain"]["corpus"], entry["finetune"]["corpus"]})) if "pretrain" in entry \
         else DEFAULT_CORPORA
     return corpora, entry.get("seq_len") or config_seq_len
@@ -70,10 +65,10 @@ def open_target(path_or_name: str | os.PathLike, which: str = "finetuned", threa
     if p.suffix in ARTIFACT_SUFFIXES:
         return _open_artifact(p, threads)
     from moe_export.hf import is_quantized_folder, load_pretrained
-    from moe_export.zoo.train import resolve
+    from moe_export.zoo.folders import resolve
 
     try:
-        folder = resolve(path_or_name, which)
+        folder = resolve(path_or_name, which).checkpoint
     except FileNotFoundError as err:
         raise CheckpointError(str(err)) from None
     if is_quantized_folder(folder):

@@ -13,13 +13,13 @@ from moe_export.io import CheckpointError
 
 def model_folder(path: str | Path) -> Path:
     """The checkpoint folder to quantize: ``path`` itself, or ``finetuned/`` of a zoo build folder."""
-    path = Path(path)
-    # a zoo build folder holds pretrained/ and finetuned/: the fine-tuned model is the one to quantize
-    if not (path / "config.json").is_file() and (path / "finetuned" / "config.json").is_file():
-        return path / "finetuned"
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json; pass a transformers checkpoint folder or a zoo build folder")
-    return path
+    from moe_export.zoo.folders import resolve
+
+    try:
+        return resolve(path, build=False).checkpoint
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no config.json; pass a transformers checkpoint folder or a zoo build "
+                              "folder") from None
 
 
 def load_float_model(path: str | Path):

@@ -7,7 +7,6 @@ Every step writes its artifact into the work folder, so the printed table says w
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -36,27 +35,6 @@ def _model_root(recipe: Recipe, seed: int, echo) -> Path:
     )
 
 
-def _final_and_reference(root: Path) -> tuple[Path, Path | None]:
-    if (root / "finetuned" / "config.json").exists():
-        ref = root / "pretrained"
-        return root / "finetuned", ref if (ref / "config.json").exists() else None
-    return root, None
-
-
-def _decode_ms(model, input_ids: torch.Tensor, reps: int = 10) -> float:
-    """Median latency of one decoding step (one new token after a KV-cached prompt)."""
-    with torch.no_grad():
-        out = model(input_ids=input_ids, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        times = []
-        for _ in range(reps + 2):
-            cache = copy.deepcopy(out.past_key_values)
-            t0 = time.perf_counter()
-            model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times[2:])[len(times[2:]) // 2]
-
-
 def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, seed: int = 0,
                progress: bool = True, echo=print) -> dict:
     """Run ``recipe`` end to end into ``work_dir`` (default ``runs/<recipe name>``) and return its summary."""
@@ -65,8 +43,10 @@ def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, 
     from moe_export.eval import evaluate, logits_fn_for
     from moe_export.export.parity import max_abs_err, sqnr
     from moe_export.export.pipeline import export_artifacts, format_report
+    from moe_export.export.runners import HFCacheRunner, decode_latency_ms
     from moe_export.loading import load_float_model
     from moe_export.plan.methods import PlanConfig, make_plan
+    from moe_export.zoo.folders import resolve
 
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     work = Path(work_dir or Path("runs") / recipe.name)
@@ -77,7 +57,11 @@ def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, 
         # averages) before any weight is read
         validate_recipe(recipe)
     root = _model_root(recipe, seed, echo)
-    final_dir, reference = _final_and_reference(root)
+    try:
+        folder = resolve(root, build=False)
+    except FileNotFoundError as err:
+        raise RecipeError(f"{recipe.source}: {err}") from None
+    final_dir, reference = folder.checkpoint, folder.reference
 
     echo(f"[2/6] plan: {recipe.plan.get('method', 'router+maxvar')} at {recipe.avg_bits} bits, levels {recipe.levels}"
          + (f", reference {reference}" if reference else ""))
@@ -106,9 +90,8 @@ def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, 
     float_bytes = sum(p.numel() * p.element_size() for p in float_model.parameters())
 
     echo("[4/6] quality (held-out bits per byte) and torch.compile")
-    manifest = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").exists() else {}
-    seq_len = manifest.get("entry", {}).get("seq_len", 64)
-    corpus = manifest.get("entry", {}).get("finetune", {}).get("corpus")
+    seq_len = folder.entry.get("seq_len", 64)
+    corpus = folder.entry.get("finetune", {}).get("corpus")
     quality = {}
     if corpus:
         from transformers import AutoTokenizer
@@ -128,9 +111,9 @@ def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, 
         "max_abs_err_vs_eager": max_abs_err(eager_logits, compiled_logits),
         "sqnr_vs_float_db": sqnr(float_logits, compiled_logits),
     }
-    latency = {
-        "float eager": _decode_ms(float_model, ids),
-        "quantized eager": _decode_ms(qmodel, ids),
+    latency = {  # one decode step through the model's own KV cache, as generate() runs it
+        "float eager": decode_latency_ms(HFCacheRunner(float_model), prompt_len=ids.shape[1], steps=10, warmup=2),
+        "quantized eager": decode_latency_ms(HFCacheRunner(qmodel), prompt_len=ids.shape[1], steps=10, warmup=2),
     }
 
     echo(f"[5/6] export to {', '.join(recipe.targets) or 'nothing'} with parity checks")

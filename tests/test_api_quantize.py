@@ -113,7 +113,7 @@ def test_zoo_tiny_at_2_5_bits_parity_memory_and_bits_per_byte(tiny_zoo_dir):
     """Trained weights (zoo `tiny`, Mixtral): half the experts at 3 bits, half at 2 (2.5 mean), RTN g=64."""
     from moe_export.eval import bits_per_byte, logits_fn_for
     from moe_export.zoo.data import token_stream
-    from moe_export.zoo.train import load
+    from moe_export.zoo.folders import load
 
     model, tok = load(tiny_zoo_dir, which="finetuned")
     ids = token_stream(tok, "python-stdlib", "test")[: 64 * 16]

@@ -48,7 +48,7 @@ def _bpb(res: dict) -> float:
 def test_eval_of_quantized_folder_is_the_quantized_model(quantized, tiny_zoo_dir, tmp_path):
     from moe_export.eval import evaluate, logits_fn_for
     from moe_export.hf import load_quantized
-    from moe_export.zoo.train import load
+    from moe_export.zoo.folders import load
 
     res = _eval(tmp_path, quantized["qdir"], "--against", tiny_zoo_dir)
     assert res["kind"] == "quantized" and res["against"]["kind"] == "float"

@@ -15,7 +15,8 @@ from moe_export.export.fast import (
     NBitsLinear, expert_reference, int4_codes, int4_linear, to_nbits_experts, to_xnnpack_int_experts,
 )
 from moe_export.export.onnx import export_onnx, onnx_metadata, onnx_ops
-from moe_export.export.parity import APPROX_MIN_SQNR_DB, ParityError, check_parity, compare, hf_logits_fn
+from moe_export.eval import logits_fn_for
+from moe_export.export.parity import APPROX_MIN_SQNR_DB, ParityError, check_parity, compare
 from moe_export.export.prepare import prepare_for_export, theoretical_size
 from moe_export.export.runners import OnnxRunner, PteRunner
 from moe_export.export.wrapper import DecoderStep
@@ -107,7 +108,7 @@ def test_onnx_fast_graph_parity_size(zoo_fast):
     theory = theoretical_size(zoo_fast["prepared"])["total"]
     assert theory <= zoo_fast["onnx"].stat().st_size <= 1.25 * theory
 
-    rep = compare(OnnxRunner(zoo_fast["onnx"]), hf_logits_fn(zoo_fast["q"]), zoo_fast["ids"], hf_logits_fn(zoo_fast["f"]),
+    rep = compare(OnnxRunner(zoo_fast["onnx"]), logits_fn_for(zoo_fast["q"]), zoo_fast["ids"], logits_fn_for(zoo_fast["f"]),
                   gen_model=zoo_fast["q"], gen_prompt=zoo_fast["ids"][0, :8], new_tokens=32)
     check_parity(rep, min_sqnr_db=APPROX_MIN_SQNR_DB)
     assert rep.sqnr_vs_eager_db > 40.0  # measured 46.6 dB: int8 activations, not exact
@@ -127,7 +128,7 @@ def _small_qwen():
 @pytest.mark.slow
 def test_onnx_fast_accuracy0_is_exact(tmp_path):
     qmodel, step, ids = _small_qwen()
-    rep = compare(OnnxRunner(export_onnx(step, tmp_path / "a0.onnx", mode="fast", accuracy_level=0)), hf_logits_fn(qmodel), ids)
+    rep = compare(OnnxRunner(export_onnx(step, tmp_path / "a0.onnx", mode="fast", accuracy_level=0)), logits_fn_for(qmodel), ids)
     check_parity(rep)  # float compute: within the tight 1e-4 relative rule (measured 133 dB on the zoo model)
     assert rep.sqnr_vs_eager_db > 100
 
@@ -142,7 +143,7 @@ def test_onnx_fast_wrong_lowering_fails(tmp_path, monkeypatch):
         self.zero = None
 
     monkeypatch.setattr(NBitsLinear, "__init__", no_zero)
-    bad = compare(OnnxRunner(export_onnx(step, tmp_path / "bad.onnx", mode="fast", accuracy_level=4)), hf_logits_fn(qmodel), ids)
+    bad = compare(OnnxRunner(export_onnx(step, tmp_path / "bad.onnx", mode="fast", accuracy_level=4)), logits_fn_for(qmodel), ids)
     assert bad.sqnr_vs_eager_db < APPROX_MIN_SQNR_DB
     with pytest.raises(ParityError, match="SQNR"):
         check_parity(bad, min_sqnr_db=APPROX_MIN_SQNR_DB)
@@ -168,7 +169,7 @@ def test_xnnpack_int_pte_zoo(zoo_fast):
     pte = export_pte(zoo_fast["step"], zoo_fast["out"] / "model-xnnpack-int.pte", mode="xnnpack-int")
     ops = pte_ops(pte)
     assert ops.get("XnnpackBackend", 0) > 0
-    rep = compare(PteRunner(pte), hf_logits_fn(zoo_fast["q"]), zoo_fast["ids"], hf_logits_fn(zoo_fast["f"]),
+    rep = compare(PteRunner(pte), logits_fn_for(zoo_fast["q"]), zoo_fast["ids"], logits_fn_for(zoo_fast["f"]),
                   gen_model=zoo_fast["q"], gen_prompt=zoo_fast["ids"][0, :8], new_tokens=32)
     check_parity(rep, min_sqnr_db=APPROX_MIN_SQNR_DB)
     assert rep.sqnr_vs_eager_db > 40.0  # measured 49.6 dB
@@ -199,6 +200,6 @@ def test_onnx_fast_hqq_float_zero_points(tmp_path):
     assert meta["moe_export.float_expert_projections"] == "2"  # the 8-bit expert's gate_up and down
     assert json.loads(meta["moe_export.containers"]) == {"1": 2, "2": 2, "3": 4, "4": 4}
     ids = torch.randint(0, fmodel.config.vocab_size, (1, 10))
-    rep = compare(OnnxRunner(path), hf_logits_fn(qmodel), ids)
+    rep = compare(OnnxRunner(path), logits_fn_for(qmodel), ids)
     check_parity(rep)
     assert rep.sqnr_vs_eager_db > 100

@@ -13,7 +13,8 @@ import torch
 
 from moe_export.export.executorch import export_program, export_pte, lower_to_executorch, pte_ops
 from moe_export.export.onnx import export_onnx, onnx_initializer_types, onnx_ops
-from moe_export.export.parity import ParityError, check_parity, compare, hf_logits_fn
+from moe_export.eval import logits_fn_for
+from moe_export.export.parity import ParityError, check_parity, compare
 from moe_export.export.prepare import prepare_for_export, theoretical_size
 from moe_export.export.runners import OnnxRunner, PteRunner
 from moe_export.export.wrapper import DecoderStep
@@ -63,7 +64,7 @@ def zoo(tiny_zoo_dir, tmp_path_factory):
 @pytest.mark.parametrize("target", ["pte", "onnx"])
 def test_zoo_parity_and_greedy_generation(zoo, target):
     runner = PteRunner(zoo["pte"]) if target == "pte" else OnnxRunner(zoo["onnx"])
-    rep = compare(runner, hf_logits_fn(zoo["q"]), zoo["ids"], hf_logits_fn(zoo["f"]), gen_model=zoo["q"],
+    rep = compare(runner, logits_fn_for(zoo["q"]), zoo["ids"], logits_fn_for(zoo["f"]), gen_model=zoo["q"],
                   gen_prompt=zoo["ids"][0, :8], new_tokens=32)
     check_parity(rep)  # prefill and KV-cache decode logits within 1e-4 relative, 32 greedy tokens identical
     assert rep.greedy_match == 32
@@ -125,7 +126,7 @@ def test_second_architecture_both_targets(tmp_path):
     step = DecoderStep(prepare_for_export(qmodel), max_seq_len=48)
     ids = torch.randint(0, fmodel.config.vocab_size, (1, 12))
     for runner in (PteRunner(export_pte(step, tmp_path / "m.pte")), OnnxRunner(export_onnx(step, tmp_path / "m.onnx"))):
-        rep = check_parity(compare(runner, hf_logits_fn(qmodel), ids, hf_logits_fn(fmodel), gen_model=qmodel,
+        rep = check_parity(compare(runner, logits_fn_for(qmodel), ids, logits_fn_for(fmodel), gen_model=qmodel,
                                    gen_prompt=ids[0, :4], new_tokens=32))
         assert rep.greedy_match == 32 and abs(rep.sqnr_vs_float_db - rep.eager_sqnr_vs_float_db) < 0.01
 
@@ -176,7 +177,7 @@ def test_more_architectures_and_xnnpack_mode(arch, tmp_path):
     pte = export_pte(step, tmp_path / "x.pte", mode="xnnpack")
     assert pte_ops(pte).get("XnnpackBackend", 0) > 0
     for runner in (PteRunner(pte), OnnxRunner(export_onnx(step, tmp_path / "m.onnx"))):
-        check_parity(compare(runner, hf_logits_fn(qmodel), ids, gen_model=qmodel, gen_prompt=ids[0, :4]))
+        check_parity(compare(runner, logits_fn_for(qmodel), ids, gen_model=qmodel, gen_prompt=ids[0, :4]))
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from moe_export.zoo import registry, train
+from moe_export.zoo import folders, registry, train
 from moe_export.zoo.registry import Entry, TrainSpec
 
 _MICRO = dict(hidden=32, layers=1, heads=2, kv_heads=1, expert_ffn=32, experts=4, top_k=2)
@@ -86,14 +86,14 @@ def test_hf_formats_load_with_auto_classes(home):
         assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 4
         ids = tok("ROMEO: what light", return_tensors="pt")["input_ids"]
         assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
-    model, tok = train.load(out)  # which="finetuned" by default
+    model, tok = folders.load(out)  # which="finetuned" by default
     assert torch.equal(model.model.layers[0].mlp.gate.weight,
                        _weights(out / "finetuned")["model.layers.0.block_sparse_moe.gate.weight"])
 
 
 def test_switch_build_small_router_init(home):
     out = train.build("micro-switch", home / "s", seed=0, progress=False)
-    model, tok = train.load(out, which="pretrained")
+    model, tok = folders.load(out, which="pretrained")
     assert type(model).__name__ == "SwitchTransformersForConditionalGeneration"
     man = json.loads((out / "manifest.json").read_text())
     assert man["router_init_std"] == 0.02 and any("std 0.02" in n for n in man["notes"])

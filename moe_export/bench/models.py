@@ -15,7 +15,8 @@ def load_bench_model(spec, seed: int = 0) -> tuple[torch.nn.Module, dict]:
     description says so. Nothing is trained here.
     """
     from moe_export.zoo.registry import ENTRIES
-    from moe_export.zoo.train import default_dir, load
+    from moe_export.zoo.folders import load
+    from moe_export.zoo.train import default_dir
 
     if isinstance(spec, torch.nn.Module):
         return spec.float().eval(), {"model": type(spec).__name__, "source": "in-memory model", "trained": False}

@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from moe_export.export.runners import EagerStepRunner, open_runner
+    from moe_export.export.runners import EagerStepRunner, decode_steps, open_runner
     from moe_export.export.wrapper import DecoderStep
 
     if args.kind == "onnx":
@@ -68,10 +68,7 @@ def main(argv=None) -> None:
         from moe_export.hf import load_quantized
 
         runner = EagerStepRunner(DecoderStep(load_quantized(args.path).eval()))
-    runner.reset()
-    runner.step(torch.zeros(1, 8, dtype=torch.long), 0)
-    for i in range(args.steps):
-        runner.step(torch.tensor([[i + 1]]), 8 + i)
+    decode_steps(runner, prompt_len=8, steps=args.steps)
     peak = _peak_mb()
     print(json.dumps({"kind": args.kind, "path": args.path, "base_MB": round(base, 1), "peak_MB": round(peak, 1),
                       "delta_MB": round(peak - base, 1)}))

@@ -61,7 +61,7 @@ def _own_code(module: torch.nn.Module) -> torch.nn.Module:
 def _runner_fn(runner, tokens):
     k, v = torch.zeros(runner.cache_shape), torch.zeros(runner.cache_shape)
     pos = torch.tensor([0 if tokens.shape[1] > 1 else DECODE_POS], dtype=torch.long)
-    return lambda: runner._run(tokens, pos, k, v)
+    return lambda: runner.run(tokens, pos, k, v)
 
 
 def _load_avg() -> float | None:
@@ -372,10 +372,11 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
 def _parity(runners: dict, art_rows: dict, qmodel, fmodel, vocab: int, tokens: int = 16) -> dict:
     """Logits of every quantized artifact vs eager quantized (prefill and token-by-token decode through the
     cache): SQNR and max abs error relative to the largest logit; SQNR vs the float model too."""
-    from moe_export.export.parity import compare, hf_logits_fn
+    from moe_export.eval import logits_fn_for
+    from moe_export.export.parity import compare
 
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
-    eager, flt = hf_logits_fn(qmodel), hf_logits_fn(fmodel)
+    eager, flt = logits_fn_for(qmodel), logits_fn_for(fmodel)
     out = {}
     for label, runner in runners.items():
         if not label.startswith(("pte quantized", "onnx quantized")):

@@ -95,7 +95,7 @@ def command(model_dir, avg_bits, levels, method, reference, zeta, maxvar_variant
         name = name or Path(model_dir).resolve().name
         if method in CALIBRATED:
             from moe_export.zoo.data import calibration_batches
-            from moe_export.zoo.train import load
+            from moe_export.zoo.folders import load
 
             model, tok = load(ckpt_dir, which=None)
             windows = calibration_batches(tok, calib_tokens, calib_seq_len, seed=seed, corpus=calib_corpus)  # [B, S]

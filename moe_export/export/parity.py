@@ -39,26 +39,11 @@ def max_abs_err(ref: torch.Tensor, x: torch.Tensor) -> float:
     return float((ref.double() - x.double()).abs().max())
 
 
-def hf_logits_fn(model: torch.nn.Module):
-    """``input_ids [B, T] -> logits [B, T, V]`` of an HF causal LM (full forward, no cache)."""
-
-    def fn(input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(input_ids=input_ids, use_cache=False).logits.float()
-
-    return fn
-
-
 def hf_greedy(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> list[int]:
-    """Greedy decode with full re-forward every step: the cache-free reference for runner generation."""
-    ids = prompt.reshape(1, -1)
-    out = []
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            nxt = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return out
+    """Greedy decode with a full re-forward every step: the cache-free reference for runner generation."""
+    from moe_export.export.runners import FullForwardRunner, greedy_generate
+
+    return greedy_generate(FullForwardRunner(model), prompt, new_tokens)
 
 
 @dataclass

@@ -64,7 +64,8 @@ def export_artifacts(
     """
     from moe_export.export.executorch import PTE_MODES, export_pte, pte_ops
     from moe_export.export.onnx import ONNX_MODES, export_onnx, onnx_initializer_types, onnx_metadata, onnx_ops
-    from moe_export.export.parity import APPROX_MIN_SQNR_DB, ParityError, check_parity, compare, hf_logits_fn
+    from moe_export.eval import logits_fn_for
+    from moe_export.export.parity import APPROX_MIN_SQNR_DB, ParityError, check_parity, compare
     from moe_export.export.prepare import prepare_for_export, theoretical_size
     from moe_export.export.runners import decode_latency_ms, open_runner
     from moe_export.export.wrapper import DecoderStep
@@ -92,8 +93,8 @@ def export_artifacts(
     if prompt.numel() + new_tokens > max_seq_len:
         raise ValueError(f"prompt of {prompt.numel()} + {new_tokens} new tokens exceed max_seq_len={max_seq_len}")
     check_ids = torch.randint(0, vocab, (1, min(24, max_seq_len)), generator=gen)
-    eager_fn = hf_logits_fn(qmodel)
-    float_fn = hf_logits_fn(float_model) if float_model is not None else None
+    eager_fn = logits_fn_for(qmodel)
+    float_fn = logits_fn_for(float_model) if float_model is not None else None
 
     jobs = [(t, m) for t in targets for m in (pte_modes if t == "pte" else onnx_modes)]
     if float_model is not None and float_baseline:

@@ -1,8 +1,11 @@
-"""Run an exported decoder step (.pte, .onnx, or the eager step) behind one interface.
+"""Run a decoder step (.pte, .onnx, the eager step, or a transformers model) behind one interface, and the one
+decode loop over it.
 
 ``runner.step(tokens [1, T], pos)`` feeds T tokens at positions ``pos..pos+T-1`` and returns their logits
-``[1, T, V]``, keeping the KV cache inside the runner. ``logits_fn(runner)`` gives the ``input_ids [B, T] ->
-logits [B, T, V]`` callable that ``moe_export.eval`` scores; ``greedy_generate`` decodes token by token.
+``[1, T, V]``, keeping the KV cache inside the runner; ``runner.run(tokens, pos, k, v)`` is the same step
+without state, for timing one call. ``logits_fn(runner)`` gives the ``input_ids [B, T] -> logits [B, T, V]``
+callable that ``moe_export.eval`` scores; ``greedy_generate`` and ``decode_steps`` are the decode loop that
+parity, latency, memory and the references share.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class StepRunner:
         self.k = torch.zeros(self.cache_shape)
         self.v = torch.zeros(self.cache_shape)
 
-    def _run(self, tokens, pos, k, v):  # -> logits, k, v
+    def run(self, tokens, pos, k, v):  # -> logits, k, v
         raise NotImplementedError
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
@@ -35,7 +38,7 @@ class StepRunner:
         if pos + tokens.shape[1] > self.max_seq_len:
             raise ValueError(f"{self.name}: positions up to {pos + tokens.shape[1]} exceed the exported cache of "
                              f"{self.max_seq_len}; export with a larger max_seq_len")
-        logits, self.k, self.v = self._run(tokens, torch.tensor([pos], dtype=torch.long), self.k, self.v)
+        logits, self.k, self.v = self.run(tokens, torch.tensor([pos], dtype=torch.long), self.k, self.v)
         return logits
 
 
@@ -46,7 +49,7 @@ class EagerStepRunner(StepRunner):
         self.module = step_module
         super().__init__(step_module.cache_shape())
 
-    def _run(self, tokens, pos, k, v):
+    def run(self, tokens, pos, k, v):
         with torch.no_grad():
             return self.module(tokens, pos, k, v)
 
@@ -68,7 +71,7 @@ class PteRunner(StepRunner):
             cache_shape = tuple(meta.input_tensor_meta(2).sizes())
         super().__init__(cache_shape)
 
-    def _run(self, tokens, pos, k, v):
+    def run(self, tokens, pos, k, v):
         out = self.method.execute([tokens, pos, k, v])
         return out[0], out[1], out[2]
 
@@ -90,10 +93,54 @@ class OnnxRunner(StepRunner):
             raise ValueError(f"{path}: the k_cache input has a symbolic shape {shape}; not a moe_export decoder step")
         super().__init__(tuple(shape))
 
-    def _run(self, tokens, pos, k, v):
+    def run(self, tokens, pos, k, v):
         out = self.session.run(None, {"tokens": tokens.numpy(), "input_pos": pos.numpy(), "k_cache": k.numpy(),
                                       "v_cache": v.numpy()})
         return tuple(torch.from_numpy(np.asarray(o)) for o in out)
+
+
+class FullForwardRunner:
+    """A transformers causal LM as a runner that keeps no KV cache: every step re-runs the whole prefix. The
+    reference the cached runners are checked against (a cache bug cannot hide in both)."""
+
+    name = "full forward"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.max_seq_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.reset()
+
+    def reset(self) -> None:
+        self.ids = torch.zeros(1, 0, dtype=torch.long)
+
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        tokens = tokens.reshape(1, -1).long()
+        if pos != self.ids.shape[1]:
+            raise ValueError(f"{self.name}: step at position {pos} after {self.ids.shape[1]} tokens")
+        self.ids = torch.cat([self.ids, tokens], dim=1)
+        with torch.no_grad():
+            logits = self.model(input_ids=self.ids, use_cache=False).logits.float()  # [1, pos + T, V]
+        return logits[:, pos:]
+
+
+class HFCacheRunner(FullForwardRunner):
+    """A transformers causal LM stepping through its own KV cache (``past_key_values``), as ``generate`` does."""
+
+    name = "transformers cache"
+
+    def reset(self) -> None:
+        super().reset()
+        self.cache = None
+
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        tokens = tokens.reshape(1, -1).long()
+        if pos != self.ids.shape[1]:
+            raise ValueError(f"{self.name}: step at position {pos} after {self.ids.shape[1]} tokens")
+        self.ids = torch.cat([self.ids, tokens], dim=1)
+        with torch.no_grad():
+            out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits.float()
 
 
 def open_runner(path: str | os.PathLike) -> StepRunner:
@@ -135,20 +182,26 @@ def greedy_generate(runner: StepRunner, prompt: torch.Tensor, new_tokens: int = 
     return out
 
 
-def decode_latency_ms(runner: StepRunner, prompt_len: int = 8, steps: int = 32, warmup: int = 4) -> float:
-    """Median wall time of one T=1 decode step after a ``prompt_len`` prefill."""
+def decode_steps(runner: StepRunner, prompt_len: int = 8, steps: int = 32, on_step=None) -> None:
+    """Prefill ``prompt_len`` tokens, then ``steps`` single-token decode steps; when the cache is full it starts
+    again from a new prefill. ``on_step(i, seconds)`` sees the wall time of each decode step."""
     runner.reset()
     runner.step(torch.zeros(1, prompt_len, dtype=torch.long), 0)
-    times = []
     pos = prompt_len
-    for i in range(warmup + steps):
+    for i in range(steps):
         if pos >= runner.max_seq_len:
             runner.reset()
             runner.step(torch.zeros(1, prompt_len, dtype=torch.long), 0)
             pos = prompt_len
         t0 = time.perf_counter()
         runner.step(torch.tensor([[i % 7 + 1]]), pos)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        if on_step is not None:
+            on_step(i, time.perf_counter() - t0)
         pos += 1
+
+
+def decode_latency_ms(runner: StepRunner, prompt_len: int = 8, steps: int = 32, warmup: int = 4) -> float:
+    """Median wall time of one T=1 decode step after a ``prompt_len`` prefill."""
+    times = []
+    decode_steps(runner, prompt_len, warmup + steps, lambda i, dt: times.append(dt) if i >= warmup else None)
     return float(np.median(times) * 1e3)

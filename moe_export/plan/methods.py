@@ -123,12 +123,14 @@ def sources_from_checkpoint(folder) -> list[LayerSource]:
 
 def resolve_model_dir(model_dir, reference=None) -> tuple[Path, Path | None]:
     """A zoo build folder (``pretrained/`` + ``finetuned/``) plans ``finetuned/`` against ``pretrained/``."""
-    p = Path(model_dir)
-    if (p / "finetuned").is_dir() and (p / "pretrained").is_dir():
-        return p / "finetuned", (Path(reference) if reference else p / "pretrained")
-    if not (p / "config.json").exists():
-        raise PlanError(f"{p}: not a checkpoint folder (no config.json) nor a zoo build (pretrained/ + finetuned/)")
-    return p, (Path(reference) if reference else None)
+    from moe_export.zoo.folders import resolve
+
+    try:
+        folder = resolve(model_dir, build=False)
+    except FileNotFoundError:
+        raise PlanError(f"{model_dir}: not a checkpoint folder (no config.json) nor a zoo build (pretrained/ + "
+                        "finetuned/)") from None
+    return folder.checkpoint, (Path(reference) if reference else folder.reference)
 
 
 def _r(x: float) -> float:

@@ -84,7 +84,7 @@ def router_scores(model_dir) -> dict:
     from pathlib import Path
 
     from moe_export.models import find_moe_layers
-    from moe_export.zoo.train import load
+    from moe_export.zoo.folders import load
 
     ft, _ = load(model_dir, which="finetuned")
     pre, _ = load(model_dir, which="pretrained")
@@ -112,7 +112,8 @@ def control_finetunes(name: str, seed: int, progress: bool = True) -> dict:
     from moe_export.zoo import build
     from moe_export.zoo.data import token_stream
     from moe_export.zoo.registry import get_entry
-    from moe_export.zoo.train import load, train_stage
+    from moe_export.zoo.folders import load
+    from moe_export.zoo.train import train_stage
 
     entry = get_entry(name)
     folder = build(name, seed=seed, progress=progress)
@@ -161,7 +162,7 @@ def run_model(sweep: ZooSweep, name: str, seed: int, progress: bool = True) -> d
     from moe_export.zoo import build
     from moe_export.zoo.data import calibration_batches, token_stream
     from moe_export.zoo.registry import get_entry
-    from moe_export.zoo.train import load
+    from moe_export.zoo.folders import load
 
     entry = get_entry(name)
     t_start = time.perf_counter()

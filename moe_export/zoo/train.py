@@ -248,7 +248,10 @@ def _locked(path: Path):
 
 
 def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, threads: int, progress: bool) -> Path:
+    from transformers import AutoTokenizer
+
     from moe_export.eval import evaluate, logits_fn_for
+    from moe_export.hf import load_pretrained
 
     fp = fingerprint(entry, seed)
     state = out / ".state"
@@ -282,7 +285,8 @@ def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, th
             (state / f"{stage}.pt").unlink(missing_ok=True)
         results = {}
         for which in ("pretrained", "finetuned"):
-            trained, trained_tok = load(out / which, which=None)
+            trained = load_pretrained(out / which, experts_implementation="grouped_mm")
+            trained_tok = AutoTokenizer.from_pretrained(out / which)
             results[which] = {"checkpoint": str(out / which), "seq_len": entry.seq_len,
                               "results": evaluate(logits_fn_for(trained), trained_tok, list(entry.corpora),
                                                   entry.seq_len, entry.eval_tokens, entry.eval_cloze,
@@ -317,8 +321,9 @@ def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, th
 
 
 def _reload(entry: Entry, path: Path):
-    model, _ = load(path, which=None)
-    return model
+    from moe_export.hf import load_pretrained
+
+    return load_pretrained(path, experts_implementation="grouped_mm")
 
 
 def _plot_losses(stages: dict, path: Path, name: str) -> None:
@@ -341,33 +346,3 @@ def _plot_losses(stages: dict, path: Path, name: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-# --- load --------------------------------------------------------------------------------------
-
-
-def resolve(path_or_name, which: str | None = "finetuned", seed: int = 0) -> Path:
-    from moe_export.zoo.registry import ENTRIES
-
-    p = Path(path_or_name)
-    if not p.exists() and str(path_or_name) in ENTRIES:
-        p = build(str(path_or_name), seed=seed)
-    if which is not None and (p / which).is_dir():
-        p = p / which
-    if not (p / "config.json").exists():
-        raise FileNotFoundError(f"{path_or_name}: not a zoo build folder or checkpoint (no config.json); "
-                                f"build one with `moe-export zoo build NAME -o DIR`")
-    return p
-
-
-def load(path_or_name, which: str | None = "finetuned", experts_implementation: str = "grouped_mm"):
-    """(model, tokenizer) from a zoo entry name, a build folder (``which`` picks the checkpoint) or a checkpoint."""
-    from transformers import AutoTokenizer
-
-    from moe_export.hf import is_quantized_folder, load_pretrained
-
-    p = resolve(path_or_name, which)
-    # strict: a weight the folder lacks is an error, never a random initialisation; a quantized folder keeps
-    # its own experts implementation
-    model = load_pretrained(p, experts_implementation=None if is_quantized_folder(p) else experts_implementation)
-    return model, AutoTokenizer.from_pretrained(p)
