@@ -1,0 +1,87 @@
+"""A routed-expert layer as one com.microsoft.QMoE node per width group, against the eager quantized layer.
+
+Per width: containers whose CPU kernel computes in fp32 (4-bit, and 3-bit moved into 4-bit codes) must match the
+eager layer to summation order; the int8-activation / LUT kernels (2- and 8-bit containers) by SQNR.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from moe_export.api import MoEQuantConfig, quantize_
+from moe_export.export.parity import max_abs_err, sqnr
+from moe_export.export.qmoe import APPROXIMATE_CONTAINERS, CONTAINER, moe_layer_model, qmoe_weights
+from moe_export.model_configs import tiny_random_model
+from moe_export.quant.packing import pack, unpack
+from tests._mixed_plans import mixed_plan
+
+
+def _session(model):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _layer_and_model(widths, symmetric, group_size=32):
+    model = tiny_random_model("MixtralForCausalLM")
+    plan = mixed_plan(model, widths=widths, group_size=group_size)
+    plan.quantizer.symmetric = symmetric
+    q = quantize_(copy.deepcopy(model), MoEQuantConfig(plan), progress=False)
+    return q.model.layers[0].mlp, q.config
+
+
+@pytest.mark.parametrize("widths,symmetric", [((4,), True), ((4,), False), ((3, 4), True), ((3, 4), False),
+                                              ((1, 2, 3, 4, 8), True), ((2, 3, 4, 8), False)])
+def test_qmoe_layer_matches_eager_quantized_layer(widths, symmetric):
+    block, cfg = _layer_and_model(widths, symmetric)
+    ex = block.experts
+    present = sorted(set(ex.gate_up_proj.bit_widths))
+    assert set(present) == set(widths)
+    x = torch.randn(16, cfg.hidden_size)
+    with torch.no_grad():
+        ref = block(x[None])[0]  # [T, H] the model's own routing and moe_export_mixed experts
+    onnx_model = moe_layer_model(ex.gate_up_proj, ex.down_proj, block.gate.weight, cfg.num_experts_per_tok)
+    ops = [n.op_type for n in onnx_model.graph.node]
+    assert ops.count("QMoE") == len(present)  # one node per width group
+    got = torch.from_numpy(_session(onnx_model).run(None, {"hidden": x.numpy()})[0])
+    approx = any(CONTAINER[b] in APPROXIMATE_CONTAINERS for b in present)
+    if approx:  # measured 38-42 dB (2-bit LUT and 8-bit int8-activation kernels); a wrong layout is below 0 dB
+        assert sqnr(ref, got) > 30.0
+    else:  # measured 4-6e-9 against outputs of 0.01 (125 dB): summation order only
+        assert max_abs_err(ref, got) < 1e-5 * float(ref.abs().max()) and sqnr(ref, got) > 100.0
+
+
+def test_container_codes_reproduce_every_width_exactly():
+    """Dequantizing the QMoE form (container codes, implied or stored zero points) gives our weights bit for bit."""
+    torch.manual_seed(0)
+    for bits in range(1, 9):
+        for symmetric in (True, False):  # asymmetric with integer zero codes, as RTN and GPTQ store them
+            q = torch.randint(0, 2**bits, (2, 4, 64), dtype=torch.uint8)
+            scale = (torch.rand(2, 4, 2) + 0.1).half()
+            zero = None if symmetric else torch.randint(0, 2**bits, (2, 4, 2)).half()
+            ours_zero = (0.5 if bits == 1 else 2 ** (bits - 1)) if symmetric else zero.float().repeat_interleave(32, -1)
+            want = (q.float() - ours_zero) * scale.float().repeat_interleave(32, -1)
+            f = qmoe_weights(bits, pack(q, bits), scale, zero, 64)
+            c = f["bits"]
+            codes = torch.from_numpy(f["w"])
+            qc = unpack(codes, c, 64).float()
+            if f["zp"] is None:
+                zc = 2 ** (c - 1)
+            else:
+                zc = unpack(torch.nn.functional.pad(torch.from_numpy(f["zp"]), (0, c - f["zp"].shape[-1])), c, 8)
+                zc = zc[..., :2].float().repeat_interleave(32, -1)
+            got = (qc - zc) * torch.from_numpy(f["s"]).repeat_interleave(32, -1)
+            assert c == CONTAINER[bits] and torch.equal(got, want), (bits, symmetric)
+
+
+def test_fractional_zero_points_are_refused():
+    q = torch.randint(0, 8, (1, 4, 64), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="integer zero codes"):
+        qmoe_weights(3, pack(q, 3), torch.ones(1, 4, 2).half(), torch.full((1, 4, 2), 2.5).half(), 64)
+    block, cfg = _layer_and_model((1, 4), False)  # 1-bit asymmetric RTN binarises around the group mean
+    with pytest.raises(ValueError, match="1-bit asymmetric"):
+        moe_layer_model(block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight, 2)
