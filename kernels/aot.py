@@ -76,7 +76,7 @@ def compile_one(kind: str, arch: int, bits: int, config, *, group_size: int = 12
     from triton.runtime.jit import JITFunction
 
     from moe_export.kernels import mixed_width_matmul as mwm
-    from moe_export.quant.base import symmetric_zero
+    from moe_export.runtime.layout import symmetric_zero
 
     kernel = {"gather": mwm._gather_mm_kernel, "grouped": mwm._grouped_mm_kernel, "dequant": mwm._dequant_kernel}[kind]
     if not isinstance(kernel, JITFunction):

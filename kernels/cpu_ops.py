@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from moe_export.runtime.layout import dequantize_packed, symmetric_zero
+
 KERNEL_BITS = (1, 2, 3, 4, 8)
 _SOURCE = Path(__file__).with_name("cpu_mixed_width.cpp")
 _modules: dict[bool, object] = {}
@@ -108,15 +110,11 @@ def enabled() -> bool:
 
 
 def _zconst(bits: int) -> float:
-    from moe_export.quant.base import symmetric_zero
-
     return symmetric_zero(bits)
 
 
 def reference(x, idx, packed, scale, zero, bits):
     """Plain torch: dequantize the routed experts' rows, one float mat-vec per pair."""
-    from moe_export.tensors.functional import dequantize_packed
-
     k = x.shape[1]
     safe = idx.clamp(min=0)
     w = dequantize_packed(packed[safe], scale[safe], None if zero is None else zero[safe], bits, k, torch.float32)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_export.quant.base import symmetric_zero
+from moe_export.runtime.layout import symmetric_zero
 
 # ----------------------------------------------------------------------------------------------
 # device functions
@@ -39,7 +39,7 @@ def _unpack(w_ptr, offs_n, k0, K, stride_wn, n_mask,
     """int32 codes of rows ``offs_n``, columns ``k0:k0+BLOCK_K``: ``[BLOCK_N, BLOCK_K]``, or
     ``[BLOCK_K, BLOCK_N]`` if TRANS (the B operand of a dot, without a register transpose).
 
-    Mirrors quant.packing.unpack: 8 values fill b bytes, so each octet is read as b byte planes
+    Mirrors runtime.layout.unpack: 8 values fill b bytes, so each octet is read as b byte planes
     (every byte loaded once), assembled into one little-endian word and cut by shifts of j*b. 8 bits
     take the same path: a plain byte tile spilled registers in the AOT check (kernels/aot.py), this does not.
     FAULT_BIT_SHIFT is a fault-injection hook, 0 everywhere except the test that plants an
@@ -328,7 +328,7 @@ def _group_args(bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torc
 
 def unpack(packed: torch.Tensor, bits: int, k: int, *, block_r: int = 16, block_k: int = 64, trans: bool = False,
            fault_bit_shift: int = 0) -> torch.Tensor:
-    """uint8 ``[..., K*b/8]`` -> uint8 ``[..., K]``; the Triton twin of ``quant.packing.unpack``."""
+    """uint8 ``[..., K*b/8]`` -> uint8 ``[..., K]``; the Triton twin of ``runtime.layout.unpack``."""
     rows = packed.reshape(-1, packed.shape[-1])  # [R, Kb]
     out = torch.empty(rows.shape[0], k, dtype=torch.uint8, device=packed.device)
     grid = (triton.cdiv(rows.shape[0], block_r), triton.cdiv(k, block_k))

@@ -1,16 +1,15 @@
 """Plain-torch reference for the mixed-width expert matmuls: the CPU implementation of the custom ops
 and the ground truth the Triton kernels are tested against.
 
-Written independently of the kernels: unpack with ``quant.packing.unpack``, dequantize with
-``quant.base.dequantize`` (float32), one float32 matmul per routed expert, cast to ``x.dtype``.
+Written independently of the kernels: the layout's reference unpack and dequantize (``runtime.layout.unpack``,
+``runtime.layout.dequantize``, float32), one float32 matmul per routed expert, cast to ``x.dtype``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_export.quant.base import dequantize, symmetric_zero
-from moe_export.quant.packing import unpack
+from moe_export.runtime.layout import dequantize, unpack, zero_or_constant
 
 
 def expert_weight(e: int, packed, scales, zeros, bits, expert_bits, slot, k: int) -> torch.Tensor:
@@ -22,9 +21,8 @@ def expert_weight(e: int, packed, scales, zeros, bits, expert_bits, slot, k: int
     s = int(slot[e])
     if not 0 <= s < packed[i].shape[0]:
         raise ValueError(f"slot[{e}] = {s} is outside the {b}-bit group of {packed[i].shape[0]} experts")
-    scale = scales[i][s]
-    zero = zeros[i][s] if zeros[i] is not None else torch.full_like(scale, symmetric_zero(b))
-    return dequantize(unpack(packed[i][s], b, k), scale, zero, torch.float32)
+    zero = zero_or_constant(None if zeros[i] is None else zeros[i][s], b)
+    return dequantize(unpack(packed[i][s], b, k), scales[i][s], zero, torch.float32)
 
 
 def gather_mm(x, expert_ids, packed, scales, zeros, bits, expert_bits, slot) -> torch.Tensor:

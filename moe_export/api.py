@@ -80,7 +80,9 @@ def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -
     """Quantize ``model`` in place by ``config.plan``; returns it."""
     from moe_export.models import find_moe_layers
 
-    import moe_export.experts  # noqa: F401  (registers the experts implementation)
+    from moe_export.runtime import register as register_runtime
+
+    register_runtime()  # the experts implementation, with transformers
 
     if not isinstance(config, MoEQuantConfig):
         raise TypeError(f"quantize_ expects a MoEQuantConfig, got {type(config).__name__}")

@@ -274,8 +274,9 @@ def finish_holders(model: nn.Module, layout: Layout) -> None:
 
 
 def _use_mixed_experts(model: nn.Module) -> None:
-    import moe_export.experts  # noqa: F401  (registers the experts implementation)
+    from moe_export.runtime import register as register_runtime
 
+    register_runtime()  # the experts implementation, with transformers
     if model._can_set_experts_implementation():
         model.set_experts_implementation("moe_export_mixed")
 

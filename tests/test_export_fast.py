@@ -12,7 +12,7 @@ import torch
 
 from moe_export.export.executorch import export_pte, pte_ops
 from moe_export.export.fast import (
-    NBitsLinear, expert_reference, int4_codes, int4_linear, to_nbits_experts, to_xnnpack_int_experts,
+    NBitsLinear, int4_codes, int4_linear, to_nbits_experts, to_xnnpack_int_experts,
 )
 from moe_export.export.onnx import export_onnx, onnx_metadata, onnx_ops
 from moe_export.eval import logits_fn_for
@@ -51,7 +51,7 @@ def test_nbits_linear_matches_stored_expert(zoo_fast):
         for w in (ex.gate_up_proj, ex.down_proj):
             x = torch.randn(3, w.k)
             for e in range(w.num_experts):
-                ref = expert_reference(w, e)
+                ref = w.width_groups().dequantize_expert(e)
                 lin = NBitsLinear(*_qparams(w, e), w.k, 4)
                 assert lin.bits == {2: 2, 3: 4, 4: 4, 8: 8}[w.expert_bits[e]]
                 assert torch.equal(lin(x), torch.nn.functional.linear(x, ref))
@@ -84,7 +84,7 @@ def test_int4_codes_exact_and_selective(zoo_fast):
                 assert codes is not None and codes.abs().max() <= 7
                 lin = int4_linear(p, s, z, b, w.k)  # raises if torchao's codes differ from q - zero
                 assert torch.equal(lin.weight.qdata, codes)
-                assert torch.equal(lin.weight.dequantize(), expert_reference(w, e))
+                assert torch.equal(lin.weight.dequantize(), w.width_groups().dequantize_expert(e))
             elif b == 8:
                 assert codes is None and int4_linear(p, s, z, b, w.k) is None
 
@@ -190,7 +190,7 @@ def test_cli_rejects_unknown_modes(tmp_path):
 def test_onnx_fast_hqq_float_zero_points(tmp_path):
     """Fractional (HQQ) zeros: float zero points for 1-4 bit MatMulNBits (measured 138 dB vs eager at
     accuracy_level 0); 8-bit with float zeros has no ORT kernel and becomes an exact float projection."""
-    from moe_export.export.experts import quantize_experts_
+    from _packed_experts import quantize_experts_
 
     fmodel = tiny_random_model("MixtralForCausalLM", seed=0, num_hidden_layers=1).eval()
     qmodel = quantize_experts_(copy.deepcopy(fmodel), [2, 3, 4, 8, 1, 3, 2, 4], group_size=32, quantizer="hqq")

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from moe_export.export.experts import PackedMixedExperts, dequantized_reference, quantize_experts_
+from _packed_experts import dequantized_reference, quantize_experts_
+from moe_export.export.experts import PackedMixedExperts
 from moe_export.export.prepare import prepare_for_export, theoretical_size
 from moe_export.export.runners import EagerStepRunner, greedy_generate
 from moe_export.export.wrapper import DecoderStep

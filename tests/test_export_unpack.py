@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe_export.export.experts import MixedWidthWeight, WidthGroups, pack_codes, unpack_codes, unpack_lut
-from moe_export.quant.packing import pack
+from moe_export.export.experts import MixedWidthWeight
+from moe_export.runtime.layout import WidthGroups, pack, pack_codes, unpack_codes, unpack_lut
 from moe_export.quant.rtn import RTNQuantizer
 
 
@@ -30,7 +30,7 @@ def test_mixed_width_gather_equals_reference_dequantize(symmetric):
     w = torch.randn(len(bits), 24, 64)
     qws = [RTNQuantizer().quantize(w[e], b, 32, symmetric) for e, b in enumerate(bits)]
     groups = WidthGroups.from_quantized(qws)
-    assert groups.expert_bits == bits and groups.slot == [0, 0, 0, 0, 1, 1]
+    assert groups.bit_widths == tuple(bits) and groups.slots == (0, 0, 0, 0, 1, 1)
     mod = MixedWidthWeight(groups)
     idx = torch.tensor([5, 0, 3, 3, 1, 4, 2])
     want = torch.stack([qws[i].dequantize() for i in idx])

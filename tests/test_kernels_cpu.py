@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_export.kernels import cpu_ops
-from moe_export.quant.packing import pack
+from moe_export.runtime.layout import dequantize_packed, pack
 from moe_export.quant.rtn import RTNQuantizer
 from moe_export.tensors import MixedWidthExpertsTensor
-from moe_export.tensors.functional import dequantize_packed
 
 TOL = 1e-6  # of sum_k |w x|, see the module docstring
 OP = torch.ops.moe_export.cpu_mixed_width_gemv
@@ -72,7 +71,7 @@ def test_op_matches_dequantize_reference(bits, group, sym):
 
 
 def test_mixed_widths_in_one_layer_through_routed_linear():
-    from moe_export.experts import routed_linear
+    from moe_export.runtime.dispatch import routed_linear
 
     bits = [1, 2, 3, 4, 8, 3, 2]
     torch.manual_seed(1)
@@ -292,7 +291,7 @@ def test_moe_ffn_matches_reference(group, sym):
 
 def test_moe_ffn_equals_the_torch_experts_path():
     """The fused op against routed_gather (the per-width mat-vecs + torch glue it replaces), in float32."""
-    from moe_export.experts import fused_cpu_forward, routed_gather
+    from moe_export.runtime.dispatch import fused_cpu_forward, routed_gather
 
     class Experts(torch.nn.Module):  # the attributes the experts implementation reads
         has_gate, has_bias, is_transposed = True, False, False
@@ -375,8 +374,8 @@ def test_fused_ops_opcheck_and_compile_without_graph_breaks():
 def test_model_with_fused_ops_matches_torch_paths(monkeypatch, seq_len):
     """A quantized model with packed attention (4-bit) and lm_head (8-bit): the fused C++ ops (eager, and
     compiled) against the pure-torch formulations (``MOE_EXPORT_CPU_KERNEL=0``); the fused FFN really runs."""
-    from moe_export import experts
     from moe_export.api import MoEQuantConfig, quantize_
+    from moe_export.runtime import dispatch
     from moe_export.model_configs import tiny_random_model
     from tests._mixed_plans import mixed_plan
 
@@ -387,8 +386,8 @@ def test_model_with_fused_ops_matches_torch_paths(monkeypatch, seq_len):
                        "lm_head": {"bits": 8, "group_size": None, "symmetric": True}}
     quantize_(model, MoEQuantConfig(plan), progress=False)
     calls = []
-    real = experts.fused_cpu_forward
-    monkeypatch.setattr(experts, "fused_cpu_forward", lambda *a: calls.append(1) or real(*a))
+    real = dispatch.EXPERT_FORMULATIONS["cpu_fused"]
+    monkeypatch.setitem(dispatch.EXPERT_FORMULATIONS, "cpu_fused", lambda *a: calls.append(1) or real(*a))
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len))
     with torch.no_grad():
         with_kernel = model(ids).logits

@@ -21,7 +21,7 @@ pytestmark = [
 
 from test_kernels_ops import _experts_module, quantized_experts, width_groups  # noqa: E402
 
-import moe_export.kernels as K_  # noqa: E402
+from moe_export.runtime import dispatch  # noqa: E402
 from moe_export.kernels import reference  # noqa: E402
 
 ops = torch.ops.moe_export
@@ -58,8 +58,8 @@ def test_experts_forward_compiles_on_cuda(tokens):
     self.gate_up_proj, self.down_proj = self.gate_up_proj.cuda(), self.down_proj.cuda()
     x = torch.randn(tokens, 32, device="cuda")
     top_w, top_i = torch.randn(tokens, 8, device="cuda").softmax(-1).topk(2, dim=-1)
-    eager = K_.mixed_experts_forward(self, x, top_i, top_w)
-    compiled = torch.compile(lambda *a: K_.mixed_experts_forward(self, *a), fullgraph=True)
+    eager = dispatch.cuda_forward(self, x, top_i, top_w)
+    compiled = torch.compile(lambda *a: dispatch.cuda_forward(self, *a), fullgraph=True)
     torch.testing.assert_close(compiled(x, top_i, top_w), eager, rtol=1e-5, atol=1e-5)
 
 

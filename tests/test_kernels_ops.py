@@ -3,7 +3,7 @@
 Method: the CPU implementation (``kernels.reference``) is checked against an independent dense
 computation built from ``QuantizedWeight.dequantize()`` (no packing involved); the fake kernels are
 checked with ``torch.library.opcheck``, with bad inputs under FakeTensorMode, and by tracing with
-``torch.compile(fullgraph=True)`` and ``torch.export``. ``kernels.moe.mixed_experts_forward`` (the CUDA
+``torch.compile(fullgraph=True)`` and ``torch.export``. ``runtime.dispatch.cuda_forward`` (the CUDA
 path of the experts implementation) is device-agnostic above the ops, so it is checked here on CPU
 against a float top-k MoE on the dequantized weights, for the decode and the prefill formulation.
 """
@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import moe_export.kernels as K_
-from moe_export.quant.packing import pack
+import moe_export.kernels  # noqa: F401  (defines torch.ops.moe_export.mixed_width_*)
+from moe_export.runtime import dispatch
+from moe_export.runtime.layout import pack
 from moe_export.quant.rtn import RTNQuantizer
 
 ops = torch.ops.moe_export
@@ -182,7 +183,7 @@ def test_export_keeps_the_ops():
 # --- the experts implementation's CUDA path, run on CPU through the ops' reference --------------------
 
 def _experts_module(bits, hidden=32, inter=16):
-    from moe_export.tensors.mixed_width_experts_tensor import MixedWidthExpertsTensor
+    from moe_export.tensors import MixedWidthExpertsTensor
 
     up = quantized_experts(bits, 2 * inter, hidden)
     down = quantized_experts(bits, hidden, inter, group_size=16)
@@ -202,10 +203,10 @@ def _experts_module(bits, hidden=32, inter=16):
 def test_mixed_experts_forward_matches_float_moe(tokens):
     bits = [3, 2, 4, 2, 8, 1, 3, 2]
     self, (w_up, w_down) = _experts_module(bits)
-    assert (tokens * 2 <= K_.DECODE_MAX_PAIRS) == (tokens == 3)  # one test per formulation
+    assert (tokens * 2 <= dispatch.CUDA_DECODE_MAX_PAIRS) == (tokens == 3)  # one test per formulation
     x = torch.randn(tokens, 32)
     top_w, top_i = torch.randn(tokens, len(bits)).softmax(-1).topk(2, dim=-1)
-    out = K_.mixed_experts_forward(self, x, top_i, top_w)
+    out = dispatch.cuda_forward(self, x, top_i, top_w)
     ref = torch.zeros_like(x)
     for t in range(tokens):
         for j in range(2):
@@ -214,7 +215,11 @@ def test_mixed_experts_forward_matches_float_moe(tokens):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_experts_dispatch_point_is_wired():
-    from moe_export import experts
-
-    assert experts._cuda_forward() is K_.mixed_experts_forward
+def test_experts_dispatch_point_is_wired(monkeypatch):
+    # the table sends CUDA tensors to the Triton formulations (gather at decode, grouped at prefill)
+    monkeypatch.setattr(dispatch, "HAS_TRITON", True)
+    cuda = types.SimpleNamespace(is_cuda=True)
+    assert dispatch.select_experts(None, cuda, torch.zeros(3, 2)) == "cuda_gather"
+    assert dispatch.select_experts(None, cuda, torch.zeros(40, 2)) == "cuda_grouped"
+    assert dispatch.EXPERT_FORMULATIONS["cuda_gather"] is dispatch.cuda_gather
+    assert dispatch.EXPERT_FORMULATIONS["cuda_grouped"] is dispatch.cuda_grouped

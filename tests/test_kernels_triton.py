@@ -2,7 +2,7 @@
 
 Method: quantize random weights with RTN, pack them into the width-group layout, run the Triton kernels
 in the interpreter at tiny shapes and compare with ``moe_export.kernels.reference`` (unpack via
-``quant.packing.unpack``, dequantize via ``quant.base.dequantize``, float32 matmul):
+``runtime.layout.unpack``, dequantize via ``runtime.layout.dequantize``, float32 matmul):
 
 * unpack and dequantize: bit-exact (``torch.equal``), every width 1..8, group sizes 32/64/128/row;
 * gather (decode) and grouped (prefill) matmuls: max abs error <= 1e-5 * (1 + max|ref|) in float32,
@@ -28,7 +28,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: pip install -e '.[test]' installs it")
 
 from moe_export.kernels import reference  # noqa: E402
-from moe_export.quant.packing import pack, unpack  # noqa: E402
+from moe_export.runtime.layout import pack, unpack  # noqa: E402
 from moe_export.quant.rtn import RTNQuantizer  # noqa: E402
 
 WIDTHS = (1, 2, 3, 4, 8)

@@ -3,7 +3,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_export.quant.packing import pack, packed_size, unpack
+from moe_export.runtime.layout import pack, unpack
+
+
+def packed_size(k: int, bits: int) -> int:
+    return k * bits // 8  # bytes of a row of k b-bit values
 
 
 @settings(max_examples=60, deadline=None)

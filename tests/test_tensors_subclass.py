@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_export.experts import routed_linear
+from moe_export.runtime.dispatch import routed_linear
 from moe_export.quant.base import QuantizedWeight
-from moe_export.quant.packing import unpack
+from moe_export.runtime.layout import unpack, unpack_bits
 from moe_export.quant.rtn import RTNQuantizer
 from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
-from moe_export.tensors.functional import packed_matvec, unpack_bits
+from moe_export.runtime.matmul import packed_matvec
 
 RTN = RTNQuantizer()
 
@@ -111,8 +111,9 @@ def test_grouped_mm_and_transformers_fallback_use_the_packed_experts():
     want = torch._grouped_mm(x, ref.transpose(-2, -1), offs=offs)
     got = torch._grouped_mm(x, t.transpose(-2, -1), offs=offs)
     assert _err(got, want) < 1e-5
-    import transformers.integrations.moe  # noqa: F401
+    from moe_export.runtime import register
 
+    register()  # the explicit hook quantize_ and load_quantized call: registers the transformers op handling
     got = torch.ops.transformers.grouped_mm_fallback(x, t.transpose(-2, -1), offs=offs)
     assert _err(got, want) < 1e-5
 
@@ -149,7 +150,7 @@ def test_packed_linear_weight_ops(bits, group_size, symmetric):
 @given(bits=st.integers(1, 8), rows=st.integers(1, 4), octets=st.integers(1, 20), seed=st.integers(0, 2**16))
 def test_pointwise_unpack_equals_reference_unpack(bits, rows, octets, seed):
     g = torch.Generator().manual_seed(seed)
-    from moe_export.quant.packing import pack
+    from moe_export.runtime.layout import pack
 
     q = torch.randint(0, 2**bits, (rows, octets * 8), generator=g, dtype=torch.uint8)
     assert torch.equal(unpack_bits(pack(q, bits), bits, octets * 8), q)
@@ -205,7 +206,7 @@ def test_memory_is_packed_bits_plus_scales():
 @given(p=stacks, t=st.integers(1, 5), per_expert=st.booleans())
 def test_packed_linear_experts_matches_dequantize_reference(p, t, per_expert):
     """The prefill formulation (one matmul per bit position) against dequantize-then-matmul, per width."""
-    from moe_export.tensors.functional import packed_linear_experts
+    from moe_export.runtime.matmul import packed_linear_experts
 
     _, _, ref, st_ = _build(p)
     e_count, n, k = ref.shape

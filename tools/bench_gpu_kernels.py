@@ -58,7 +58,7 @@ class ExperimentResult:
 
 def width_groups(bits: list[int], n: int, k: int, group_size: int, device, gen) -> tuple:
     """Random codes and plausible scales/zeros in the width-group layout (values do not matter for speed)."""
-    from moe_export.quant.packing import pack
+    from moe_export.runtime.layout import pack
 
     widths = sorted(set(bits))
     slot = torch.zeros(len(bits), dtype=torch.int64)

@@ -91,7 +91,9 @@ def main():
     ap.add_argument("--inter", type=int, default=2816)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    import moe_export.experts  # noqa: F401
+    from moe_export.runtime import register as register_runtime
+
+    register_runtime()  # the experts implementation, with transformers
     from moe_export.kernels import cpu_ops
 
     E, k = 8, 2

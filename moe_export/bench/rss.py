@@ -56,7 +56,9 @@ def main(argv=None) -> None:
     else:
         import transformers  # noqa: F401
 
-        import moe_export.experts  # noqa: F401
+        from moe_export.runtime import register as register_runtime
+
+        register_runtime()  # the experts implementation, with transformers
     base = _current_mb()  # import-time peaks (ru_maxrss) are not the runtime's; count from the settled RSS
     if args.kind in ("pte", "onnx"):
         runner = open_runner(args.path)

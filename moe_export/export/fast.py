@@ -26,11 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_export.export.experts import (
-    _LIB, MixedWidthWeight, PackedMixedExperts, _gather_dequant, pack_codes, unpack_codes, unpack_lut,
+from moe_export.export.experts import _LIB, MixedWidthWeight, PackedMixedExperts
+from moe_export.runtime.layout import (
+    dequantize, dequantize_rows, pack, pack_codes, symmetric_zero, unpack_codes, unpack_lut,
 )
-from moe_export.quant.base import symmetric_zero
-from moe_export.quant.packing import pack
 
 _LIB.define("matmul_nbits(Tensor x, Tensor packed, Tensor scale, Tensor? zero, Tensor lut, int bits, int k, "
             "int accuracy_level) -> Tensor")
@@ -42,15 +41,14 @@ CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}  # stored width -> MatMulNBits w
 def _matmul_nbits(x, packed, scale, zero, lut, bits: int, k: int, accuracy_level: int):
     # x [T, K]; packed uint8 [N, G, g*b/8]; scale f16 [N, G]; zero uint8 codes [N, ceil(G*b/8)], float [N, G] or None
     n, g_count = scale.shape
-    q = unpack_codes(packed.reshape(n, -1), lut, bits, k).float().reshape(n, g_count, k // g_count)  # [N, G, g]
+    q = unpack_codes(packed.reshape(n, -1), lut, bits, k)  # [N, K]
     if zero is None:
         z = float(1 << (bits - 1))
     elif zero.dtype == torch.uint8:
-        z = unpack_codes(zero, lut, bits, zero.shape[-1] * 8 // bits)[:, :g_count].float().unsqueeze(-1)  # [N, G, 1]
+        z = unpack_codes(zero, lut, bits, zero.shape[-1] * 8 // bits)[:, :g_count]  # [N, G]
     else:
-        z = zero.float().unsqueeze(-1)
-    w = ((q - z) * scale.float().unsqueeze(-1)).reshape(n, k)  # [N, K]
-    return F.linear(x, w)
+        z = zero
+    return F.linear(x, dequantize(q, scale, z, torch.float32))  # [T, N]
 
 
 class NBitsLinear(nn.Module):
@@ -86,9 +84,7 @@ def _expert_qparams(w: MixedWidthWeight, e: int):
     """(packed [N, K*b/8], scale [N, G], zero [N, G] or None, bits) of expert ``e``."""
     if w.coded:
         raise ValueError("expert weights were converted to packed zero codes; build the fast form from a fresh copy")
-    b, s = w.expert_bits[e], int(w.slot[e])
-    z = getattr(w, f"zero_{b}")
-    return getattr(w, f"packed_{b}")[s], getattr(w, f"scale_{b}")[s], None if z is None else z[s], b
+    return w.width_groups().expert(e)
 
 
 class DenseExperts(nn.Module):
@@ -277,8 +273,7 @@ def int4_linear(packed, scale, zero, bits: int, k: int) -> nn.Linear | None:
 
 def _float_linear(p, s, z, b: int, k: int) -> nn.Linear:
     """The dequantized expert as a plain float linear: exact, 4 bytes a weight (fallback of the speed modes)."""
-    w = _gather_dequant(p[None], s[None], None if z is None else z[None], torch.zeros(1, dtype=torch.long),
-                        unpack_lut(b), b, k)[0]  # [N, K]
+    w = dequantize_rows(p, s, z, unpack_lut(b), b, k)  # [N, K]
     lin = nn.Linear(k, w.shape[0], bias=False)
     lin.weight = nn.Parameter(w, requires_grad=False)
     return lin
@@ -311,9 +306,3 @@ def to_xnnpack_int_experts(model: nn.Module, fallback: str = "float") -> tuple[n
         return _split_experts(ex, make)
 
     return _replace_experts(model, build, make), counts
-
-
-def expert_reference(w: MixedWidthWeight, e: int) -> torch.Tensor:  # [N, K] float32, for tests
-    p, s, z, b = _expert_qparams(w, e)
-    return _gather_dequant(p[None], s[None], None if z is None else z[None], torch.zeros(1, dtype=torch.long),
-                           unpack_lut(b), b, w.k)[0]

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_export.export.experts import MixedWidthWeight, PackedMixedExperts, WidthGroups, moe_blocks
+from moe_export.export.experts import MixedWidthWeight, PackedMixedExperts, moe_blocks
+from moe_export.runtime.layout import WidthGroups
 from moe_export.size import theoretical_bytes
 
 
@@ -46,9 +47,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
         if isinstance(gu, MixedWidthExpertsTensor) and isinstance(down, MixedWidthExpertsTensor):
             if gu.transposed or down.transposed:
                 raise NotImplementedError(f"{name}: transposed expert stacks are not exportable yet")
-            block.experts = PackedMixedExperts(
-                WidthGroups.from_packed(gu), WidthGroups.from_packed(down), ex.act_fn
-            )
+            block.experts = PackedMixedExperts(gu.width_groups(), down.width_groups(), ex.act_fn)  # the same bytes, no repack
         elif isinstance(gu, MixedWidthExpertsTensor) or isinstance(down, MixedWidthExpertsTensor):
             raise ValueError(f"{name}: only one of gate_up_proj/down_proj is quantized; quantize both or neither")
     for name, mod in list(model.named_modules()):
@@ -58,7 +57,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
                 raise NotImplementedError(f"{name}: transposed packed linear weights are not exportable yet")
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr,
-                    PackedLinear(WidthGroups.from_packed(w), mod.bias))
+                    PackedLinear(w.width_groups(), mod.bias))
     if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
         if not any(isinstance(b.experts, PackedMixedExperts) for _, b in moe_blocks(model)):
             model.set_experts_implementation("batched_mm")

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_export.runtime.layout import dequantize, symmetric_zero, zero_or_constant
+
 SCALE_DTYPE = torch.float16
 
-
-def symmetric_zero(bits: int) -> float:
-    # 1-bit symmetric is sign binarisation (levels +-scale/2); wider grids are signed ints offset by 2**(b-1).
-    return 0.5 if bits == 1 else float(2 ** (bits - 1))
+__all__ = ["SCALE_DTYPE", "QuantizedWeight", "Quantizer", "dequantize", "get_quantizer", "register_quantizer",
+           "resolve_group_size", "symmetric_zero", "theoretical_bytes"]
 
 
 def resolve_group_size(group_size: int | None, k: int) -> int:
@@ -51,21 +51,8 @@ class QuantizedWeight:
     def symmetric(self) -> bool:
         return self.zero is None
 
-    def zero_or_constant(self) -> torch.Tensor:
-        if self.zero is not None:
-            return self.zero
-        return torch.full_like(self.scale, symmetric_zero(self.bits))
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.qdata, self.scale, self.zero_or_constant(), dtype)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Reference dequantize: ``q`` ``[..., N, K]`` uint8, ``scale``/``zero`` ``[..., N, K // g]``."""
-    k, n_groups = q.shape[-1], scale.shape[-1]
-    qg = q.reshape(*q.shape[:-1], n_groups, k // n_groups).to(dtype)  # [..., N, K/g, g]
-    w = (qg - zero.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)
-    return w.reshape(q.shape)
+        return dequantize(self.qdata, self.scale, zero_or_constant(self.zero, self.bits), dtype)
 
 
 class Quantizer(ABC):

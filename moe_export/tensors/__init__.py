@@ -1,6 +1,6 @@
-"""torchao tensor subclasses holding packed int-N weights: 2-D linear weights and mixed-width expert stacks."""
+"""The packed tensor subclasses under the names checkpoints record (``moe_export.tensors.<class>``); they live in
+``moe_export.runtime.tensors``."""
 
-from moe_export.tensors.mixed_width_experts_tensor import MixedWidthExpertsTensor
-from moe_export.tensors.packed_linear_tensor import PackedLinearWeight
+from moe_export.runtime.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 
 __all__ = ["MixedWidthExpertsTensor", "PackedLinearWeight"]

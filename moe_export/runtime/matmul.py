@@ -1,10 +1,9 @@
-"""Plain-tensor kernels behind the packed subclasses: unpack + dequantize, and packed mat-vec.
+"""Plain-torch matmuls straight from packed width groups (``runtime.layout``), for eager and ``torch.compile``.
 
 Everything here takes the stored bytes (uint8 packed, float16 scale/zero) and uses only aten ops, so
-eager, ``torch.compile`` and ``torch.export`` all run the same code. Two ways to multiply by a packed
-weight:
+eager, ``torch.compile`` and ``torch.export`` all run the same code. Ways to multiply by a packed weight:
 
-* ``dequantize_packed`` then a float matmul: right when many rows share one weight (prefill);
+* ``layout.dequantize_packed`` then a float matmul: right when many rows share one weight (prefill);
 * ``packed_matvec``: broadcast-multiply + sum over K written group-wise,
   ``y[n] = sum_g scale[n,g] * (sum_j q[n,g,j] x[g,j] - zero[n,g] * sum_j x[g,j])``,
   which inductor fuses into one reduction that reads the packed bytes and never writes a float weight
@@ -15,55 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_export.quant.base import symmetric_zero
-from moe_export.quant.packing import _check
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Same result as ``packing.unpack``, in uint8 arithmetic with pointwise ops only (no reduction, no
-    widening), so eager moves a quarter of the bytes and inductor fuses the unpack into its consumer.
-    ``uint8 [..., K*b/8] -> uint8 [..., K]``."""
-    _check(k, bits)
-    if bits == 8:
-        return packed
-    lead = packed.shape[:-1]
-    mask = (1 << bits) - 1
-    if bits in (1, 2, 4):
-        per_byte = 8 // bits  # values never straddle a byte
-        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
-        return ((packed.reshape(*lead, k // per_byte, 1) >> shifts) & mask).reshape(*lead, k)
-    # 8 values fill `bits` bytes; value p spans at most two of them
-    planes = packed.reshape(*lead, k // 8, bits)  # [..., K/8, b]
-    vals = []
-    for p in range(8):
-        lo, sh = divmod(p * bits, 8)
-        v = planes[..., lo] >> sh
-        if sh + bits > 8:
-            v = v | (planes[..., lo + 1] << (8 - sh))  # uint8 wrap drops bits above the value anyway
-        vals.append(v & mask)
-    return torch.stack(vals, -1).reshape(*lead, k)
-
-
-def _zero(zero: torch.Tensor | None, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    if zero is not None:
-        return zero
-    return torch.full_like(scale, symmetric_zero(bits))
-
-
-def dequantize_packed(
-    packed: torch.Tensor,  # uint8 [..., N, K*b/8]
-    scale: torch.Tensor,  # f16 [..., N, G]
-    zero: torch.Tensor | None,  # f16 [..., N, G] or None (symmetric)
-    bits: int,
-    k: int,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:  # [..., N, K]
-    q = unpack_bits(packed, bits, k)  # [..., N, K]
-    n_groups = scale.shape[-1]
-    qg = q.reshape(*q.shape[:-1], n_groups, k // n_groups).to(dtype)  # [..., N, G, g]
-    z = _zero(zero, scale, bits)
-    w = (qg - z.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)
-    return w.reshape(q.shape)
+from moe_export.runtime.layout import dequantize_packed, position_codes, symmetric_zero, unit_shape, zero_or_constant
 
 
 def packed_matvec(
@@ -116,26 +67,16 @@ def _codes_dot(x: torch.Tensor, packed: torch.Tensor, bits: int, n_groups: int) 
     g = k // n_groups
     blk = _block(g)
     nblk = k // blk  # blocks per row; blocks never straddle a group
-    mask = (1 << bits) - 1
-    if bits in (1, 2, 4, 8):
-        per_unit, unit_bytes = 8 // bits, 1  # values never straddle a byte
-    else:
-        per_unit, unit_bytes = 8, bits  # 8 values fill `bits` bytes
+    per_unit, unit_bytes = unit_shape(bits)
     units = blk // per_unit
     xp = _split_positions(x, blk, per_unit).unsqueeze(1)  # [S, 1, nblk, per_unit, units]
     planes = packed.reshape(s, -1, nblk, units, unit_bytes)  # [S, N, nblk, units, unit_bytes]
-    if bits == 8:
-        acc = planes[..., 0].to(x.dtype) * xp[:, :, :, 0]
-    else:
+    if bits < 8:
         planes = planes.to(torch.int32)
-        acc = None
-        for p in range(per_unit):
-            lo, sh = divmod(p * bits, 8)
-            v = planes[..., lo] >> sh
-            if sh + bits > 8:  # straddles into the next byte
-                v = v | (planes[..., lo + 1] << (8 - sh))
-            term = (v & mask).to(x.dtype) * xp[:, :, :, p]
-            acc = term if acc is None else acc + term
+    acc = None
+    for p in range(per_unit):
+        term = position_codes(planes, p, bits).to(x.dtype) * xp[:, :, :, p]
+        acc = term if acc is None else acc + term
     qx = acc.sum(-1)  # [S, N, nblk]
     return qx.reshape(s, qx.shape[1], n_groups, nblk // n_groups).sum(-1)  # [S, N, G]
 
@@ -158,22 +99,16 @@ def packed_linear_experts(
     e, n, _ = packed.shape
     dtype = x.dtype
     n_groups = scale.shape[-1]
-    per_unit, unit_bytes = (8 // bits, 1) if bits in (1, 2, 4, 8) else (8, bits)
+    per_unit, unit_bytes = unit_shape(bits)
     units = k // per_unit
-    mask = (1 << bits) - 1
     planes = packed.reshape(e, n, units, unit_bytes)  # [E, N, U, B]
     xs = x.reshape(*x.shape[:-1], units, per_unit)  # [(E,) T, U, P]
     sc = scale.to(dtype).unsqueeze(-1)  # [E, N, G, 1]
-    zr = _zero(zero, scale, bits).to(dtype).unsqueeze(-1)
+    zr = zero_or_constant(zero, bits)
+    zr = zr if isinstance(zr, float) else zr.to(dtype).unsqueeze(-1)
     out = None
     for p in range(per_unit):
-        lo, sh = divmod(p * bits, 8)
-        v = planes[..., lo]
-        if bits < 8:
-            v = v >> sh
-            if sh + bits > 8:
-                v = v | (planes[..., lo + 1] << (8 - sh))
-            v = v & mask  # [E, N, U] uint8
+        v = position_codes(planes, p, bits)  # [E, N, U] uint8
         w = ((v.to(dtype).reshape(e, n, n_groups, units // n_groups) - zr) * sc).reshape(e, n, units)
         y = torch.matmul(xs[..., p], w.transpose(1, 2))  # [(E,) T, U] @ [E, U, N] -> [E, T, N]
         out = y if out is None else out + y
