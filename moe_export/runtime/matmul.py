@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_export.runtime.layout import dequantize_packed, position_codes, symmetric_zero, unit_shape, zero_or_constant
+from moe_export.runtime.layout import position_codes, symmetric_zero, unit_shape, zero_or_constant
 
 
 def packed_matvec(
@@ -113,43 +113,3 @@ def packed_linear_experts(
         y = torch.matmul(xs[..., p], w.transpose(1, 2))  # [(E,) T, U] @ [E, U, N] -> [E, T, N]
         out = y if out is None else out + y
     return out
-
-
-# Rows (tokens) up to which a CPU packed linear runs the C++ mat-vec (moe_export::cpu_packed_linear, one pass
-# over the packed weight per 8 rows with AVX-512, 4 without); above it, one dequantize + BLAS matmul is faster.
-CPU_LINEAR_MAX_ROWS = 16
-
-
-def _cpu_linear(x: torch.Tensor, bits: int) -> bool:
-    from moe_export.kernels import cpu_ops
-
-    return bits in cpu_ops.FUSED_WIDTHS and cpu_ops.fused_runs_on(x)
-
-
-def packed_linear(
-    x: torch.Tensor,  # [..., K]
-    packed: torch.Tensor,  # uint8 [N, K*b/8]
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    bits: int,
-    k: int,
-    bias: torch.Tensor | None = None,
-    matvec_max_rows: int = 4,
-) -> torch.Tensor:  # [..., N]
-    rows = x.numel() // k
-    if rows <= CPU_LINEAR_MAX_ROWS and _cpu_linear(x, bits):
-        out = torch.ops.moe_export.cpu_packed_linear(x, packed, scale, zero, bits)
-        return out if bias is None else out + bias
-    if rows <= matvec_max_rows and torch.compiler.is_compiling():  # eager: dequantize + BLAS is faster
-        x2 = x.reshape(rows, k)  # [R, K]
-        n = packed.shape[0]
-        out = packed_matvec(
-            x2,
-            packed.unsqueeze(0).expand(rows, *packed.shape),
-            scale.unsqueeze(0).expand(rows, *scale.shape),
-            None if zero is None else zero.unsqueeze(0).expand(rows, *zero.shape),
-            bits,
-        ).reshape(*x.shape[:-1], n)
-        return out if bias is None else out + bias
-    w = dequantize_packed(packed, scale, zero, bits, k, x.dtype)
-    return torch.nn.functional.linear(x, w, bias)
