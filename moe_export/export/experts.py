@@ -6,9 +6,10 @@ docs/architecture.md: per width b, ``packed_b`` uint8 ``[E_b, N, K*b/8]``, ``sca
 are gathered *as bytes* and unpacked with integer ``div``/``remainder`` (bit shifts are not Core ATen and have
 no ONNX translation), so the artifact keeps b bits per weight, 3-bit included.
 
-The gather + unpack + dequantize is one op, ``moe_export::gather_dequant``, whose only kernel is
-CompositeImplicitAutograd: ExecuTorch sees plain aten ops after decomposition, while the ONNX exporter can
-keep the op and translate it to ``com.microsoft::GatherBlockQuantized`` where onnxruntime has a kernel.
+The gather + unpack + dequantize is one op, ``moe_export::gather_dequant`` (``export.ops``, defined when a
+:class:`MixedWidthWeight` is built), whose only kernel is CompositeImplicitAutograd: ExecuTorch sees plain aten ops
+after decomposition, while the ONNX exporter can keep the op and translate it to
+``com.microsoft::GatherBlockQuantized`` where onnxruntime has a kernel.
 """
 
 from __future__ import annotations
@@ -16,30 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moe_export.runtime.layout import WidthGroups, dequantize_rows, pack_codes, unpack_codes, unpack_lut
-
-_LIB = torch.library.Library("moe_export", "FRAGMENT")  # other modules define ops in this namespace too
-_LIB.define("gather_dequant(Tensor packed, Tensor scale, Tensor? zero, Tensor index, Tensor lut, int bits, int k) -> Tensor")
-# Same, with integer zero points stored as packed b-bit codes (uint8 [E, N, ceil(G*b/8)]): the layout of
-# onnxruntime's GatherBlockQuantized, which the ONNX exporter maps this op to.
-_LIB.define("gather_dequant_codes(Tensor packed, Tensor scale, Tensor? zero_codes, Tensor index, Tensor lut, int bits, int k) -> Tensor")
-
-
-@torch.library.impl(_LIB, "gather_dequant", "CompositeImplicitAutograd")
-def _gather_dequant(packed, scale, zero, index, lut, bits: int, k: int):
-    # Gather bytes first: the float weight exists only for the routed rows, and no cast of a whole
-    # constant table is left for an exporter to fold into a float initializer.
-    z = None if zero is None else zero.index_select(0, index)
-    return dequantize_rows(packed.index_select(0, index), scale.index_select(0, index), z, lut, bits, k)
-
-
-@torch.library.impl(_LIB, "gather_dequant_codes", "CompositeImplicitAutograd")
-def _gather_dequant_codes(packed, scale, zero_codes, index, lut, bits: int, k: int):
-    z = None
-    if zero_codes is not None:
-        zc = zero_codes.index_select(0, index)  # [S, N, ceil(G*b/8)]
-        z = unpack_codes(zc, lut, bits, zc.shape[-1] * 8 // bits)[..., : scale.shape[-1]]  # [S, N, G]
-    return dequantize_rows(packed.index_select(0, index), scale.index_select(0, index), z, lut, bits, k)
+from moe_export.export.ops import define_ops
+from moe_export.runtime.layout import WidthGroups, pack_codes, unpack_lut
 
 
 class MixedWidthWeight(nn.Module):
@@ -48,6 +27,7 @@ class MixedWidthWeight(nn.Module):
 
     def __init__(self, groups: WidthGroups):
         super().__init__()
+        define_ops()  # forward calls moe_export::gather_dequant(_codes)
         self.widths = list(groups.widths)
         self.n, self.k = groups.n, groups.k
         self.num_experts = groups.num_experts

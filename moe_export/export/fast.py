@@ -24,31 +24,12 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from moe_export.export.experts import _LIB, MixedWidthWeight, PackedMixedExperts
-from moe_export.runtime.layout import (
-    dequantize, dequantize_rows, pack, pack_codes, symmetric_zero, unpack_codes, unpack_lut,
-)
-
-_LIB.define("matmul_nbits(Tensor x, Tensor packed, Tensor scale, Tensor? zero, Tensor lut, int bits, int k, "
-            "int accuracy_level) -> Tensor")
+from moe_export.export.experts import MixedWidthWeight, PackedMixedExperts
+from moe_export.export.ops import define_ops
+from moe_export.runtime.layout import dequantize_rows, pack, pack_codes, symmetric_zero, unpack_codes, unpack_lut
 
 CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}  # stored width -> MatMulNBits width
-
-
-@torch.library.impl(_LIB, "matmul_nbits", "CompositeImplicitAutograd")
-def _matmul_nbits(x, packed, scale, zero, lut, bits: int, k: int, accuracy_level: int):
-    # x [T, K]; packed uint8 [N, G, g*b/8]; scale f16 [N, G]; zero uint8 codes [N, ceil(G*b/8)], float [N, G] or None
-    n, g_count = scale.shape
-    q = unpack_codes(packed.reshape(n, -1), lut, bits, k)  # [N, K]
-    if zero is None:
-        z = float(1 << (bits - 1))
-    elif zero.dtype == torch.uint8:
-        z = unpack_codes(zero, lut, bits, zero.shape[-1] * 8 // bits)[:, :g_count]  # [N, G]
-    else:
-        z = zero
-    return F.linear(x, dequantize(q, scale, z, torch.float32))  # [T, N]
 
 
 class NBitsLinear(nn.Module):
@@ -56,6 +37,7 @@ class NBitsLinear(nn.Module):
 
     def __init__(self, packed, scale, zero, bits: int, k: int, accuracy_level: int):
         super().__init__()
+        define_ops()  # forward calls moe_export::matmul_nbits
         c = CONTAINER_BITS[bits]
         n, g_count = scale.shape
         g = k // g_count
@@ -217,6 +199,7 @@ class PackedExpertLinear(nn.Module):
 
     def __init__(self, packed, scale, zero, bits: int, k: int):
         super().__init__()
+        define_ops()  # forward calls moe_export::gather_dequant
         self.register_buffer("packed", packed.unsqueeze(0).contiguous())
         self.register_buffer("scale", scale.unsqueeze(0).contiguous())
         self.register_buffer("zero", None if zero is None else zero.unsqueeze(0).contiguous())

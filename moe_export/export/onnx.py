@@ -109,7 +109,9 @@ def _translation_table():
         return msft.MatMulNBits(*inputs, K=k, N=int(n), bits=bits, block_size=k // int(n_groups),
                                 accuracy_level=accuracy_level)
 
-    import moe_export.export.fast  # noqa: F401  (defines moe_export::matmul_nbits)
+    from moe_export.export.ops import define_ops
+
+    define_ops()  # the ops the translation table is keyed by
 
     return {torch.ops.moe_export.gather_dequant_codes.default: gather_dequant_codes,
             torch.ops.moe_export.matmul_nbits.default: matmul_nbits}
