@@ -1,9 +1,10 @@
 """How a packed layer runs: the one table of which formulation runs when, and the formulations.
 
 The ``moe_export_mixed`` experts implementation (``runtime.hf.mixed_experts_forward``, registered with
-transformers by ``moe_export.runtime.register``) computes the routed experts only, each at its own width. Which formulation runs is decided from static facts (device, number of
-token-expert pairs, compile/export state, dtype, the layer's shape), never from routing values, so
-``torch.compile`` guards on the choice instead of breaking the graph. :func:`select_experts` is the table:
+transformers by ``moe_export.runtime.register``) computes the routed experts only, each at its own width. Which
+formulation runs is decided from static facts (device, number of token-expert pairs, compile/export state, dtype,
+the layer's shape), never from routing values, so ``torch.compile`` guards on the choice instead of breaking the
+graph. :func:`select_experts` is the table:
 
 =================  ====================================================================  ==========================
 formulation        when                                                                  what it does
