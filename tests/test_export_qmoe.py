@@ -14,7 +14,7 @@ from moe_export.api import MoEQuantConfig, quantize_
 from moe_export.export.parity import max_abs_err, sqnr
 from moe_export.export.qmoe import APPROXIMATE_CONTAINERS, CONTAINER, moe_layer_model, qmoe_weights
 from moe_export.model_configs import tiny_random_model
-from moe_export.quant.packing import pack, unpack
+from moe_export.runtime.layout import pack, unpack
 from tests._mixed_plans import mixed_plan
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moe_export.quant.packing import pack, unpack
+from moe_export.runtime.layout import pack, pack_codes, unpack
 
 # QMoE widths on the CPU EP: where each of our widths goes
 CONTAINER = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
@@ -58,19 +58,12 @@ def qmoe_weights(bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: tor
             raise ValueError(f"{bits}-bit group has fractional or out-of-range zero points (HQQ, or a 1-bit asymmetric "
                              "grid, which binarises around the mean); QMoE takes integer zero codes only: use a "
                              "symmetric grid or rtn/gptq at 2+ bits, or export with the packed ONNX mode")
-        zp = _pack_zero_codes(z.to(torch.uint8), c)
+        zp = pack_codes(z.to(torch.uint8), c)  # [.., ceil(G*c/8)], packed along the block axis
     if rows is not None:
         q, s = q[:, rows], s[:, rows]
         zp = None if zp is None else zp[:, rows]
     w = pack(q.to(torch.uint8), c)
     return {"bits": c, "w": w.numpy(), "s": s.contiguous().numpy(), "zp": None if zp is None else zp.numpy()}
-
-
-def _pack_zero_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Zero codes ``[..., G]`` packed LSB-first along the block axis into ``ceil(G * bits / 8)`` bytes (zero padded)."""
-    g = codes.shape[-1]
-    padded = torch.nn.functional.pad(codes, (0, (-g) % 8))  # pack() takes whole runs of 8 values
-    return pack(padded, bits)[..., : -(-g * bits // 8)]
 
 
 def swiglu_interleave(n_rows: int) -> torch.Tensor:
