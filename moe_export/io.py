@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -54,6 +55,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; if the block succeeds, rename it onto ``path``: never a
+    half-written folder under the final name. ``replace``: an existing ``path`` is replaced; otherwise it is
+    kept (another process wrote the same content first).
+
+    The folder and its files get the permissions any new file gets under the umask: ``mkdtemp`` makes the
+    folder owner-only, and libraries that write through their own temp files (``save_pretrained``) leave
+    those owner-only too, so a shared cache would be unreadable to its other users.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as err:
+        raise _write_error(err, path) from None
+    try:
+        yield tmp
+        mask = _umask()
+        for p in [tmp, *tmp.rglob("*")]:
+            if not p.is_symlink():
+                p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+        if replace and path.exists():
+            shutil.rmtree(path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if replace or not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -126,6 +160,7 @@ class SafetensorsCheckpoint:
 
     @staticmethod
     def _open(safe_open, file: Path):
+        check_safetensors_file(file)  # names a truncated file as such; safetensors' own error does not
         try:
             return safe_open(str(file), framework="pt")
         except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers

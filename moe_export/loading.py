@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_export.io import CheckpointError
+from moe_export.io import CheckpointError, SafetensorsCheckpoint
 
 
 def model_folder(path: str | Path) -> Path:
@@ -29,4 +29,6 @@ def load_float_model(path: str | Path):
 
     from moe_export.hf import load_pretrained
 
+    path = Path(path)
+    SafetensorsCheckpoint(path).verify()  # a truncated or corrupt file: one line naming it, not a from_pretrained traceback
     return load_pretrained(path, dtype=torch.float32)

@@ -14,6 +14,7 @@ import torch
 
 from moe_export.io import atomic_write_json
 from moe_export.recipes import Recipe, RecipeError, validate_recipe
+from moe_export.table import format_table
 
 
 def _model_root(recipe: Recipe, seed: int, echo) -> Path:
@@ -167,11 +168,10 @@ def format_summary(s: dict) -> str:
             a.get("decode_ms"),
             a["path"],
         ))
-    head = f"{'runtime':<26} {'bits':>6} {'MB':>8} {'vs float':>8} {'max|err| vs eager':>18} {'SQNR dB':>8} {'decode ms':>9}  artifact"
-    out = [head, "-" * len(head)]
-    for name, b, nbytes, err, sq, ms, path in rows:
-        ms_s = f"{ms:.2f}" if isinstance(ms, (int, float)) else "-"
-        out.append(f"{name:<26} {b:>6} {nbytes / 1e6:>8.3f} {nbytes / q['float_bytes']:>8.3f} {err:>18} {sq:>8} {ms_s:>9}  {path}")
+    out = format_table(("runtime", "bits", "MB", "vs float", "max|err| vs eager", "SQNR dB", "decode ms", "artifact"),
+                       [(name, b, f"{nbytes / 1e6:.3f}", f"{nbytes / q['float_bytes']:.3f}", err, sq,
+                         f"{ms:.2f}" if isinstance(ms, (int, float)) else "-", path)
+                        for name, b, nbytes, err, sq, ms, path in rows], "lrrrrrrl")
     if quality:
         f, qq = quality["float"], quality["quantized"]
         out.append(f"held-out bits per byte: float {f['bpb']['bits_per_byte']:.3f}, quantized {qq['bpb']['bits_per_byte']:.3f}; "

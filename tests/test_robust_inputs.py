@@ -71,6 +71,41 @@ def test_truncated_safetensors(ws):
                          f, "re-create", absent=[ws / "p_trunc.json"])
 
 
+@pytest.fixture(scope="module")
+def zoo_copy(tiny_zoo_dir, tmp_path_factory):
+    """A copy of the tiny zoo build (pretrained/ + finetuned/), its plan and an rtn checkpoint of it."""
+    root = tmp_path_factory.mktemp("robust_zoo")
+    for which in ("pretrained", "finetuned"):
+        shutil.copytree(tiny_zoo_dir / which, root / "zoo" / which)
+    for args in (("plan", root / "zoo", "--avg-bits", "2.5", "--group-size", "32", "-q", "-o", root / "plan.json"),
+                 ("quantize", root / "zoo", "--plan", root / "plan.json", "--streaming", "-q", "-o", root / "q")):
+        res = cli(*args)
+        assert res.exit_code == 0, res.output
+    return root
+
+
+def _truncate(f: Path, keep: float = 0.6) -> None:
+    f.write_bytes(f.read_bytes()[: int(f.stat().st_size * keep)])
+
+
+def test_truncated_float_checkpoint_in_memory_and_as_export_float(zoo_copy):
+    """The zoo build's finetuned/model.safetensors cut short: the in-memory quantize (gptq and rtn) and
+    `export --float` say so in one line that names the file; nothing is written."""
+    bad = zoo_copy / "bad"
+    shutil.copytree(zoo_copy / "zoo", bad)
+    f = bad / "finetuned" / "model.safetensors"
+    _truncate(f)
+    for quantizer in ("gptq", "rtn"):
+        out = zoo_copy / f"q_{quantizer}"
+        msg = assert_clean_failure(cli("quantize", bad, "--plan", zoo_copy / "plan.json", "--quantizer", quantizer,
+                                       "--no-streaming", "-q", "-o", out), f, "truncated", "re-create", absent=[out])
+        assert len(msg.strip().splitlines()) == 1, msg
+    out = zoo_copy / "export_bad_float"
+    msg = assert_clean_failure(cli("export", zoo_copy / "q", "--float", bad / "finetuned", "-q", "-o", out), f,
+                               "truncated", absent=[out])
+    assert len(msg.strip().splitlines()) == 1, msg
+
+
 def test_corrupt_safetensors_header(ws):
     src = _copy(ws, "src", "corrupt")
     f = src / "layer-000.safetensors"

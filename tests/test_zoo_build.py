@@ -147,3 +147,31 @@ def test_cli_zoo_list_and_help():
     assert r.exit_code == 0 and "--seed" in r.output
     r = CliRunner().invoke(main, ["zoo", "build", "nope"])
     assert r.exit_code != 0 and "unknown zoo entry 'nope'" in r.output
+
+
+def test_cli_build_files_follow_the_umask_and_the_table_explains_the_bigram(home):
+    """Another user of a shared cache can read a build (folders 0755, files 0644 under umask 022); no
+    transformers "Writing model shards" bar per save; a model worse than the bigram beside it is explained."""
+    import os
+    import stat
+
+    from click.testing import CliRunner
+
+    from moe_export.cli import main
+
+    old = os.umask(0o022)
+    try:
+        r = CliRunner().invoke(main, ["zoo", "build", "micro-mixtral", "-o", str(home / "shared")])
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    out = home / "shared"
+    for p in [out, *out.rglob("*")]:
+        want = 0o755 if p.is_dir() else 0o644
+        assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+    assert "Writing model shards" not in r.output
+    man = json.loads((out / "manifest.json").read_text())
+    ft = man["eval"]["finetuned"]["results"]["python-stdlib"]["bpb"]["bits_per_byte"]
+    assert ft > man["baselines"]["python-stdlib"]["token_bigram"]["bits_per_byte"]  # 8 steps: far from a bigram
+    assert "note: the token bigram" in r.output and "finetuned on python-stdlib" in r.output
+    assert "not for quality" in r.output and "docs/results.md" in r.output

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from moe_export.io import atomic_path
+from moe_export.quiet import exporting
 
 PTE_MODES = ("packed", "xnnpack", "xnnpack-int")
 
@@ -64,7 +65,8 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "pac
         # the partitioner matches plain dequantize_affine + linear; the subclass kept in the graph lowers to
         # wrong answers (export-notes.md)
         step = unwrap_tensor_subclass(step)
-    program = lower_to_executorch(export_program(step), mode)
+    with exporting():
+        program = lower_to_executorch(export_program(step), mode)
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_bytes(program.buffer)

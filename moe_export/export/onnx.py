@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from moe_export.io import atomic_path
+from moe_export.quiet import exporting
 
 OPSET = 21
 IR_VERSION = 10
@@ -171,7 +172,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
         _register_ort_schemas()
         step, _ = _coded_copy(step)
         table = _translation_table()
-    with torch.no_grad():
+    with torch.no_grad(), exporting():
         prog = torch.onnx.export(
             step, step.example_inputs(), dynamo=True, opset_version=OPSET,
             input_names=["tokens", "input_pos", "k_cache", "v_cache"], output_names=["logits", "k_cache_out", "v_cache_out"],

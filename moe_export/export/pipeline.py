@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_export.io import atomic_write_json
+from moe_export.table import format_table
 
 TARGETS = ("pte", "onnx")
 
@@ -156,20 +157,23 @@ def export_artifacts(
 
 def format_report(report: dict) -> str:
     """A terminal table of an :func:`export_artifacts` report."""
-    head = (f"{'artifact':<22} {'MB':>8} {'vs theory':>9} {'max|err| vs eager':>18} {'SQNR vs eager':>13} "
-            f"{'SQNR vs float':>13} {'greedy':>7} {'decode ms':>9}")
-    lines = [head, "-" * len(head)]
+    head = ("artifact", "MB", "vs theory", "max|err| vs eager", "SQNR vs eager", "SQNR vs float", "greedy match",
+            "decode ms")
+    rows = []
     for r in report["artifacts"]:
         p = r.get("parity") or {}
-        sq = p.get("sqnr_vs_float_db")
-        greedy = f"{p['greedy_match']}/{p['greedy_len']}" if p.get("greedy_len") else "-"
-        ratio = f"{r['size_vs_theoretical']:.3f}" if "size_vs_theoretical" in r else "-"
-        err = f"{p['max_abs_err_vs_eager']:.2e}" if p else "-"
-        sqs = f"{sq:.1f} dB" if sq is not None else "-"
-        se = p.get("sqnr_vs_eager_db")
-        ses = "-" if se is None else ("exact" if se == float("inf") else f"{se:.1f} dB")
-        ms = f"{r['decode_ms']:.2f}" if "decode_ms" in r else "-"
-        lines.append(f"{Path(r['path']).name:<22} {r['bytes'] / 1e6:>8.3f} {ratio:>9} {err:>18} {ses:>13} {sqs:>13} {greedy:>7} {ms:>9}")
+        sq, se = p.get("sqnr_vs_float_db"), p.get("sqnr_vs_eager_db")
+        rows.append((
+            Path(r["path"]).name,
+            f"{r['bytes'] / 1e6:.3f}",
+            f"{r['size_vs_theoretical']:.3f}" if "size_vs_theoretical" in r else "-",
+            f"{p['max_abs_err_vs_eager']:.2e}" if p else "-",
+            "-" if se is None else ("exact" if se == float("inf") else f"{se:.1f} dB"),
+            f"{sq:.1f} dB" if sq is not None else "-",
+            f"{p['greedy_match']}/{p['greedy_len']}" if p.get("greedy_len") else "-",
+            f"{r['decode_ms']:.2f}" if "decode_ms" in r else "-",
+        ))
+    lines = format_table(head, rows, "lrrrrrrr")
     lines.append(f"theoretical size (docs/architecture.md): {report['theoretical']['total'] / 1e6:.3f} MB "
                  f"({report['theoretical']['packed'] / 1e6:.3f} MB packed experts)")
     return "\n".join(lines)

@@ -120,7 +120,7 @@ def routing_statistics(model, batches: Iterable, keep_inputs: int = 0, layers=No
     model.eval()
     try:
         with RoutingRecorder(layers, keep_inputs) as rec:
-            for batch in tqdm(list(batches), desc="calibration", disable=not progress, leave=False):
+            for batch in tqdm(list(batches), desc="calibration", disable=not progress):
                 _run(model, batch)
     finally:
         model.train(was_training)

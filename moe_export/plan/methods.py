@@ -185,7 +185,7 @@ def make_plan(model_or_dir, config: PlanConfig, reference=None, batches=None, mo
     gen = torch.Generator().manual_seed(cfg.seed)
     scores: dict[str, dict] = {}
     routers, layer_plans = [], []
-    for li, s in enumerate(tqdm(sources, desc=f"plan {cfg.method}", disable=not progress, leave=False)):
+    for li, s in enumerate(tqdm(sources, desc=f"plan {cfg.method}", disable=not progress)):
         W = s.router()  # [E, H]
         routers.append(W)
         W_ref = ref_routers.get(s.name)

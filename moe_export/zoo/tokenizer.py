@@ -7,13 +7,11 @@ import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from moe_export.io import atomic_write_json
+from moe_export.io import atomic_dir, atomic_write_json
 from moe_export.paths import moe_export_home
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -85,18 +83,10 @@ def get_tokenizer(vocab_size: int, corpus_names: list[str]):
             t = c.splits["train"][:TRAIN_CHARS]
             texts.extend(t.splitlines(keepends=True))
         tok = train_bpe(texts, vocab_size)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
-        try:
+        with atomic_dir(cache, replace=False) as tmp:  # another process may win the race: its tokenizer is identical
             tok.save_pretrained(tmp)
             atomic_write_json(tmp / "tokenizer_meta.json", {
                 "vocab_size": vocab_size, "corpora": corpus_names,
                 "corpus_sha256": {c.name: c.sha256 for c in corpora}, "train_chars_per_corpus": TRAIN_CHARS,
             })
-            try:
-                os.replace(tmp, cache)
-            except OSError:  # another process won the race; its tokenizer is identical
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(cache), cache

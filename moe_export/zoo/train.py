@@ -16,7 +16,6 @@ import math
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moe_export.io import atomic_path, atomic_write_json, atomic_write_text
+from moe_export.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 from moe_export.paths import moe_export_home
+from moe_export.quiet import transformers_saving
 from moe_export.zoo.data import bigram_bits_per_byte, byte_bigram_bits_per_byte, load_corpus, random_windows, token_stream
 from moe_export.zoo.registry import Entry, TrainSpec, get_entry
 from moe_export.zoo.tokenizer import get_tokenizer, token_bytes
@@ -182,16 +182,9 @@ def fingerprint(entry: Entry, seed: int) -> str:
 
 def _save_checkpoint(model, tokenizer, final: Path) -> None:
     """save_pretrained into a temporary sibling folder, then rename: never a half-written checkpoint."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp, transformers_saving():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,71 @@
+"""Known, harmless output of the libraries we call, kept out of the user's terminal around our calls only.
+
+Each filter names the library, the exact message and why it says nothing about the user's run. None is
+installed at import time or process-wide: a warning this project has not looked at still reaches the user,
+and code that calls the libraries directly sees them unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import warnings
+from typing import Iterator
+
+# torch.export and ExecuTorch deep-copy exported programs; copying a pytree spec re-creates its LeafSpec
+# objects, a class torch marks deprecated with a FutureWarning at construction (warned from copyreg, the
+# frame that constructs the copy). The deprecation is about code that tests `isinstance(spec, LeafSpec)`,
+# which this project never does; torch's own copy is what triggers it, once per copied spec.
+_LEAF_SPEC = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+# ExecuTorch's threadpool sizes itself from the CPU model on its first run and logs (C++, straight to
+# file descriptor 2) each /sys file it tries: an x86 machine has no ARM MIDR file and no soc0 image, so
+# every run on x86 prints these five lines. The pool still gets the cores the OS reports.
+_EXECUTORCH_CPUINFO = re.compile(rb"^\[cpuinfo_utils\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """Around ``torch.export`` / ``torch.onnx.export`` / ExecuTorch lowering: the LeafSpec FutureWarning only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LEAF_SPEC, category=FutureWarning, module=r"copyreg|torch\.")
+        yield
+
+
+@contextlib.contextmanager
+def executorch_first_run() -> Iterator[None]:
+    """Around the first ExecuTorch method execution of a process: drop the runtime's CPU-probe log lines
+    (``_EXECUTORCH_CPUINFO``); everything else it writes to stderr is passed on unchanged afterwards."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not _EXECUTORCH_CPUINFO.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+@contextlib.contextmanager
+def transformers_saving() -> Iterator[None]:
+    """Around ``save_pretrained``: no "Writing model shards" bar per save between this project's own bars
+    (a save of the folders written here is one shard and a fraction of a second; the caller reports it)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
