@@ -252,7 +252,8 @@ def test_cli_errors_are_one_line(zoo, tmp_path):
     assert r.exit_code == 2 and "comma-separated" in r.output
     r = CliRunner().invoke(main, ["plan", str(root), "--avg-bits", "2.5", "--non-expert", "vision=4", "-o", str(out)])
     assert r.exit_code == 2 and "ROLE=float" in r.output
-    r = CliRunner().invoke(main, ["plan", str(root), "--avg-bits", "2.5", "-o", str(out), "-q"])  # group 128 vs hidden 64
+    r = CliRunner().invoke(main, ["plan", str(root), "--avg-bits", "2.5", "--group-size", "128", "-o", str(out),
+                                  "-q"])  # group 128 vs hidden 64
     assert r.exit_code == 1 and "group size 128 does not divide" in r.output
 
 

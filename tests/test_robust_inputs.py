@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -125,6 +127,40 @@ def test_plan_made_for_another_model(ws, streaming):
                          "another checkpoint", "re-plan", absent=[out])
 
 
+@pytest.mark.parametrize("streaming", ["--streaming", "--no-streaming"])
+def test_plan_for_another_model_names_it_and_a_command_line_way_out(ws, tmp_path, streaming):
+    out = tmp_path / "q"
+    msg = assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / "plan_other.json", "-o", out, streaming, "-q"),
+                               ws / "plan_other.json", "MixtralForCausalLM 'other'", "another checkpoint", "re-plan",
+                               absent=[out])
+    assert "check_router" not in msg  # a Python argument the command line does not have
+    # way out 1: the command it spells out, run as given
+    replan = re.search(r"`(moe-export plan [^`]+)`", msg).group(1).replace("NEW_PLAN.json", str(tmp_path / "new.json"))
+    assert cli(*shlex.split(replan)[1:]).exit_code == 0
+    res = cli("quantize", ws / "src", "--plan", tmp_path / "new.json", "-o", out, streaming, "-q")
+    assert res.exit_code == 0, res.output
+    # way out 2: the edit it names, to apply the plan to these weights on purpose
+    assert '"router_sha256": ""' in msg
+    d = json.loads((ws / "plan_other.json").read_text())
+    d["model"]["router_sha256"] = ""
+    (tmp_path / "anyway.json").write_text(json.dumps(d))
+    res = cli("quantize", ws / "src", "--plan", tmp_path / "anyway.json", "-o", tmp_path / "q2", streaming, "-q")
+    assert res.exit_code == 0, res.output
+
+
+def test_expert_count_error_before_the_mean_error(ws, tmp_path):
+    """A plan whose layer lists one expert too few: the expert count is the error, not the mean it throws off."""
+    d = json.loads((ws / "plan_src.json").read_text())
+    del d["layers"][1]["bits"][-1], d["layers"][1]["num_experts"]
+    (tmp_path / "short.json").write_text(json.dumps(d))
+    for streaming in ("--streaming", "--no-streaming"):
+        msg = assert_clean_failure(cli("quantize", ws / "src", "--plan", tmp_path / "short.json", "-o", tmp_path / "q",
+                                       streaming, "-q"),
+                                   "short.json", "model.layers.1.mlp", "plan has 3 experts, model has 4",
+                                   absent=[tmp_path / "q"])
+        assert "mean" not in msg
+
+
 def test_nan_and_inf_weights(ws):
     # NaN in the last layer's expert: found after the first shards were written, which are removed again
     bad = ws / "nan"
@@ -179,6 +215,24 @@ def test_group_size_not_dividing_the_dim(ws):
     (ws / "p_g48.json").write_text(json.dumps(d))
     assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / "p_g48.json", "-o", ws / "q_g", "--streaming", "-q"),
                          "p_g48.json", "group size 48", absent=[ws / "q_g"])
+
+
+def test_default_group_size_fits_the_model(ws, tmp_path):
+    """Without --group-size, plan takes the largest of 128/64/32/16 dividing every expert input dim, and says so."""
+    res = cli("plan", ws / "src", "--avg-bits", "2.5", "--levels", "3,2", "-q", "-o", tmp_path / "p.json")
+    assert res.exit_code == 0, res.output
+    assert BitPlan.load(tmp_path / "p.json").quantizer.group_size == 64  # hidden 64, expert intermediate 128
+    assert "group size 64" in res.output and "(64, 128)" in res.output and "--group-size" in res.output
+    write_mixtral(tmp_path / "m96", num_layers=1, hidden=96, inter=192, experts=4)
+    res = cli("plan", tmp_path / "m96", "--avg-bits", "2.5", "-q", "-o", tmp_path / "p96.json")
+    assert res.exit_code == 0 and BitPlan.load(tmp_path / "p96.json").quantizer.group_size == 32, res.output
+    write_mixtral(tmp_path / "m40", num_layers=1, hidden=40, inter=80, experts=4)
+    assert_clean_failure(cli("plan", tmp_path / "m40", "--avg-bits", "2.5", "-q", "-o", tmp_path / "p40.json"),
+                         "(40, 80)", "--group-size", absent=[tmp_path / "p40.json"])
+    # an explicit size is kept as given, the plan byte-identical to one made before the default existed
+    res = cli("plan", ws / "src", "--avg-bits", "2.5", "--group-size", "32", "-q", "-o", tmp_path / "p32.json")
+    assert res.exit_code == 0 and "group size" not in res.output
+    assert (tmp_path / "p32.json").read_bytes() == (ws / "plan_src.json").read_bytes()
 
 
 def test_reference_with_another_expert_count(ws):

@@ -21,6 +21,8 @@ def _levels(ctx, param, value):
 
 
 def _group(ctx, param, value):
+    if value.lower() == "auto":
+        return "auto"
     if value.lower() in ("none", "row", "null"):
         return None
     try:
@@ -56,7 +58,9 @@ def _non_expert(items, group_size, symmetric):
 @click.option("--maxvar-order", type=click.Choice(["descending", "ascending"]), default="descending", show_default=True,
               help="--method maxvar: widest range first, or ascending (the official code's --order_type variance).")
 @click.option("--absolute-change", is_flag=True, help="Rank by |L_s| instead of the signed change.")
-@click.option("--group-size", default="128", show_default=True, callback=_group, help="Quantizer group size, or 'none' for whole rows.")
+@click.option("--group-size", default="auto", show_default=True, callback=_group,
+              help="Quantizer group size, 'none' for whole rows, or auto: the largest of 128, 64, 32, 16 that divides "
+                   "every expert input dim of the model.")
 @click.option("--symmetric", is_flag=True, help="Symmetric quantization grid.")
 @click.option("--quantizer", default="rtn", show_default=True, help="Quantizer the plan is for (rtn, hqq, gptq).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random and of calibration windows.")
@@ -86,12 +90,20 @@ def command(model_dir, avg_bits, levels, method, reference, zeta, maxvar_variant
 
     t0 = time.perf_counter()
     try:
+        ckpt_dir, ref = resolve_model_dir(model_dir, reference)
+        if group_size == "auto":
+            from moe_export.models import checkpoint_moe_layout
+            from moe_export.plan.bitplan import DEFAULT_GROUP_SIZES, default_group_size, expert_in_dims
+
+            dims = expert_in_dims(checkpoint_moe_layout(ckpt_dir))
+            group_size = default_group_size(dims)
+            click.echo(f"group size {group_size}: the largest of {', '.join(map(str, DEFAULT_GROUP_SIZES))} dividing "
+                       f"every expert input dim ({', '.join(map(str, dims))}); --group-size to choose another")
         cfg = PlanConfig(avg_bits=avg_bits, levels=levels, method=method, zeta=zeta, maxvar_variant=maxvar_variant,
                          maxvar_order=maxvar_order,
                          absolute_change=absolute_change, group_size=group_size, symmetric=symmetric,
                          quantizer=quantizer, seed=seed, router_weighting=router_weighting,
                          non_expert=_non_expert(non_expert, group_size, symmetric))
-        ckpt_dir, ref = resolve_model_dir(model_dir, reference)
         name = name or Path(model_dir).resolve().name
         if method in CALIBRATED:
             from moe_export.zoo.data import calibration_batches

@@ -8,6 +8,22 @@ from pathlib import Path
 import click
 
 
+def _made_for_another_model(err, plan_path: Path, model_dir: Path, src: Path) -> str:
+    """The router-hash refusal in the command line's terms: what the plan was made for, and the commands out."""
+    import json
+
+    plan, model = err.plan, err.plan.model
+    arch = (json.loads((src / "config.json").read_text()).get("architectures") or ["?"])[0]
+    made_for = " ".join(x for x in (model.get("architecture"), repr(model["name"]) if model.get("name") else "") if x)
+    g = plan.quantizer.group_size
+    replan = (f"moe-export plan {model_dir} --avg-bits {plan.target_avg_bits:g} --levels {','.join(map(str, plan.levels))} "
+              f"--group-size {'none' if g is None else g} -o NEW_PLAN.json")
+    return (f"{plan_path} was made for another checkpoint: {made_for or 'a model'} with router hash "
+            f"{model['router_sha256'][:12]}..., while {src} is {arch} with router hash {err.got[:12]}...; "
+            f"re-plan this checkpoint with `{replan}`, or, to apply the plan to these weights anyway, set "
+            f"\"router_sha256\": \"\" under \"model\" in {plan_path}")
+
+
 @click.command(name="quantize", help="Quantize MODEL_DIR by a bit plan into a packed checkpoint folder QDIR.")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
@@ -26,14 +42,18 @@ def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: P
     from moe_export.checkpoint import checkpoint_bytes, save_quantized, theoretical_model_bytes
     from moe_export.io import CheckpointError
     from moe_export.loading import load_float_model, model_folder
-    from moe_export.plan.bitplan import BitPlan, BitPlanError
+    from moe_export.models import UnsupportedModelError
+    from moe_export.plan.bitplan import BitPlan, BitPlanError, RouterMismatchError
     from moe_export.quant.base import available_quantizers
     from moe_export.size import expert_bytes, theoretical_expert_bytes
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    try:
-        plan = BitPlan.load(plan_path)
-    except BitPlanError as err:
+    try:  # the plan against this checkpoint (layers, expert counts, group size, router hash) before any work
+        src = model_folder(model_dir)
+        plan = BitPlan.load(plan_path, against=src)
+    except RouterMismatchError as err:
+        raise click.ClickException(_made_for_another_model(err, plan_path, model_dir, src)) from None
+    except (BitPlanError, CheckpointError, UnsupportedModelError) as err:
         raise click.ClickException(str(err)) from None
     name = quantizer or plan.quantizer.name
     if name not in available_quantizers():
@@ -46,7 +66,6 @@ def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: P
     from moe_export.streaming import should_stream
 
     try:
-        src = model_folder(model_dir)
         if should_stream(src, name, streaming):
             return stream(src, plan_path, name, output, quiet)
         t0 = time.perf_counter()

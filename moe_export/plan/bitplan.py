@@ -28,6 +28,15 @@ class BitPlanError(ValueError):
     """A bit plan is malformed or does not match the model it is applied to."""
 
 
+class RouterMismatchError(BitPlanError):
+    """The model's router weights are not the ones the plan was made from (``.plan``: that plan, ``.got``: the
+    model's router hash)."""
+
+    def __init__(self, message: str, plan: "BitPlan", got: str):
+        super().__init__(message)
+        self.plan, self.got = plan, got
+
+
 @dataclass
 class QuantizerSpec:
     name: str = "rtn"
@@ -263,29 +272,19 @@ class BitPlan:
         """
         layers, routers = _resolve_layers(model_or_layers)
         have = {l.name: l for l in layers}
-        missing = [n for n in self.layer_names if n not in have]
-        extra = [n for n in have if n not in set(self.layer_names)]
-        if missing or extra:
-            raise BitPlanError(
-                f"bit plan layers do not match the model: plan-only {missing}, model-only {extra}; "
-                "re-run `moe-export plan` on this model"
-            )
+        _check_layers_match([(lp.name, lp.num_experts) for lp in self.layers], have)
         for lp in self.layers:
-            ml = have[lp.name]
-            if ml.num_experts != lp.num_experts:
-                raise BitPlanError(
-                    f"layer {lp.name!r}: plan has {lp.num_experts} experts, model has {ml.num_experts}; "
-                    "re-run `moe-export plan` on this model"
-                )
-            for k in _in_dims(ml):
+            for k in _in_dims(have[lp.name]):
                 _check_group_divides(self.quantizer.group_size, k, lp.name)
         want = self.model.get("router_sha256", "")
         if check_router and want and routers is not None:
             got = router_sha256(routers)
             if got != want:
-                raise BitPlanError(
+                made_for = " ".join(x for x in (self.model.get("architecture"), repr(self.model.get("name", ""))) if x)
+                raise RouterMismatchError(
                     f"router weights hash {got[:12]}... differs from the plan's {want[:12]}...: the plan was made "
-                    "for another checkpoint; re-plan, or pass check_router=False if this is intended"
+                    f"for another checkpoint ({made_for}); re-plan, or pass check_router=False if this is intended",
+                    self, got,
                 )
 
     # ------------------------------------------------------------------ JSON
@@ -370,11 +369,33 @@ class BitPlan:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "BitPlan":
+    def load(cls, path: str | os.PathLike, against=None) -> "BitPlan":
+        """Read and validate a plan file. ``against``: the model (``nn.Module``, ``MoELayer`` list or checkpoint
+        folder) it will be applied to, checked with :meth:`validate_against`; its layers and expert counts are
+        checked first, so a plan listing the wrong experts says so rather than the mean error that follows from it."""
         path = Path(path)
         if not path.is_file():
             raise BitPlanError(f"{path}: no such bit plan file; create one with `moe-export plan`")
-        return cls.from_json(path.read_text(), source=str(path))
+        text = path.read_text()
+        try:
+            plan = cls.from_json(text, source=str(path))
+        except BitPlanError:
+            if against is not None:
+                listed = _listed_layers(text)
+                if listed is not None:
+                    try:
+                        _check_layers_match(listed, {l.name: l for l in _resolve_layers(against)[0]})
+                    except BitPlanError as err:
+                        raise BitPlanError(f"{path}: {err}") from None
+            raise
+        if against is not None:
+            try:
+                plan.validate_against(against)
+            except RouterMismatchError as err:
+                raise RouterMismatchError(f"{path}: {err}", plan, err.got) from None
+            except BitPlanError as err:
+                raise BitPlanError(f"{path}: {err}") from None
+        return plan
 
     # ----------------------------------------------------------- constructors
     @classmethod
@@ -471,6 +492,26 @@ def _check_bits(b, where: str) -> None:
         raise BitPlanError(f"{where}: {b} bits is outside {MIN_BITS}-{MAX_BITS}")
 
 
+# What `moe-export plan` picks from when no --group-size is given: the paper's 128 and the powers of two below it
+# down to 16 (onnxruntime's MatMulNBits takes powers of two from 16 as its block size).
+DEFAULT_GROUP_SIZES = (128, 64, 32, 16)
+
+
+def default_group_size(in_dims) -> int:
+    """The largest of ``DEFAULT_GROUP_SIZES`` that divides every expert input dim in ``in_dims``."""
+    dims = sorted({int(k) for k in in_dims})
+    for g in DEFAULT_GROUP_SIZES:
+        if dims and all(k % g == 0 for k in dims):
+            return g
+    raise BitPlanError(f"none of the group sizes {', '.join(map(str, DEFAULT_GROUP_SIZES))} divides every expert input "
+                       f"dim ({', '.join(map(str, dims))}); pass --group-size with a divisor, or none for whole rows")
+
+
+def expert_in_dims(layers) -> list[int]:
+    """The distinct input dims K of the expert weights of ``layers`` (``MoELayer`` / ``MoELayerKeys``)."""
+    return sorted({k for layer in layers for k in _in_dims(layer)})
+
+
 def _check_group_divides(group_size, k: int, layer_name: str) -> None:
     if group_size is not None and k % group_size:
         raise BitPlanError(
@@ -485,6 +526,36 @@ def _in_dims(layer) -> list[int]:
         return list(dims)
     h, i = getattr(layer, "hidden_size", None), getattr(layer, "intermediate_size", None)
     return [int(x) for x in (h, i) if x]
+
+
+def _check_layers_match(listed, have: dict) -> None:
+    """``listed``: the plan's (layer name, expert count) pairs; ``have``: the model's layers by name."""
+    names = [n for n, _ in listed]
+    missing = [n for n in names if n not in have]
+    extra = [n for n in have if n not in set(names)]
+    if missing or extra:
+        raise BitPlanError(
+            f"bit plan layers do not match the model: plan-only {missing}, model-only {extra}; "
+            "re-run `moe-export plan` on this model"
+        )
+    for name, n in listed:
+        if have[name].num_experts != n:
+            raise BitPlanError(
+                f"layer {name!r}: plan has {n} experts, model has {have[name].num_experts}; "
+                "re-run `moe-export plan` on this model"
+            )
+
+
+def _listed_layers(text: str):
+    """(name, expert count) of each layer of a plan that does not load, or None when it has no readable layer list."""
+    try:
+        layers = json.loads(text).get("layers")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(layers, list) or not layers or not all(
+            isinstance(l, dict) and isinstance(l.get("name"), str) and isinstance(l.get("bits"), list) for l in layers):
+        return None
+    return [(l["name"], len(l["bits"])) for l in layers]
 
 
 def _resolve_layers(obj):
