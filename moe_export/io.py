@@ -236,3 +236,75 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
             t = tensors[k].detach().to("cpu").contiguous()
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+class OutputFolderError(ValueError):
+    """An output folder that a command must not write into: the source itself, another tool's files, or a
+    folder another run is writing now."""
+
+
+def check_output_folder(out: str | os.PathLike, sources=(), ours=None, partial: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, an output folder whose files a run would destroy or mix with its own.
+
+    ``sources``: folders the run reads (the output may be none of them). An existing non-empty ``out`` is
+    taken only when ``ours(out)`` says it is a finished output of the same command (replaced by this run) or
+    when it holds only files matching ``partial`` (what an interrupted run of it leaves: resumed or replaced).
+    """
+    import fnmatch
+
+    out = Path(out)
+    for src in sources:
+        if out.resolve() == Path(src).resolve():
+            raise OutputFolderError(f"output {out} is the folder the model is read from; pass -o a different folder")
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"output {out} exists and is not a folder; pass -o a new or empty folder")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir() if p.name != _LOCK_NAME)
+    if not entries or (ours is not None and ours(out)):
+        return
+    foreign = [n for n in entries if not any(fnmatch.fnmatch(n, pat) for pat in partial)]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise OutputFolderError(f"output {out} is not empty and was not written by this command (it holds {shown}); "
+                                "pass -o a new or empty folder")
+
+
+_LOCK_NAME = ".moe_export.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``out`` for this run: a second run on the same folder fails at once instead of mixing its files
+    with this one's. The folder is created if needed and removed again if the run leaves nothing in it; the
+    lock file is removed when the run ends."""
+    import fcntl
+
+    out = Path(out)
+    lock = out / _LOCK_NAME
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while True:
+            f = open(lock, "a")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                raise OutputFolderError(f"output {out} is being written by another moe-export run; wait for it to "
+                                        "finish or pass -o another folder") from None
+            try:
+                if os.fstat(f.fileno()).st_ino == os.stat(lock).st_ino:
+                    break  # the lock file still at the path: ours
+            except FileNotFoundError:
+                pass
+            f.close()  # the run before us removed it after we opened it: lock the new one
+    except OSError as err:
+        raise _write_error(err, out) from None
+    try:
+        yield out
+    finally:
+        lock.unlink(missing_ok=True)
+        f.close()  # releases the lock
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()

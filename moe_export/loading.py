@@ -31,4 +31,24 @@ def load_float_model(path: str | Path):
 
     path = Path(path)
     SafetensorsCheckpoint(path).verify()  # a truncated or corrupt file: one line naming it, not a from_pretrained traceback
-    return load_pretrained(path, dtype=torch.float32)
+    model = load_pretrained(path, dtype=torch.float32)
+    check_finite(model, path)
+    return model
+
+
+def check_finite(model, source) -> None:
+    """Raise ``CheckpointError`` naming the first weight of ``model`` (read from ``source``) that holds NaN or Inf:
+    quantized, it would give a checkpoint of garbage with no error anywhere later."""
+    import torch
+
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            where = ""
+            if t.dim() == 3:  # fused experts [E, N, K]: which experts
+                where = f" (experts {bad.flatten(1).any(1).nonzero().flatten().tolist()})"
+            raise CheckpointError(f"{source}: {name}{where} has {int(bad.sum())} NaN/Inf value(s); the checkpoint is "
+                                  "damaged or was saved after a diverged step: fix or re-export the weights before "
+                                  "quantizing")

@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,142 @@ def test_reference_with_another_expert_count(ws):
 def test_streaming_refuses_a_calibrated_quantizer(ws):
     assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / "plan_src.json", "--quantizer", "gptq", "-o",
                              ws / "q_gptq", "--streaming", "-q"), "gptq", "data-free", absent=[ws / "q_gptq"])
+
+
+@pytest.mark.parametrize("quantizer,streaming", [("rtn", "--streaming"), ("hqq", "--streaming"), ("rtn", "--no-streaming"),
+                                                 ("hqq", "--no-streaming"), ("gptq", "--no-streaming")])
+def test_nan_weight_with_each_quantizer(ws, tmp_path, quantizer, streaming):
+    bad = tmp_path / "nan"
+    write_mixtral(bad, num_layers=2, hidden=64, inter=128, experts=4,
+                  poison=("model.layers.1.block_sparse_moe.experts.2.w2.weight", float("nan")))
+    d = json.loads((ws / "plan_src.json").read_text())
+    d["model"]["router_sha256"] = ""  # same layers, other weights: let the run reach the poisoned tensor
+    (tmp_path / "plan.json").write_text(json.dumps(d))
+    msg = assert_clean_failure(cli("quantize", bad, "--plan", tmp_path / "plan.json", "--quantizer", quantizer, streaming,
+                                   "-q", "-o", tmp_path / "q"), "NaN/Inf", "re-export", absent=[tmp_path / "q"])
+    assert "experts.2.w2" in msg or "experts.down_proj (experts [2])" in msg, msg  # disk name, or model name + expert
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_output_is_the_input(ws, zoo_copy):
+    src = _copy(ws, "src", "same")
+    before = _tree(src)
+    for streaming in ("--streaming", "--no-streaming"):
+        assert_clean_failure(cli("quantize", src, "--plan", ws / "plan_src.json", "-o", src, streaming, "-q"),
+                             str(src), "is the folder the model is read from", "-o")
+    assert _tree(src) == before  # the float checkpoint is untouched (the in-memory path used to overwrite it)
+    # a zoo build folder: neither the build nor its finetuned/ may be the output
+    for out in (zoo_copy / "zoo", zoo_copy / "zoo" / "finetuned"):
+        assert_clean_failure(cli("quantize", zoo_copy / "zoo", "--plan", zoo_copy / "plan.json", "-o", out,
+                                 "--no-streaming", "-q"), "-o")
+    q = zoo_copy / "q"
+    before = _tree(q)
+    assert_clean_failure(cli("export", q, "--to", "onnx", "-o", q, "-q"), str(q), "read from")
+    assert _tree(q) == before
+
+
+def test_existing_non_empty_output_folder(ws, zoo_copy, tmp_path):
+    """A folder holding other files (or another model) is refused before any work and left as it was; a
+    finished output of the same command is replaced."""
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for streaming in ("--streaming", "--no-streaming"):
+        assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / "plan_src.json", "-o", other, streaming, "-q"),
+                             str(other), "not empty", "notes.txt", "new or empty folder")
+    assert_clean_failure(cli("export", zoo_copy / "q", "--to", "onnx", "-o", other, "-q"), "not empty", "notes.txt")
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    # another model's checkpoint folder as the output: refused, not overwritten
+    floats = _copy(ws, "other", "other_as_output")
+    before = _tree(floats)
+    assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / "plan_src.json", "-o", floats, "--no-streaming", "-q"),
+                         "not empty", "config.json")
+    assert _tree(floats) == before
+    # its own finished output, streamed or in memory, is replaced as a whole: never a mix of the two
+    out = tmp_path / "q"
+    for streaming in ("--streaming", "--no-streaming", "--streaming"):
+        res = cli("quantize", ws / "src", "--plan", ws / "plan_src.json", "-o", out, streaming, "-q")
+        assert res.exit_code == 0, res.output
+        names = sorted(p.name for p in out.iterdir())
+        weights = [n for n in names if n.endswith(".safetensors")]
+        if streaming == "--streaming":
+            assert "model.safetensors" not in names and INDEX in names, names
+        else:
+            assert weights == ["model.safetensors"] and INDEX not in names, names
+        assert not [n for n in names if n.startswith(".")], names  # no lock or temp file left
+
+
+def test_second_run_on_a_folder_in_use(ws, zoo_copy, tmp_path):
+    from moe_export.io import output_lock
+
+    out = tmp_path / "busy"
+    with output_lock(out):  # another run holds the folder
+        for streaming in ("--streaming", "--no-streaming"):
+            assert_clean_failure(cli("quantize", ws / "src", "--plan", ws / "plan_src.json", "-o", out, streaming, "-q"),
+                                 str(out), "another moe-export run")
+        assert_clean_failure(cli("export", zoo_copy / "q", "--to", "onnx", "-o", out, "-q"), "another moe-export run")
+        assert [p.name for p in out.iterdir()] == [".moe_export.lock"]
+    assert not out.exists()  # the holder created it and left nothing in it
+
+
+def _quantize_cmd(src, plan, out, *extra):
+    return [sys.executable, "-m", "moe_export", "quantize", str(src), "--plan", str(plan), "-o", str(out), "-q", *extra]
+
+
+def test_two_runs_writing_one_folder_at_once(tmp_path):
+    """Two processes, two plans, one output folder at the same time: one wins (or they run one after the other),
+    the loser fails in one line, and the folder is exactly one plan's output, never a mix."""
+    src = tmp_path / "src"
+    write_mixtral(src, num_layers=4, hidden=128, inter=256, experts=8)
+    plans = []
+    for i, bits in enumerate(("2.5", "3")):
+        p = tmp_path / f"plan{i}.json"
+        assert cli("plan", src, "--avg-bits", bits, "--levels", "4,3,2", "--group-size", "32", "-q", "-o", p).exit_code == 0
+        plans.append(p)
+    refs = [quantize_checkpoint(src, p, tmp_path / f"ref{i}", progress=False) for i, p in enumerate(plans)]
+    out = tmp_path / "out"
+    procs = [subprocess.Popen(_quantize_cmd(src, p, out, "--streaming"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for p in plans]
+    results = [(p.wait(timeout=600), p.stdout.read() + p.stderr.read()) for p in procs]
+    assert any(rc == 0 for rc, _ in results), results
+    for rc, text in results:
+        assert rc in (0, 1), text
+        if rc:
+            assert "another moe-export run" in text and "Traceback" not in text, text
+    got = _tree(out)
+    assert any(got == _tree(r) for r in refs), sorted(got)
+
+
+@pytest.mark.parametrize("streaming", ["--streaming", "--no-streaming"])
+def test_sigkill_mid_run_then_rerun(tmp_path, streaming):
+    """kill -9 in the middle of a quantize, then the same command again: it resumes (streaming: finished shards
+    are kept) or restarts, and gives the bytes of a run that was never interrupted."""
+    import signal
+    import time
+
+    src = tmp_path / "src"
+    write_mixtral(src, num_layers=6, hidden=128, inter=256, experts=8)
+    plan = tmp_path / "plan.json"
+    assert cli("plan", src, "--avg-bits", "2.5", "--group-size", "32", "-q", "-o", plan).exit_code == 0
+    ref = tmp_path / "ref"
+    subprocess.run(_quantize_cmd(src, plan, ref, streaming), check=True, capture_output=True, timeout=600)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_quantize_cmd(src, plan, out, streaming), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill once the run holds its output folder (streaming: after its first shard), before it finishes
+    first = "model-00001-of-*.safetensors" if streaming == "--streaming" else ".moe_export.lock"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not (out.is_dir() and list(out.glob(first))):
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    print("killed mid-run:", killed, "left:", sorted(p.name for p in out.iterdir()) if out.is_dir() else None)
+    res = subprocess.run(_quantize_cmd(src, plan, out, streaming), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _tree(out) == _tree(ref)
 
 
 # ------------------------------------------------------------------------------ read-only output, full disk

@@ -48,9 +48,13 @@ def command(qdir: Path, targets: str, output: Path, pte_modes: str, onnx_modes: 
     if bad or not tlist or not mlist or not olist:
         raise click.ClickException(f"unknown or empty target/mode {bad}; --to takes {', '.join(TARGETS)}, "
                                    f"--pte-mode takes {', '.join(PTE_MODES)}, --onnx-mode takes {', '.join(ONNX_MODES)}")
-    try:
+    from moe_export.io import OutputFolderError, check_output_folder, output_lock
+
+    try:  # before any work: artifacts go neither into an input folder nor among other files
+        check_output_folder(output, sources=[qdir] + ([float_dir] if float_dir is not None else []),
+                            ours=lambda d: (d / "export_report.json").is_file(), partial=("*.pte", "*.onnx", ".*.tmp"))
         qmodel = load_quantized(qdir)
-    except CheckpointError as err:
+    except (CheckpointError, OutputFolderError) as err:
         raise click.ClickException(str(err)) from None
     fmodel = None
     if float_dir is not None:
@@ -61,11 +65,14 @@ def command(qdir: Path, targets: str, output: Path, pte_modes: str, onnx_modes: 
         except CheckpointError as err:
             raise click.ClickException(str(err)) from None
     try:
-        report = export_artifacts(qmodel, output, targets=tlist, pte_modes=mlist, onnx_modes=olist,
-                                  accuracy_level=accuracy_level, float_model=fmodel,
-                                  max_seq_len=max_seq_len, check=not no_check, latency=not no_latency,
-                                  progress=not quiet, source=qdir)
+        with output_lock(output):
+            report = export_artifacts(qmodel, output, targets=tlist, pte_modes=mlist, onnx_modes=olist,
+                                      accuracy_level=accuracy_level, float_model=fmodel,
+                                      max_seq_len=max_seq_len, check=not no_check, latency=not no_latency,
+                                      progress=not quiet, source=qdir)
     except ParityError as err:
         raise click.ClickException(f"parity check failed: {err}") from None
+    except OutputFolderError as err:
+        raise click.ClickException(str(err)) from None
     click.echo(format_report(report))
     click.echo(f"artifacts and export_report.json in {output}")

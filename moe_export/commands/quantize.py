@@ -8,6 +8,19 @@ from pathlib import Path
 import click
 
 
+def _is_quantized_output(folder: Path) -> bool:
+    """A folder a finished (or nearly finished) `moe-export quantize` wrote: its plan, or its config's marker."""
+    import json
+
+    if (folder / "bitplan.json").is_file():
+        return True
+    try:
+        qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "moe_export"
+
+
 def _made_for_another_model(err, plan_path: Path, model_dir: Path, src: Path) -> str:
     """The router-hash refusal in the command line's terms: what the plan was made for, and the commands out."""
     import json
@@ -63,20 +76,32 @@ def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: P
         from moe_export.quant.calibration import CalibrationConfig
 
         calibration = CalibrationConfig(n_tokens=calib_tokens)
-    from moe_export.streaming import should_stream
+    import contextlib
 
+    from moe_export.distributed import launched_by_torchrun
+    from moe_export.io import OutputFolderError, check_output_folder, output_lock
+    from moe_export.streaming import INDEX, should_stream
+
+    shards = "model-*-of-*.safetensors"  # streaming.SHARD's names
     try:
-        if should_stream(src, name, streaming):
-            return stream(src, plan_path, name, output, quiet)
-        t0 = time.perf_counter()
-        model = load_float_model(src)
-    except CheckpointError as err:
+        check_output_folder(output, sources=(model_dir, src), ours=_is_quantized_output,
+                            partial=("model.safetensors", shards, INDEX, ".*.tmp"))
+        # under torchrun every rank writes its own shards into the one folder, coordinated by the process group
+        with contextlib.nullcontext() if launched_by_torchrun() else output_lock(output):
+            if should_stream(src, name, streaming):
+                return stream(src, plan_path, name, output, quiet)
+            t0 = time.perf_counter()
+            model = load_float_model(src)
+            try:
+                quantize_(model, MoEQuantConfig(plan, quantizer=name, calibration=calibration), progress=not quiet)
+            except (BitPlanError, ValueError) as err:
+                raise click.ClickException(str(err)) from None
+            # a streamed checkpoint this run replaces: its index first (it marks a folder complete), then its shards
+            for stale in [output / INDEX, *sorted(output.glob(shards))]:
+                stale.unlink(missing_ok=True)
+            save_quantized(model, output, plan=plan, source_dir=src)
+    except (CheckpointError, OutputFolderError) as err:
         raise click.ClickException(str(err)) from None
-    try:
-        quantize_(model, MoEQuantConfig(plan, quantizer=name, calibration=calibration), progress=not quiet)
-    except (BitPlanError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
-    save_quantized(model, output, plan=plan, source_dir=src)
     got, want = checkpoint_bytes(output), theoretical_model_bytes(model)
     click.echo(
         f"quantized {src} with {name} ({plan.mean_bits():.3f} mean expert bits) -> {output} in "
