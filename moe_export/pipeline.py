@@ -7,6 +7,7 @@ Every step writes its artifact into the work folder, so the printed table says w
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from pathlib import Path
 
@@ -39,6 +40,23 @@ def _model_root(recipe: Recipe, seed: int, echo) -> Path:
 def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, seed: int = 0,
                progress: bool = True, echo=print) -> dict:
     """Run ``recipe`` end to end into ``work_dir`` (default ``runs/<recipe name>``) and return its summary."""
+    from moe_export.export.parity import ParityError
+
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    work = Path(work_dir or Path("runs") / recipe.name)
+    created = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_in(recipe, work, seed, progress, echo)
+    except ParityError:
+        raise  # the artifacts and export_report.json in the work folder show what differs
+    except BaseException:
+        if created:  # a run that stopped on bad input leaves nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _run_in(recipe: Recipe, work: Path, seed: int, progress: bool, echo) -> dict:
     from moe_export.api import MoEQuantConfig, quantize_
     from moe_export.checkpoint import checkpoint_bytes, save_quantized, theoretical_model_bytes
     from moe_export.eval import evaluate, logits_fn_for
@@ -49,9 +67,6 @@ def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, 
     from moe_export.plan.methods import PlanConfig, make_plan
     from moe_export.zoo.folders import resolve
 
-    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    work = Path(work_dir or Path("runs") / recipe.name)
-    work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     if "architecture" in recipe.model:
         # a recipe for a real checkpoint is checked on the meta device (layer names, group sizes, reachable

@@ -246,6 +246,35 @@ def test_streaming_refuses_a_calibrated_quantizer(ws):
                              ws / "q_gptq", "--streaming", "-q"), "gptq", "data-free", absent=[ws / "q_gptq"])
 
 
+@pytest.mark.parametrize("damage", ["truncated", "nan", "llama"])
+def test_run_recipe_on_a_bad_local_model(ws, tmp_path, damage):
+    """`moe-export run` of a recipe whose model.path is damaged: one line naming the problem, exit 1, and no
+    work folder left behind."""
+    model = tmp_path / "model"
+    if damage == "nan":
+        write_mixtral(model, num_layers=2, hidden=64, inter=128, experts=4,
+                      poison=("model.layers.1.block_sparse_moe.experts.2.w2.weight", float("nan")))
+        needles = ("NaN/Inf", "re-export")
+    else:
+        shutil.copytree(ws / "src", model)
+        if damage == "truncated":
+            _truncate(model / "layer-001.safetensors", 0.9)
+            needles = (model / "layer-001.safetensors", "truncated")
+        else:
+            cfg = json.loads((model / "config.json").read_text())
+            cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+            (model / "config.json").write_text(json.dumps(cfg))
+            needles = ("LlamaForCausalLM", "add an adapter")
+    recipe = {"format": "moe_export.recipe", "version": 1, "name": "bad", "model": {"path": str(model)},
+              "plan": {"method": "router+maxvar", "levels": [3, 2], "avg_bits": 2.5},
+              "quantizer": {"name": "rtn", "group_size": 32, "symmetric": False},
+              "export": {"targets": ["pte", "onnx"], "pte_modes": ["packed"], "onnx_modes": ["packed"]}}
+    (tmp_path / "bad.json").write_text(json.dumps(recipe))
+    res = cli("run", tmp_path / "bad.json", "-o", tmp_path / "work", "-q")
+    msg = assert_clean_failure(res, *needles, absent=[tmp_path / "work"])
+    assert res.exit_code == 1 and len(msg.strip().splitlines()) == 1, msg
+
+
 @pytest.mark.parametrize("quantizer,streaming", [("rtn", "--streaming"), ("hqq", "--streaming"), ("rtn", "--no-streaming"),
                                                  ("hqq", "--no-streaming"), ("gptq", "--no-streaming")])
 def test_nan_weight_with_each_quantizer(ws, tmp_path, quantizer, streaming):

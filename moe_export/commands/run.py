@@ -22,8 +22,13 @@ def command(recipe, output, seed, threads, quiet):
 def run(recipe, output, seed, threads, quiet):
     import torch
 
+    from moe_export.export.parity import ParityError
     from moe_export.io import CheckpointError
+    from moe_export.models import UnsupportedModelError
     from moe_export.pipeline import run_recipe
+    from moe_export.plan.allocation import AllocationError
+    from moe_export.plan.bitplan import BitPlanError
+    from moe_export.plan.methods import PlanError
     from moe_export.recipes import Recipe, RecipeError
 
     if threads:
@@ -31,5 +36,7 @@ def run(recipe, output, seed, threads, quiet):
     try:
         r = Recipe.load(recipe)
         run_recipe(r, output, seed=seed, progress=not quiet, echo=click.echo)
-    except (RecipeError, CheckpointError) as err:
+    except ParityError as err:
+        raise click.ClickException(f"parity check failed: {err}") from None
+    except (RecipeError, CheckpointError, PlanError, AllocationError, BitPlanError, UnsupportedModelError) as err:
         raise click.ClickException(str(err)) from None
