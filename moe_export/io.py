@@ -160,7 +160,10 @@ class SafetensorsCheckpoint:
 
     @staticmethod
     def _open(safe_open, file: Path):
-        check_safetensors_file(file)  # names a truncated file as such; safetensors' own error does not
+        try:  # names a truncated file as such; safetensors' own error does not
+            check_safetensors_file(file)
+        except CheckpointError as err:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({str(err).removeprefix(f'{file}: ')})") from None
         try:
             return safe_open(str(file), framework="pt")
         except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
