@@ -109,6 +109,21 @@ def test_truncated_float_checkpoint_in_memory_and_as_export_float(zoo_copy):
     assert len(msg.strip().splitlines()) == 1, msg
 
 
+def test_hand_edited_bitplan_json_in_a_quantized_folder(zoo_copy, tmp_path):
+    """The weights follow the plan stored with them: a bitplan.json edited by hand afterwards is reported, not
+    silently ignored."""
+    q = tmp_path / "q"
+    shutil.copytree(zoo_copy / "q", q)
+    d = json.loads((q / "bitplan.json").read_text())
+    bits = d["layers"][0]["bits"]
+    i = next(i for i in range(1, len(bits)) if bits[i] != bits[0])
+    bits[0], bits[i] = bits[i], bits[0]  # still a valid plan, same mean: only the stored copy can tell
+    (q / "bitplan.json").write_text(json.dumps(d, indent=2))
+    out = tmp_path / "export"
+    assert_clean_failure(cli("export", q, "--to", "onnx", "-q", "-o", out), q / "bitplan.json", "differs",
+                         absent=[out])
+
+
 def test_corrupt_safetensors_header(ws):
     src = _copy(ws, "src", "corrupt")
     f = src / "layer-000.safetensors"
