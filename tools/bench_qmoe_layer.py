@@ -48,7 +48,7 @@ def main():
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(moe_layer_model(ex.gate_up_proj, ex.down_proj, block.gate.weight, 2)
+    sess = ort.InferenceSession(moe_layer_model(ex.gate_up_proj.width_groups(), ex.down_proj.width_groups(), block.gate.weight, 2)
                                 .SerializeToString(), so, providers=["CPUExecutionProvider"])
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     compiled = torch.compile(block, fullgraph=True, dynamic=False)

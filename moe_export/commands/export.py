@@ -1,4 +1,4 @@
-"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode packed,xnnpack,xnnpack-int] [--onnx-mode packed,fast]
+"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode packed,xnnpack,xnnpack-int] [--onnx-mode packed,fast,qmoe]
 [--float MODEL_DIR]``."""
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import click
                    "(same packed experts, XNNPACK delegate for the float ops) and/or xnnpack-int (int4-exact experts "
                    "on XNNPACK's int8-activation int4 kernel: fast, larger file, ~40-50 dB vs eager).")
 @click.option("--onnx-mode", "onnx_modes", default="packed", show_default=True,
-              help="Comma-separated: packed (gathered packed experts: smallest) and/or fast (every expert projection "
-                   "a com.microsoft::MatMulNBits; int3 stored as 4-bit).")
+              help="Comma-separated: packed (gathered packed experts: smallest), fast (every expert projection "
+                   "a com.microsoft::MatMulNBits; int3 stored as 4-bit) and/or qmoe (one com.microsoft::QMoE node per "
+                   "width group: only routed experts run; 1/3-bit stored as 2/4-bit; integer zero points only).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
-              help="MatMulNBits accuracy_level of --onnx-mode fast: 4 = int8 activation compute (fast), 0 = float (exact).")
+              help="accuracy_level of --onnx-mode fast and qmoe: 4 = int8 activation compute (fast), 0 = float "
+                   "(exact for 4-bit containers).")
 @click.option("--float", "float_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="The float model the checkpoint was quantized from: adds SQNR vs float and float artifacts for latency.")
 @click.option("--max-seq-len", type=int, default=128, show_default=True, help="KV cache length baked into the artifacts.")
@@ -73,6 +75,8 @@ def command(qdir: Path, targets: str, output: Path, pte_modes: str, onnx_modes: 
     except ParityError as err:
         raise click.ClickException(f"parity check failed: {err}") from None
     except OutputFolderError as err:
+        raise click.ClickException(str(err)) from None
+    except ValueError as err:  # a mode that cannot hold these weights (e.g. QMoE and fractional zero points)
         raise click.ClickException(str(err)) from None
     click.echo(format_report(report))
     click.echo(f"artifacts and export_report.json in {output}")

@@ -129,7 +129,7 @@ def _coded_copy(step: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, list[
     return step, coded
 
 
-ONNX_MODES = ("packed", "fast")
+ONNX_MODES = ("packed", "fast", "qmoe")
 
 
 def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: int = 128, quantized_ops: bool = True,
@@ -138,6 +138,8 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
 
     ``mode="packed"``: routed experts gathered from packed tables (smallest file); ``quantized_ops=False`` keeps
     the in-graph unpack for every width (no contrib ops: any ONNX runtime).
+    ``mode="qmoe"``: every MoE block is one ``com.microsoft::QMoE`` node per width group (:mod:`moe_export.export.qmoe`):
+    only the routed experts run, straight from their packed codes; ``accuracy_level`` is QMoE's attribute.
     ``mode="fast"``: every expert projection is a ``com.microsoft::MatMulNBits`` with dense routing
     (:mod:`moe_export.export.fast`); int3 experts stored in 4-bit containers. ``accuracy_level`` is
     MatMulNBits' attribute: 4 = int8 activation compute (fast, ~40 dB vs eager), 0 = float compute (exact).
@@ -168,6 +170,15 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
         if widened:  # MatMulNBits has no 1/3-bit kernel: those experts hold the same codes in wider containers
             meta["moe_export.note"] = "; ".join(f"int{b} experts stored as {c}-bit MatMulNBits codes (same values, "
                                                 f"{c} bits a weight)" for b, c in widened.items())
+    elif mode == "qmoe":
+        from moe_export.export import qmoe
+
+        qmoe.register_schema()
+        step, qmoe_layers = qmoe.to_qmoe_blocks(step)
+        table = qmoe.translation_table()
+        meta["moe_export.accuracy_level"] = str(accuracy_level)
+        widths = sorted({b for spec in qmoe_layers.values() for b in spec["gate_up"].widths})
+        meta["moe_export.containers"] = json.dumps({str(b): qmoe.CONTAINER[b] for b in widths})
     elif quantized_ops:
         _register_ort_schemas()
         step, _ = _coded_copy(step)
@@ -180,6 +191,8 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
             optimize=True, verbose=False,
         )
     proto = prog.model_proto
+    if mode == "qmoe":
+        qmoe.splice(proto, qmoe_layers, accuracy_level)
     _strip_debug_info(proto.graph)
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     for key, value in meta.items():

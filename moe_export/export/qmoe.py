@@ -76,15 +76,14 @@ def moe_layer_nodes(prefix: str, hidden: str, out: str, gate_up, down, router_we
                     normalize_topk: bool = True, accuracy_level: int = 0) -> tuple[list, list]:
     """Nodes and initializers computing a routed-expert layer ``out [T, H] = MoE(hidden [T, H])``.
 
-    ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]`` are ``MixedWidthExpertsTensor`` stacks with the same
-    width per expert (a plan gives an expert one width); ``router_weight`` ``[E, H]``.
+    ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]`` are the stacks' layouts (``runtime.layout.WidthGroups``,
+    what ``width_groups()`` of a subclass or an export module returns) with the same width per expert (a plan gives
+    an expert one width); ``router_weight`` ``[E, H]``.
     """
     from onnx import helper, numpy_helper
 
     if tuple(gate_up.bit_widths) != tuple(down.bit_widths):
         raise ValueError("QMoE runs one width per expert: gate_up and down must have the same per-expert widths")
-    if gate_up.transposed or down.transposed:
-        raise ValueError("QMoE export takes the stored [E, N, K] stacks, not transposed views")
     E = gate_up.num_experts
     inits = [numpy_helper.from_array(router_weight.detach().float().t().contiguous().numpy(), prefix + "router_wt")]
     nodes = [
@@ -103,14 +102,14 @@ def moe_layer_nodes(prefix: str, hidden: str, out: str, gate_up, down, router_we
         helper.make_node("Sub", [prefix + "probs", prefix + "probs"], [prefix + "zeros"]),
         helper.make_node("ScatterElements", [prefix + "zeros", prefix + "topi", topw], [prefix + "dense"], axis=-1),
     ]
-    rows = swiglu_interleave(gate_up.out_features)
+    rows = swiglu_interleave(gate_up.n)
     outs = []
     for (b, p1, s1, z1), (b2, p2, s2, z2) in zip(gate_up.groups(), down.groups()):
         assert b == b2
         g = f"{prefix}w{b}_"
         experts = [e for e in range(E) if gate_up.bit_widths[e] == b]  # slot order = expert order within a width
-        fc1 = qmoe_weights(b, p1, s1, z1, gate_up.in_features, rows)
-        fc2 = qmoe_weights(b, p2, s2, z2, down.in_features)
+        fc1 = qmoe_weights(b, p1, s1, z1, gate_up.k, rows)
+        fc2 = qmoe_weights(b, p2, s2, z2, down.k)
         has_zp = fc1["zp"] is not None
         for name, arr in (("fc1_w", fc1["w"]), ("fc1_s", fc1["s"]), ("fc2_w", fc2["w"]), ("fc2_s", fc2["s"])):
             inits.append(numpy_helper.from_array(arr, g + name))
@@ -137,7 +136,7 @@ def moe_layer_model(gate_up, down, router_weight: torch.Tensor, top_k: int, norm
     """A standalone ONNX model of one routed-expert layer: input ``hidden [T, H]`` float32 -> ``out [T, H]``."""
     from onnx import TensorProto, helper
 
-    H = gate_up.in_features
+    H = gate_up.k
     nodes, inits = moe_layer_nodes("moe_", "hidden", "out", gate_up, down, router_weight, top_k, normalize_topk,
                                    accuracy_level)
     graph = helper.make_graph(nodes, "moe_export_qmoe_layer",
@@ -146,3 +145,124 @@ def moe_layer_model(gate_up, down, router_weight: torch.Tensor, top_k: int, norm
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9
     return model
+
+
+# --- the decoder step: each MoE block becomes a placeholder op, spliced into QMoE nodes after export ------------
+
+DOMAIN = "com.moe_export"  # the placeholder's domain; no node of it is left in a written model
+_OP_DEFINED = False
+
+
+def define_block_op() -> None:
+    """``moe_export::qmoe_block(hidden [T, H], layer) -> [T, H]``: stands for one MoE block while torch.onnx traces
+    the step (explicit and idempotent, like ``export.ops.define_ops``). It has only a shape; running it is an error."""
+    global _OP_DEFINED
+    if _OP_DEFINED:
+        return
+
+    @torch.library.custom_op("moe_export::qmoe_block", mutates_args=())
+    def qmoe_block(hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        raise RuntimeError("moe_export::qmoe_block only marks an MoE block for the QMoE ONNX export; it does not run")
+
+    @qmoe_block.register_fake
+    def _(hidden, layer):
+        return torch.empty_like(hidden)
+
+    _OP_DEFINED = True
+
+
+class QMoEBlock(torch.nn.Module):
+    """In place of a sparse MoE block (router + experts) while the step is traced for ``mode="qmoe"``."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states):  # [B, T, H]
+        shape = hidden_states.shape
+        out = torch.ops.moe_export.qmoe_block(hidden_states.reshape(-1, shape[-1]), self.layer)  # [B*T, H]
+        return out.reshape(shape)
+
+
+def to_qmoe_blocks(step: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, dict]]:
+    """A copy of a prepared decoder step whose MoE blocks are placeholders, and what each one's nodes are built from."""
+    import copy
+
+    from moe_export.export.experts import PackedMixedExperts, moe_blocks
+
+    define_block_op()
+    step = copy.deepcopy(step)
+    layers = {}
+    for i, (name, block) in enumerate(moe_blocks(step)):
+        ex = block.experts
+        if not isinstance(ex, PackedMixedExperts):
+            raise ValueError(f"{name}: QMoE export takes a model prepared with prepare_for_export (packed experts)")
+        if getattr(block, "shared_expert", None) is not None or getattr(block, "shared_experts", None) is not None:
+            raise ValueError(f"{name}: blocks with shared experts have no QMoE form yet; use --onnx-mode packed or fast")
+        router = block.gate.weight
+        if type(router) is not torch.nn.Parameter and type(router) is not torch.Tensor:
+            router = router.dequantize()  # a quantized router: its float values, as the eager model computes with
+        top_k = getattr(block, "top_k", None) or block.gate.top_k
+        layers[i] = {"gate_up": ex.gate_up_proj.width_groups(), "down": ex.down_proj.width_groups(),
+                     "router": router.detach().float(), "top_k": int(top_k),
+                     "normalize": bool(getattr(block.gate, "norm_topk_prob", True))}  # Mixtral renormalises
+        parent_name, _, attr = name.rpartition(".")
+        step.get_submodule(parent_name).add_module(attr, QMoEBlock(i))
+    if not layers:
+        raise ValueError("the model has no MoE block with a router and fused experts to export as QMoE")
+    return step, layers
+
+
+def translation_table() -> dict:
+    from onnxscript.values import Opset
+
+    placeholder = Opset(DOMAIN, 1)
+
+    def qmoe_block(hidden, layer: int):
+        return placeholder.QMoEBlock(hidden, layer=layer)
+
+    define_block_op()
+    return {torch.ops.moe_export.qmoe_block.default: qmoe_block}
+
+
+def register_schema() -> None:
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("QMoEBlock", 1, DOMAIN)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(OpSchema(
+            "QMoEBlock", DOMAIN, 1,
+            inputs=[OpSchema.FormalParameter("hidden", "T")], outputs=[OpSchema.FormalParameter("out", "T")],
+            type_constraints=[("T", ["tensor(float)"], "activations")],
+            attributes=[OpSchema.Attribute("layer", OpSchema.AttrType.INT, "MoE block index")]))
+
+
+def splice(proto, layers: dict[int, dict], accuracy_level: int = 0) -> None:
+    """Replace every placeholder node of ``proto`` by its layer's QMoE nodes and initializers (in place)."""
+    from onnx import helper
+
+    graph = proto.graph
+    new_nodes, seen = [], set()
+    for node in graph.node:
+        if node.domain == DOMAIN and node.op_type == "QMoEBlock":
+            layer = next(a.i for a in node.attribute if a.name == "layer")
+            spec = layers[layer]
+            nodes, inits = moe_layer_nodes(f"moe{layer}_", node.input[0], node.output[0], spec["gate_up"],
+                                           spec["down"], spec["router"], spec["top_k"], spec["normalize"],
+                                           accuracy_level)
+            new_nodes += nodes
+            graph.initializer.extend(inits)
+            seen.add(layer)
+        else:
+            new_nodes.append(node)
+    if seen != set(layers):
+        raise ValueError(f"QMoE export: the traced graph holds MoE blocks {sorted(seen)}, expected {sorted(layers)}")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    opsets = [o for o in proto.opset_import if o.domain != DOMAIN]
+    if not any(o.domain == "com.microsoft" for o in opsets):
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    del proto.opset_import[:]
+    proto.opset_import.extend(opsets)
