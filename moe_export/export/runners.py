@@ -122,11 +122,16 @@ class FullForwardRunner:
     def reset(self) -> None:
         self.ids = torch.zeros(1, 0, dtype=torch.long)
 
-    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    def _append(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        # the tokens so far: a step must continue exactly where the last one ended
         tokens = tokens.reshape(1, -1).long()
         if pos != self.ids.shape[1]:
             raise ValueError(f"{self.name}: step at position {pos} after {self.ids.shape[1]} tokens")
         self.ids = torch.cat([self.ids, tokens], dim=1)
+        return tokens
+
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        self._append(tokens, pos)
         with torch.no_grad():
             logits = self.model(input_ids=self.ids, use_cache=False).logits.float()  # [1, pos + T, V]
         return logits[:, pos:]
@@ -142,10 +147,7 @@ class HFCacheRunner(FullForwardRunner):
         self.cache = None
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        tokens = tokens.reshape(1, -1).long()
-        if pos != self.ids.shape[1]:
-            raise ValueError(f"{self.name}: step at position {pos} after {self.ids.shape[1]} tokens")
-        self.ids = torch.cat([self.ids, tokens], dim=1)
+        tokens = self._append(tokens, pos)
         with torch.no_grad():
             out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
