@@ -81,3 +81,11 @@ def theoretical_expert_bytes(model: nn.Module, plan) -> float:
 def safetensors_bytes(folder: str | os.PathLike) -> int:
     """Bytes of the safetensors files in ``folder`` (one file, or shards)."""
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def disk_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a file, or of every file under a folder (an artifact with its sidecar files)."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size

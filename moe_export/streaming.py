@@ -417,10 +417,6 @@ def _role_lookup(cfg: dict) -> Callable[[str], str]:
 # ------------------------------------------------------------------- whether the CLI streams
 
 
-def checkpoint_nbytes(folder) -> int:
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
-
-
 def _mem_available() -> int:
     try:
         for line in open("/proc/meminfo"):
@@ -435,9 +431,10 @@ def should_stream(src, quantizer: str, flag: bool | None) -> bool:
     """``--streaming`` / ``--no-streaming`` decide; by default stream data-free runs launched by torchrun or
     whose checkpoint is more than half of the available memory (the in-memory path holds it in float32)."""
     from moe_export.distributed import launched_by_torchrun
+    from moe_export.size import safetensors_bytes
 
     if flag is not None:
         return flag
     if launched_by_torchrun():
         return True  # the in-memory path has no layer split; quantize_checkpoint names the quantizer if it cannot stream
-    return quantizer in DATA_FREE and checkpoint_nbytes(src) > _mem_available() // 2
+    return quantizer in DATA_FREE and safetensors_bytes(src) > _mem_available() // 2

@@ -127,6 +127,7 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
     from moe_export.kernels import cpu_ops
     from moe_export.plan.bitplan import NonExpertPolicy
     from moe_export.plan.methods import PlanConfig, make_plan
+    from moe_export.size import disk_bytes
 
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -319,11 +320,11 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
 
     echo("[7/8] sizes and peak RSS")
     theory = report["theoretical"]["total"]
-    rows = [{"artifact": "float HF checkpoint", "path": str(fdir), "bytes": sizes.disk_bytes(fdir), "kind": "hf"},
-            {"artifact": "quantized checkpoint", "path": str(qdir), "bytes": sizes.disk_bytes(qdir), "kind": "quantized",
+    rows = [{"artifact": "float HF checkpoint", "path": str(fdir), "bytes": disk_bytes(fdir), "kind": "hf"},
+            {"artifact": "quantized checkpoint", "path": str(qdir), "bytes": disk_bytes(qdir), "kind": "quantized",
              "theoretical_bytes": theory}]
     for label, path in art_names.items():
-        row = {"artifact": label, "path": path, "bytes": sizes.disk_bytes(path), "kind": Path(path).suffix[1:]}
+        row = {"artifact": label, "path": path, "bytes": disk_bytes(path), "kind": Path(path).suffix[1:]}
         if label.startswith(("pte quantized", "onnx quantized")):
             row["theoretical_bytes"] = theory
             if _is_speed_mode(label):

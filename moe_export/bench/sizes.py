@@ -1,4 +1,4 @@
-"""On-disk size of every artifact against the theoretical packed size, and peak RSS while each one runs."""
+"""Peak RSS while each artifact runs (sizes on disk: ``moe_export.size.disk_bytes``)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-
-def disk_bytes(path: str | os.PathLike) -> int:
-    p = Path(path)
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size
 
 
 def peak_rss(kind: str, path: str | os.PathLike, steps: int = 16, timeout: float = 300) -> dict:
