@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import os
 import re
-import weakref
 from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -217,9 +218,6 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
 # parameter roles
 
 
-_ROLE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[str, str]]" = weakref.WeakKeyDictionary()
-
-
 def _module_roles(model: nn.Module) -> dict[str, str]:
     """Role of every module path that decides the role of the parameters under it."""
     roles: dict[str, str] = {}
@@ -259,20 +257,30 @@ def parameter_role(model: nn.Module, fqn: str) -> str:
     Decided by the innermost module on the path of ``fqn`` whose role is known, so quantization
     policies can say e.g. "experts at their plan's widths, shared experts at 8 bits, the rest float".
     """
-    model = _unwrap(model)
-    table = _ROLE_CACHE.get(model)
-    if table is None:
-        table = _ROLE_CACHE[model] = _module_roles(model)
-    parts = fqn.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        role = table.get(".".join(parts[:i]))
-        if role is not None:
-            return role
-    if parts[0] == "lm_head":
-        return "lm_head"
-    if parts[-1] in ("embed_tokens", "shared") or parts[0] in ("shared", "embed_tokens"):
-        return "embeddings"
-    return "other"
+    return parameter_role_lookup(model)(fqn)
+
+
+def parameter_role_lookup(model: nn.Module) -> Callable[[str], str]:
+    """``role(fqn)`` for the parameters of ``model`` as its module tree is now (see `parameter_role`).
+
+    Finding the roles walks the whole model, so a pass over many parameters builds one lookup and asks it;
+    nothing is cached between calls, so a model whose modules change is never answered from a stale table.
+    """
+    table = _module_roles(_unwrap(model))
+
+    def role(fqn: str) -> str:
+        parts = fqn.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            r = table.get(".".join(parts[:i]))
+            if r is not None:
+                return r
+        if parts[0] == "lm_head":
+            return "lm_head"
+        if parts[-1] in ("embed_tokens", "shared") or parts[0] in ("shared", "embed_tokens"):
+            return "embeddings"
+        return "other"
+
+    return role
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -401,17 +401,17 @@ def _dtype(cfg: dict) -> torch.dtype:
 
 
 def _role_lookup(cfg: dict) -> Callable[[str], str]:
-    """parameter_role on a model built on the meta device: no weights, just module structure."""
+    """parameter roles of a model built on the meta device: no weights, just module structure."""
     import transformers
 
-    from moe_export.models import parameter_role
+    from moe_export.models import parameter_role_lookup
 
     config = transformers.AutoConfig.for_model(**cfg)
     arch = (cfg.get("architectures") or [None])[0]
     with torch.device("meta"):
         model = getattr(transformers, arch)(config) if arch and hasattr(transformers, arch) else \
             transformers.AutoModelForCausalLM.from_config(config)
-    return lambda name: parameter_role(model, name)
+    return parameter_role_lookup(model)
 
 
 # ------------------------------------------------------------------- whether the CLI streams

@@ -223,3 +223,17 @@ def test_tiny_config_neutral_overrides():
     a = tiny_random_model("MixtralForCausalLM", seed=5)
     b = tiny_random_model("MixtralForCausalLM", seed=5)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_roles_follow_the_module_tree_as_it_is_now():
+    # nothing is cached per model: after a block is replaced the roles are those of the new tree
+    model = tiny_random_model("MixtralForCausalLM", seed=0)
+    assert parameter_role(model, "model.layers.0.mlp.experts.gate_up_proj") == "experts"
+
+    class MLP(torch.nn.Module):  # a dense MLP where the MoE block was
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = torch.nn.Linear(64, 8)
+
+    model.model.layers[0].mlp = MLP()
+    assert parameter_role(model, "model.layers.0.mlp.gate_proj.weight") == "dense_mlp"

@@ -56,7 +56,7 @@ def bytes_per_decoded_token(float_model: nn.Module, plan=None) -> dict[str, floa
     ``non_expert`` policy gives its role a width) except the embedding table, of which one row is read. The
     static KV cache read is reported apart (``kv_cache``)."""
     from moe_export.export.experts import moe_blocks
-    from moe_export.models import parameter_role
+    from moe_export.models import parameter_role_lookup
     from moe_export.plan.bitplan import NonExpertPolicy
 
     cfg = float_model.config
@@ -75,11 +75,12 @@ def bytes_per_decoded_token(float_model: nn.Module, plan=None) -> dict[str, floa
     other = 0.0
     seen = set(expert_ids)
     policy = plan.non_expert_policy() if plan is not None else NonExpertPolicy()
+    role_of = parameter_role_lookup(float_model)
     for name, p in float_model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        full = non_expert_bytes(tuple(p.shape), p.element_size(), policy.quant_for(parameter_role(float_model, name)))
+        full = non_expert_bytes(tuple(p.shape), p.element_size(), policy.quant_for(role_of(name)))
         other += full / p.shape[0] if p is emb else full  # one embedding row
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return {"routed_experts": experts, "non_expert": other, "weights": experts + other,

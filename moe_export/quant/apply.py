@@ -79,7 +79,7 @@ def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = N
 
     Tied parameters (e.g. embeddings and lm_head) are quantized once and stay tied.
     """
-    from moe_export.models import parameter_role
+    from moe_export.models import parameter_role_lookup
     from moe_export.quant.rtn import RTNQuantizer
     from moe_export.size import packs
     from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
@@ -94,11 +94,12 @@ def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = N
         by_id.setdefault(id(p), []).append(name)
         params[id(p)] = p
     done = []
+    role_of = parameter_role_lookup(model)  # the module tree before any weight is swapped
     for pid, names in by_id.items():
         p = params[pid]
         if isinstance(p, (MixedWidthExpertsTensor, PackedLinearWeight)) or p.dim() != 2:
             continue
-        roles = sorted({parameter_role(model, n) for n in names})
+        roles = sorted({role_of(n) for n in names})
         quants = [policy.quant_for(r) for r in roles]
         if any(q != quants[0] for q in quants):
             shown = ["float" if q is None else q.to_dict() for q in quants]

@@ -205,7 +205,7 @@ def memory_footprint(recipe: Recipe, model=None, layers=None) -> dict:
     (or ``torch_dtype``), else 16-bit, as MoE checkpoints are published."""
     import torch
 
-    from moe_export.models import find_moe_layers, parameter_role
+    from moe_export.models import find_moe_layers, parameter_role_lookup
     from moe_export.size import non_expert_bytes, theoretical_bytes
 
     model = recipe.meta_model() if model is None else model
@@ -224,12 +224,13 @@ def memory_footprint(recipe: Recipe, model=None, layers=None) -> dict:
     float_bytes = 0.0
     other_bytes = 0.0
     seen = set()
+    role_of = parameter_role_lookup(model)
     for fqn, p in model.named_parameters(remove_duplicate=True):
         if id(p) in seen:
             continue
         seen.add(id(p))
         float_bytes += 2 * p.numel()
-        role = parameter_role(model, fqn)
+        role = role_of(fqn)
         if role == "experts":
             continue
         other_bytes += non_expert_bytes(tuple(p.shape), itemsize, recipe.non_expert.quant_for(role))
