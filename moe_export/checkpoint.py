@@ -36,7 +36,7 @@ FORMAT_KEY = "moe_export.format"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "generation_config.json")
 
-__all__ = ["save_quantized", "checkpoint_bytes", "theoretical_model_bytes"]
+__all__ = ["save_quantized"]
 
 
 def quantization_config() -> dict:
@@ -287,26 +287,3 @@ def plan_of(model: nn.Module):
         raise ValueError("this model carries no BitPlan: quantize it with moe_export.quantize_ or load a quantized "
                          "folder")
     return plan
-
-
-def checkpoint_bytes(qdir: str | os.PathLike) -> int:
-    return sum(p.stat().st_size for p in Path(qdir).glob("model*.safetensors"))  # one file, or streamed shards
-
-
-def theoretical_model_bytes(model: nn.Module) -> float:
-    """README formula for every quantized weight plus the stored bytes of everything kept float."""
-    from moe_export.size import theoretical_bytes
-    from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
-
-    total = 0.0
-    for _, p in model.named_parameters():
-        if isinstance(p, MixedWidthExpertsTensor):
-            n, k = p.out_features, p.in_features
-            total += sum(theoretical_bytes(n, k, b, p.group_size, p.symmetric) for b in p.bit_widths)
-        elif isinstance(p, PackedLinearWeight):
-            total += theoretical_bytes(p.packed.shape[0], p.in_features, p.bits, p.group_size, p.symmetric)
-        else:
-            total += p.numel() * p.element_size()
-    non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
-    total += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n not in non_persistent)
-    return total

@@ -58,13 +58,14 @@ def run_recipe(recipe: Recipe | str | Path, work_dir: str | Path | None = None, 
 
 def _run_in(recipe: Recipe, work: Path, seed: int, progress: bool, echo) -> dict:
     from moe_export.api import MoEQuantConfig, quantize_
-    from moe_export.checkpoint import checkpoint_bytes, save_quantized, theoretical_model_bytes
+    from moe_export.checkpoint import save_quantized
     from moe_export.eval import evaluate, logits_fn_for
     from moe_export.export.parity import max_abs_err, sqnr
     from moe_export.export.pipeline import export_artifacts, format_report
     from moe_export.export.runners import HFCacheRunner, decode_latency_ms
     from moe_export.loading import load_float_model
     from moe_export.plan.methods import PlanConfig, make_plan
+    from moe_export.size import safetensors_bytes, theoretical_model_bytes
     from moe_export.zoo.folders import resolve
 
     t_start = time.perf_counter()
@@ -147,7 +148,7 @@ def _run_in(recipe: Recipe, work: Path, seed: int, progress: bool, echo) -> dict
         "model": str(final_dir),
         "reference": str(reference) if reference else None,
         "plan": {"path": str(plan_path), "mean_bits": plan.mean_bits(), "levels": plan.levels},
-        "quantized": {"path": str(qdir), "bytes": checkpoint_bytes(qdir), "theoretical_bytes": theoretical_model_bytes(qmodel),
+        "quantized": {"path": str(qdir), "bytes": safetensors_bytes(qdir), "theoretical_bytes": theoretical_model_bytes(qmodel),
                       "float_bytes": float_bytes},
         "quality": quality,
         "compile": compile_row,

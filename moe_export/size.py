@@ -78,8 +78,27 @@ def theoretical_expert_bytes(model: nn.Module, plan) -> float:
     return total
 
 
+def theoretical_model_bytes(model: nn.Module) -> float:
+    """Theoretical size of a quantized model: the formula for every packed weight plus the stored bytes of every
+    float parameter and persistent buffer (what a checkpoint of it holds, less the file headers)."""
+    from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
+
+    total = 0.0
+    for _, p in model.named_parameters():
+        if isinstance(p, MixedWidthExpertsTensor):
+            n, k = p.out_features, p.in_features
+            total += sum(theoretical_bytes(n, k, b, p.group_size, p.symmetric) for b in p.bit_widths)
+        elif isinstance(p, PackedLinearWeight):
+            total += theoretical_bytes(p.packed.shape[0], p.in_features, p.bits, p.group_size, p.symmetric)
+        else:
+            total += p.numel() * p.element_size()
+    non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
+    total += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n not in non_persistent)
+    return total
+
+
 def safetensors_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of the safetensors files in ``folder`` (one file, or shards)."""
+    """Bytes of the safetensors files in ``folder`` (one file, or shards): a checkpoint's stored size."""
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 

@@ -7,10 +7,11 @@ import torch
 from click.testing import CliRunner
 
 from moe_export.api import MoEQuantConfig, quantize_
-from moe_export.checkpoint import checkpoint_bytes, save_quantized, theoretical_model_bytes
+from moe_export.checkpoint import save_quantized
 from moe_export.hf import load_quantized
 from moe_export.io import CheckpointError
 from moe_export.model_configs import tiny_random_model
+from moe_export.size import safetensors_bytes, theoretical_model_bytes
 from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 from tests._mixed_plans import mixed_plan
 
@@ -64,7 +65,7 @@ def test_size_on_disk_within_3_percent_of_theoretical(tmp_path):
     plan = mixed_plan(model, widths=(3, 2), group_size=128)
     quantize_(model, MoEQuantConfig(plan), progress=False)
     save_quantized(model, tmp_path)
-    got, want = checkpoint_bytes(tmp_path), theoretical_model_bytes(model)
+    got, want = safetensors_bytes(tmp_path), theoretical_model_bytes(model)
     assert abs(got / want - 1) < 0.03, f"file {got} B vs theoretical {want:.0f} B ({100 * (got / want - 1):+.2f}%)"
 
 

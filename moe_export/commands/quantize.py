@@ -52,13 +52,13 @@ def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: P
     import torch
 
     from moe_export.api import MoEQuantConfig, quantize_
-    from moe_export.checkpoint import checkpoint_bytes, save_quantized, theoretical_model_bytes
+    from moe_export.checkpoint import save_quantized
     from moe_export.io import CheckpointError
     from moe_export.loading import load_float_model, model_folder
     from moe_export.models import UnsupportedModelError
     from moe_export.plan.bitplan import BitPlan, BitPlanError, RouterMismatchError
     from moe_export.quant.base import available_quantizers
-    from moe_export.size import expert_bytes, theoretical_expert_bytes
+    from moe_export.size import expert_bytes, safetensors_bytes, theoretical_expert_bytes, theoretical_model_bytes
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:  # the plan against this checkpoint (layers, expert counts, group size, router hash) before any work
@@ -102,7 +102,7 @@ def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: P
             save_quantized(model, output, plan=plan, source_dir=src)
     except (CheckpointError, OutputFolderError) as err:
         raise click.ClickException(str(err)) from None
-    got, want = checkpoint_bytes(output), theoretical_model_bytes(model)
+    got, want = safetensors_bytes(output), theoretical_model_bytes(model)
     click.echo(
         f"quantized {src} with {name} ({plan.mean_bits():.3f} mean expert bits) -> {output} in "
         f"{time.perf_counter() - t0:.1f}s\n"
