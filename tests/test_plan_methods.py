@@ -278,3 +278,10 @@ def test_cli_calibrated_method_loads_model_and_corpus(zoo, tmp_path):
     plan = BitPlan.load(out)
     assert plan.provenance["calibration_tokens"] == 1024 and "shakespeare" in plan.provenance["calibration"]
     assert all(3 in l.bits and 2 in l.bits and sum(l.bits) == 16 for l in plan.layers)
+
+
+def test_non_finite_avg_bits_or_zeta_is_a_plan_error():
+    # found by test_fuzz_cli_arguments: `plan --avg-bits nan` reached Fraction('nan') and raised a traceback
+    for kw in ({"avg_bits": float("nan")}, {"avg_bits": float("inf")}, {"avg_bits": 2.5, "zeta": float("nan")}):
+        with pytest.raises(PlanError, match="finite"):
+            PlanConfig(levels=[3, 2], **kw)

@@ -11,6 +11,7 @@ first-layer weights for MaxVar, plus every expert projection for weight-error). 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +64,10 @@ class PlanConfig:
             raise PlanError(f"unknown MaxVar variant {self.maxvar_variant!r}; choose one of {maxvar_mod.VARIANTS}")
         if self.maxvar_order not in ("descending", "ascending"):
             raise PlanError(f"maxvar_order must be 'descending' or 'ascending', got {self.maxvar_order!r}")
-        if self.zeta <= 0:
-            raise PlanError(f"zeta must be positive, got {self.zeta}")
+        if not math.isfinite(self.avg_bits):
+            raise PlanError(f"avg_bits must be a finite number of bits, got {self.avg_bits}")
+        if not math.isfinite(self.zeta) or self.zeta <= 0:
+            raise PlanError(f"zeta must be a positive finite number, got {self.zeta}")
         if self.method == "uniform" and float(self.avg_bits) not in self.levels:
             raise PlanError(f"uniform plan: --avg-bits {self.avg_bits} must be one of the levels {self.levels}")
         if self.method in ("router", "router+maxvar", "maxvar", "frequency", "routing-weight", "random") and len(self.levels) > 3:
