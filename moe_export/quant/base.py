@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_export.runtime.layout import dequantize, symmetric_zero, zero_or_constant
+from moe_export.runtime.layout import dequantize, symmetric_zero, zero_or_constant, zero_table
 
 SCALE_DTYPE = torch.float16
 
-__all__ = ["SCALE_DTYPE", "QuantizedWeight", "Quantizer", "dequantize", "get_quantizer", "register_quantizer",
-           "resolve_group_size", "symmetric_zero", "theoretical_bytes"]
+__all__ = ["SCALE_DTYPE", "QuantizedWeight", "Quantizer", "available_quantizers", "dequantize", "get_quantizer",
+           "register_quantizer", "resolve_group_size", "symmetric_zero", "zero_table"]
 
 
 def resolve_group_size(group_size: int | None, k: int) -> int:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_export.quant.base import QuantizedWeight, Quantizer, register_quantizer, resolve_group_size, symmetric_zero
+from moe_export.quant.base import (
+    QuantizedWeight, Quantizer, register_quantizer, resolve_group_size, zero_table,
+)
 from moe_export.quant.rtn import minmax_params
 
 
@@ -39,7 +41,7 @@ def search_params(w: torch.Tensor, bits: int, symmetric: bool, norm: float = 2.4
     w = w.float()
     if symmetric:
         base = w.abs().amax(-1) / (qmax / 2)  # [N]
-        zero = torch.full_like(base, symmetric_zero(bits))
+        zero = zero_table(None, base, bits)
     else:
         lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
         base = (hi - lo) / qmax
@@ -109,7 +111,7 @@ def gptq_quantize(
                 if zero is not None:
                     zero[:, col // g] = zg[:, 0]
                 s = sg[:, 0].float()
-                z = torch.full_like(s, symmetric_zero(bits)) if zg is None else zg[:, 0].float()
+                z = zero_table(None if zg is None else zg[:, 0], s, bits).float()
             w = W1[:, i]
             d = Hinv1[i, i]
             q = torch.round(w / s + z).clamp(0, qmax)

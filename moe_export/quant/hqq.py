@@ -33,7 +33,7 @@ from moe_export.quant.base import (
     dequantize,
     register_quantizer,
     resolve_group_size,
-    symmetric_zero,
+    zero_table,
 )
 from moe_export.quant.rtn import minmax_params, quantize_with_params
 
@@ -59,7 +59,7 @@ def _solve_zero(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
 
 def _group_l2(w: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor | None):
     q = quantize_with_params(w, bits, scale, zero)
-    z = torch.full_like(scale, symmetric_zero(bits)) if zero is None else zero
+    z = zero_table(zero, scale, bits)
     n, n_groups = scale.shape
     err = (dequantize(q, scale, z) - w.float()).reshape(n, n_groups, -1)
     return q, err.square().sum(-1)  # [N, K], [N, G]

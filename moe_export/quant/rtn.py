@@ -10,7 +10,7 @@ from moe_export.quant.base import (
     Quantizer,
     register_quantizer,
     resolve_group_size,
-    symmetric_zero,
+    zero_table,
 )
 
 
@@ -46,7 +46,7 @@ def quantize_with_params(w, bits, scale, zero) -> torch.Tensor:
     """``q = clamp(round(w / scale + zero), 0, 2**bits - 1)`` against the stored float16 params."""
     n, k = w.shape
     n_groups = scale.shape[-1]
-    z = torch.full_like(scale, symmetric_zero(bits)) if zero is None else zero
+    z = zero_table(zero, scale, bits)
     wg = w.float().reshape(n, n_groups, k // n_groups)
     q = torch.round(wg / scale.float().unsqueeze(-1) + z.float().unsqueeze(-1))
     return q.clamp(0, 2**bits - 1).to(torch.uint8).reshape(n, k)

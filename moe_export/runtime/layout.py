@@ -167,7 +167,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float,
 
 
 def zero_or_constant(zero: torch.Tensor | None, bits: int) -> torch.Tensor | float:
+    """The zero points, or a symmetric grid's one constant (a float: no table is built)."""
     return symmetric_zero(bits) if zero is None else zero
+
+
+def zero_table(zero: torch.Tensor | None, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The zero points as a table shaped like ``scale`` (a symmetric grid's constant filled in), for quantizers'
+    tensor arithmetic."""
+    return torch.full_like(scale, symmetric_zero(bits)) if zero is None else zero
 
 
 def dequantize_packed(
