@@ -5,7 +5,6 @@ weights): .onnx qmoe against .onnx fast (MatMulNBits), same quantized model, one
 """
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -24,32 +23,20 @@ def main():
     ap.add_argument("--out", default="/tmp/slice")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from bench_qmoe_layer import quantized_mixtral  # tools/ is the script's own folder on sys.path
+    from transformers import MixtralConfig
 
-    from moe_export.api import MoEQuantConfig, quantize_
     from moe_export.export.onnx import export_onnx
     from moe_export.export.prepare import prepare_for_export
     from moe_export.export.runners import OnnxRunner
     from moe_export.export.wrapper import DecoderStep
-    from moe_export.models import find_moe_layers
-    from moe_export.plan.bitplan import BitPlan
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = MixtralConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                         num_attention_heads=16, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
                         max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(cfg).eval()
-    widths = [int(w) for w in args.widths.split(",")]
-    plan = BitPlan.uniform(find_moe_layers(model), 4, group_size=32)
-    for lp in plan.layers:
-        lp.bits = [widths[e % len(widths)] for e in range(lp.num_experts)]
-    plan.levels = sorted(set(widths), reverse=True)
-    plan.target_avg_bits = plan.mean_bits()
-    plan.quantizer.symmetric = True
-    q = quantize_(copy.deepcopy(model), MoEQuantConfig(plan), progress=False)
-    del model
+    q = quantized_mixtral(cfg, [int(w) for w in args.widths.split(",")])
     step = DecoderStep(prepare_for_export(q), 128)
     paths = {}
     for mode in args.modes.split(","):
