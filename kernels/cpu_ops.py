@@ -5,10 +5,11 @@
 One width group of a ``MixedWidthExpertsTensor``: ``x [S, K]`` float, ``idx [S]`` int64 (slot of pair s's
 expert inside the group, -1 where that expert has another width: row of zeros), ``packed`` uint8
 ``[E_b, N, K*b/8]``, ``scale``/``zero`` float16 ``[E_b, N, K/g]`` (``zero`` None = symmetric). The kernel
-(``cpu_mixed_width.cpp``) multiplies straight from the packed bytes in registers; it is compiled with
-``torch.utils.cpp_extension.load_inline`` (cached in the torch_extensions dir, ~30-60 s the first time),
-with AVX2/FMA when ``/proc/cpuinfo`` lists them. Without a working compiler, or for widths the kernel does
-not cover (5-7 bits), the op runs the plain-torch reference (one warning). ``MOE_EXPORT_CPU_KERNEL=0``
+(``cpu_mixed_width.cpp`` around the header-only core ``core/mixed_width.h``) multiplies straight from the packed
+bytes in registers, every width 1..8; it is compiled with ``torch.utils.cpp_extension.load_inline`` (cached in
+the torch_extensions dir, ~60-120 s the first time) for the baseline ISA, and the core picks its vector path
+(AVX2, AVX-VNNI, AVX-512 VNNI) at run time (:func:`kernel_path`). Without a working compiler the op runs the
+plain-torch reference (one warning). ``MOE_EXPORT_CPU_KERNEL=0``
 turns the op off in ``moe_export_mixed`` (the old inductor path runs instead).
 
 The same build registers two dispatcher ops (C++ all the way, so a compiled graph calls the kernel with no
@@ -26,6 +27,7 @@ returned True; callers check it first (it is a compile-time constant for ``torch
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -36,26 +38,19 @@ import torch
 
 from moe_export.runtime.layout import dequantize_packed, symmetric_zero
 
-KERNEL_BITS = (1, 2, 3, 4, 8)
-_SOURCE = Path(__file__).with_name("cpu_mixed_width.cpp")
+KERNEL_BITS = tuple(range(1, 9))
+_DIR = Path(__file__).parent
+_SOURCE = _DIR / "cpu_mixed_width.cpp"
+_CORE = _DIR / "core" / "mixed_width.h"
 _modules: dict[bool, object] = {}
 _failed = False
 _lock = threading.RLock()
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def load(simd: bool = True):
-    """The compiled extension (``mixed_width_gemv``, ``has_simd``, ``moe_ffn``, ``packed_linear``); ``simd=False``
-    builds the portable path. Raises if the build fails. Thread-safe (the benchmark builds it in the background)."""
+    """The compiled extension (``mixed_width_gemv``, ``has_simd``, ``kernel_path``, ``moe_ffn``, ``packed_linear``,
+    ``packed_gather``); ``simd=False`` builds the scalar path only. Raises if the build fails. Thread-safe (the
+    benchmark builds it in the background)."""
     with _lock:
         return _load(simd)
 
@@ -64,26 +59,32 @@ def _load(simd: bool):
     if simd not in _modules:
         from torch.utils.cpp_extension import load_inline
 
+        source = _SOURCE.read_text()
+        # The build is for the baseline ISA: the core picks AVX2 / AVX-VNNI / AVX-512 VNNI per function at run
+        # time. Its name carries a hash of both sources: load_inline hashes only the .cpp, and worktrees or
+        # versions with other sources must not rebuild over each other's cached library.
+        digest = hashlib.sha256((source + _CORE.read_text()).encode()).hexdigest()[:12]
         flags = ["-O3"]
-        cpu = _cpu_flags()
-        if simd and {"avx2", "fma"} <= cpu:
-            flags += ["-mavx2", "-mfma"] + (["-mf16c"] if "f16c" in cpu else [])  # f16c: one-instruction scale loads
-            if {"avx512f", "avx512bw", "avx512vl", "avx512vbmi"} <= cpu:
-                flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi"]  # the fused ops' 16-lane path
-        else:
-            flags += ["-DMOE_EXPORT_NO_SIMD"]
         if not simd:
-            flags += ["-DMOE_EXPORT_NO_OPS"]  # the dispatcher ops belong to the default build only
+            flags += ["-DMOE_EXPORT_CORE_SCALAR_ONLY", "-DMOE_EXPORT_NO_OPS"]  # the dispatcher ops: default build only
         _modules[simd] = load_inline(
-            name="moe_export_cpu_mixed_width" + ("" if simd else "_portable"),
-            cpp_sources=[_SOURCE.read_text()],
-            functions=["mixed_width_gemv", "has_simd", "moe_ffn", "packed_linear"],
+            name=f"moe_export_cpu_mixed_width{'' if simd else '_portable'}_{digest}",
+            cpp_sources=[source],
+            functions=["mixed_width_gemv", "has_simd", "kernel_path", "moe_ffn", "packed_linear", "packed_gather"],
             extra_cflags=flags,
+            extra_include_paths=[str(_DIR)],
             verbose=False,
         )
         if simd:
             _register_fakes()
     return _modules[simd]
+
+
+def kernel_path() -> str:
+    """Which vector path the C++ kernels run on this CPU ("avx512-vnni", "avx-vnni", "avx2" or "scalar"; forced
+    by ``MOE_EXPORT_CPU_PATH``), or "torch" when the extension is off or did not build (benchmarks record it)."""
+    ext = kernel() if enabled() else None
+    return "torch" if ext is None else ext.kernel_path()
 
 
 def kernel():
@@ -206,7 +207,7 @@ def _check_group(op, what, packed, scale, zero, bits, k, rank):
 
 
 def _moe_ffn_fake(x, topk_ids, topk_weights, expert_bits, slots, bits, up_packed, up_scale, up_zero, down_packed,
-                  down_scale, down_zero):
+                  down_scale, down_zero, accuracy=0):
     op = "cpu_moe_ffn"
     if x.dim() != 2 or x.dtype != torch.float32:
         _fail(op, f"x must be float32 [T, H], got {x.dtype} {tuple(x.shape)}")
@@ -233,7 +234,7 @@ def _moe_ffn_fake(x, topk_ids, topk_weights, expert_bits, slots, bits, up_packed
     return x.new_empty(t, h)
 
 
-def _packed_linear_fake(x, packed, scale, zero, bits):
+def _packed_linear_fake(x, packed, scale, zero, bits, accuracy=0):
     op = "cpu_packed_linear"
     if x.dim() < 1 or x.dtype != torch.float32:
         _fail(op, f"x must be float32 [..., K], got {x.dtype} {tuple(x.shape)}")

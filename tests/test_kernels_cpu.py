@@ -52,7 +52,7 @@ def _rel_err(out, x, idx, p, s, z, bits):
     return ((out.double() - ref).abs() / mag).max().item()
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("group", [32, 64, 128, None])
 @pytest.mark.parametrize("sym", [True, False])
 def test_op_matches_dequantize_reference(bits, group, sym):
@@ -68,6 +68,33 @@ def test_op_matches_dequantize_reference(bits, group, sym):
             assert err < TOL, f"b={bits} g={group} sym={sym} T={t} ids={idx.tolist()}: rel err {err:.3g} >= {TOL}"
             assert (out[idx < 0] == 0).all()
     print(f"b={bits} g={group} sym={sym}: last rel err {err:.2e}")
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packed_linear_every_width_matches_reference(bits):
+    """``cpu_packed_linear`` (exact) for every width 1..8, groups of 16-code units (16 lanes) and of 8 (8 lanes)."""
+    for group, sym in ((32, True), (64, False), (24, False), (None, True)):
+        k = 192
+        p, s, z = _group(bits, 1, 40, k, group or k, sym, seed=bits)
+        for t in (1, 3, 9):
+            x = torch.randn(t, k)
+            out = torch.ops.moe_export.cpu_packed_linear(x, p[0], s[0], None if z is None else z[0], bits)
+            err = _rel_err(out, x, torch.zeros(t, dtype=torch.long), p, s, z, bits)
+            assert err < TOL, f"b={bits} g={group} sym={sym} T={t}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("bits", [1, 3, 6, 8])
+def test_packed_gather_is_the_layout_dequantize(ext, bits):
+    """Embedding rows from the core's ``packed_gather``: bit-exact with ``runtime.layout.dequantize_packed``."""
+    p, s, z = _group(bits, 1, 50, 96, 32, bits % 2 == 0)
+    ids = torch.tensor([[7, 0], [49, 7]])
+    rows = ext.packed_gather(ids, p[0], s[0], None if z is None else z[0], bits, 96)  # [2, 2, K]
+    full = dequantize_packed(p[0], s[0], None if z is None else z[0], bits, 96)  # [V, K]
+    assert torch.equal(rows, full[ids])
+
+
+def test_kernel_path_is_reported(ext):
+    assert cpu_ops.kernel_path() == ext.kernel_path() in ("scalar", "avx2", "avx-vnni", "avx512-vnni")
 
 
 def test_mixed_widths_in_one_layer_through_routed_linear():
@@ -347,7 +374,7 @@ def test_fused_ops_reject_bad_inputs_eager_and_fake():
     with pytest.raises(RuntimeError, match="packed rows hold"):
         lin(torch.randn(3, 64), p, s, z, 3)
     with pytest.raises(RuntimeError, match="bits must be"):
-        lin(torch.randn(3, 64), p, s, z, 5)
+        lin(torch.randn(3, 64), p, s, z, 9)  # every width 1..8 has a kernel
     with pytest.raises(RuntimeError, match="x must be float32"):
         lin(torch.randn(3, 64).double(), p, s, z, 4)
 

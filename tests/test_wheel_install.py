@@ -60,6 +60,7 @@ def test_wheel_ships_the_recipes_and_kernel_sources(installed):
     shipped = {Path(n).name for n in names if n.startswith("moe_export/recipes/") and n.endswith(".json")}
     assert {p.name for p in (ROOT / "moe_export" / "recipes").glob("*.json")} == shipped and "tiny-demo.json" in shipped
     assert any(n.startswith("moe_export/kernels/") and n.endswith(".cpp") for n in names)
+    assert "moe_export/kernels/core/mixed_width.h" in names  # the kernel core the .cpp includes
 
 
 def test_installed_package_finds_its_recipes_outside_the_checkout(installed):

@@ -1,0 +1,1031 @@
+// moe_export kernel core: mixed-width packed weights times float activations on CPU, header-only C++17.
+//
+// Compiled by the torch extension (kernels/cpu_mixed_width.cpp: tensor checks, dispatcher registration,
+// at::parallel_for) and by the ExecuTorch kernel library (the runtime's threadpool). No torch / ATen /
+// ExecuTorch include: the host passes raw pointers and its parallel loop.
+//
+// Layout (docs/architecture.md): codes are an LSB-first bit stream per weight row, 8 codes per b bytes;
+// scale and zero are IEEE fp16 bits per group of g consecutive codes; a symmetric grid stores no zero and
+// uses symmetric_zero(b). Every width 1..8 is read at its own width (3 bits at 3 bits, no containers).
+//
+// Two arithmetics:
+//   Accuracy::Exact  fp32 activations: y = sum_g s_g * (q_g . x_g) - s_g z_g sum(x_g), products and sums in
+//                    float32 (the formula runtime.layout.dequantize defines, summed in another order).
+//   Accuracy::Int8   activations quantized to int8 per block of the group size (one scale per block, computed
+//                    once per activation row and shared by every weight it meets), integer dot products,
+//                    y = sum_g (s_g sx_g) * (dot(q_g, xq_g) - z_g sum(xq_g)), reduced in one fixed float order
+//                    that every path (scalar, AVX2, AVX-VNNI, AVX-512 VNNI) follows, so all paths agree bit
+//                    for bit (see int8_combine).
+//
+// The vector paths are chosen at run time from the CPU's flags (per-function target attributes, one build);
+// MOE_EXPORT_CPU_PATH=scalar|avx2|avx-vnni|avx512-vnni forces one (path_error() says when the CPU lacks it).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(MOE_EXPORT_CORE_SCALAR_ONLY)
+#include <immintrin.h>
+#define MOE_CORE_X86 1
+// Per-function targets: the translation unit is compiled for the baseline ISA and each path's functions
+// for their own, so one build runs on every x86-64 CPU.
+#define MOE_T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MOE_T_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define MOE_T_AVX512 \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+#endif
+
+namespace moe_export_core {
+
+enum class Accuracy : int { Exact = 0, Int8 = 1 };
+
+// One packed 2-D weight, or one width group of a fused expert weight.
+struct PackedWeight {
+  const uint8_t* codes = nullptr;   // [E, N, K*bits/8], LSB-first bit stream per row
+  const uint16_t* scale = nullptr;  // IEEE fp16 bits, [E, N, K/group]
+  const uint16_t* zero = nullptr;   // fp16 bits, same shape; nullptr = symmetric (zero = symmetric_zero(bits))
+  int32_t bits = 0;                 // 1..8
+  int64_t experts = 1, rows = 0, cols = 0, group = 0;  // E (1 for a 2-D weight), N, K, group size (== K per row)
+  int64_t groups() const { return cols / group; }
+  int64_t row_bytes() const { return cols * bits / 8; }
+};
+
+// 1-bit symmetric is sign binarisation (levels +-scale/2); wider grids are signed ints offset by 2^(b-1).
+inline float symmetric_zero(int bits) { return bits == 1 ? 0.5f : float(1 << (bits - 1)); }
+
+// IEEE half -> float, exact for every value (normals, subnormals, inf, nan).
+inline float fp16_to_fp32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while ((man & 0x400u) == 0);
+    bits = sign | (uint32_t(112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Whether the shapes can run: widths 1..8, groups of whole 8-code units.
+inline bool valid_shape(const PackedWeight& w) {
+  return w.bits >= 1 && w.bits <= 8 && w.group > 0 && w.cols % w.group == 0 && w.group % 8 == 0;
+}
+
+// ------------------------------------------------------------------------------------------ run-time path
+
+enum class Path : int { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512Vnni = 3 };
+
+namespace detail {
+
+inline bool cpu_has(Path p) {
+#ifdef MOE_CORE_X86
+  __builtin_cpu_init();
+  switch (p) {
+    case Path::Scalar: return true;
+    case Path::Avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Path::AvxVnni:
+      return cpu_has(Path::Avx2) && __builtin_cpu_supports("avxvnni");
+    case Path::Avx512Vnni:
+      return cpu_has(Path::Avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+             __builtin_cpu_supports("avx512vbmi");
+  }
+  return false;
+#else
+  return p == Path::Scalar;
+#endif
+}
+
+struct PathChoice {
+  Path path = Path::Scalar;
+  const char* error = nullptr;  // a forced path the CPU lacks (or an unknown name)
+};
+
+inline PathChoice choose_path() {
+  PathChoice c;
+  const char* env = std::getenv("MOE_EXPORT_CPU_PATH");
+  if (env && *env) {
+    const std::pair<const char*, Path> names[] = {
+        {"scalar", Path::Scalar}, {"avx2", Path::Avx2}, {"avx-vnni", Path::AvxVnni}, {"avx512-vnni", Path::Avx512Vnni}};
+    for (const auto& n : names)
+      if (std::strcmp(env, n.first) == 0) {
+        c.path = n.second;
+        if (!cpu_has(n.second)) c.error = "MOE_EXPORT_CPU_PATH names a path this CPU (or this build) lacks";
+        return c;
+      }
+    c.error = "MOE_EXPORT_CPU_PATH must be one of scalar, avx2, avx-vnni, avx512-vnni";
+    return c;
+  }
+  for (Path p : {Path::Avx512Vnni, Path::AvxVnni, Path::Avx2})
+    if (cpu_has(p)) return c.path = p, c;
+  return c;
+}
+
+inline const PathChoice& path_choice() {
+  static const PathChoice c = choose_path();  // read once per process
+  return c;
+}
+
+}  // namespace detail
+
+// The path the kernels run (forced by MOE_EXPORT_CPU_PATH, else the best the CPU has).
+inline Path active_path() { return detail::path_choice().error ? Path::Scalar : detail::path_choice().path; }
+
+// nullptr, or why MOE_EXPORT_CPU_PATH cannot be honoured: the host raises it before calling a kernel.
+inline const char* path_error() { return detail::path_choice().error; }
+
+inline const char* path_name(Path p) {
+  switch (p) {
+    case Path::Avx512Vnni: return "avx512-vnni";
+    case Path::AvxVnni: return "avx-vnni";
+    case Path::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+// "avx512-vnni" | "avx-vnni" | "avx2" | "scalar": what run-time dispatch picked.
+inline const char* kernel_path() { return path_name(active_path()); }
+
+// Whether this build has any vector path compiled in.
+inline bool has_simd() {
+#ifdef MOE_CORE_X86
+  return true;
+#else
+  return false;
+#endif
+}
+
+namespace detail {
+
+// ------------------------------------------------------------------------------------------ exact: scalar
+
+// 8 codes of B bits as one little-endian word (B bytes); code j sits at bits j*B .. j*B+B-1.
+template <int B>
+inline uint64_t load_unit(const uint8_t* p) {
+  if constexpr (B == 1) {
+    return p[0];
+  } else if constexpr (B == 2) {
+    uint16_t w;
+    std::memcpy(&w, p, 2);
+    return w;
+  } else if constexpr (B == 3) {  // a 3-byte memcpy does not become one load: assemble it
+    uint16_t lo;
+    std::memcpy(&lo, p, 2);
+    return uint32_t(lo) | (uint32_t(p[2]) << 16);
+  } else if constexpr (B == 4) {
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+    return w;
+  } else {
+    uint64_t w = 0;
+    std::memcpy(&w, p, B);
+    return w;
+  }
+}
+
+template <int B>
+inline float row_dot_scalar(const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, float zconst,
+                            const float* x, const float* xsum, int64_t n_groups, int64_t g) {
+  float y = 0.f;
+  for (int64_t gi = 0; gi < n_groups; ++gi) {
+    const uint8_t* p = prow + gi * (g * B / 8);
+    const float* xg = x + gi * g;
+    float acc = 0.f;
+    if constexpr (B == 8) {
+      for (int64_t k = 0; k < g; ++k) acc += float(p[k]) * xg[k];
+    } else {
+      constexpr uint64_t mask = (1u << B) - 1u;
+      for (int64_t u = 0; u < g / 8; ++u) {
+        const uint64_t w = load_unit<B>(p + u * B);
+        for (int j = 0; j < 8; ++j) acc += float((w >> (j * B)) & mask) * xg[u * 8 + j];
+      }
+    }
+    const float s = fp16_to_fp32(srow[gi]);
+    const float z = zrow ? fp16_to_fp32(zrow[gi]) : zconst;
+    y += s * (acc - z * xsum[gi]);
+  }
+  return y;
+}
+
+#ifdef MOE_CORE_X86
+// ------------------------------------------------------------------------------------------ exact: 8 lanes
+
+MOE_T_AVX2 inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// Widths whose 8 codes fit in 24 bits skip the shift: lane j keeps its code in place (w & (mask << j*B)),
+// i.e. q * 2^(j*B), exact in float; the activations were pre-scaled by 2^-(j*B) (``prepare_rows``), so the
+// product is unchanged and only the summation differs from the reference.
+template <int B>
+constexpr bool kInPlace = B <= 3;
+
+// 8 codes as 8 floats. B <= 4: one 32-bit word, lane j shifted by j*B; B = 5..7: codes 0-3 from the low 32
+// bits, 4-7 from the word shifted by 4*B (both halves fit 32 bits). FAST reads past the unit (3 bits: one
+// byte, 5-7 bits: 8-B bytes): callers keep it inside the row.
+template <int B, bool FAST>
+MOE_T_AVX2 inline __m256 codes8(const uint8_t* p, __m256i shifts, __m256i mask) {
+  if constexpr (B == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  } else if constexpr (B > 4) {
+    uint64_t w;
+    if constexpr (FAST) {
+      std::memcpy(&w, p, 8);
+    } else {
+      w = load_unit<B>(p);
+    }
+    const int lo = static_cast<int>(uint32_t(w)), hi = static_cast<int>(uint32_t(w >> (4 * B)));
+    const __m256i v = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask));
+  } else {
+    uint32_t u;
+    if constexpr (FAST && B == 3) {
+      std::memcpy(&u, p, 4);
+    } else {
+      u = uint32_t(load_unit<B>(p));
+    }
+    const __m256i w = _mm256_set1_epi32(static_cast<int>(u));
+    if constexpr (kInPlace<B>) return _mm256_cvtepi32_ps(_mm256_and_si256(w, mask));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, shifts), mask));
+  }
+}
+
+template <int B>
+MOE_T_AVX2 inline __m256i shifts8() {
+  constexpr int SH = B == 8 ? 0 : B;
+  if constexpr (B > 4 && B < 8) return _mm256_setr_epi32(0, SH, 2 * SH, 3 * SH, 0, SH, 2 * SH, 3 * SH);
+  return _mm256_setr_epi32(0, SH, 2 * SH, 3 * SH, 4 * SH, 5 * SH, 6 * SH, 7 * SH);
+}
+
+template <int B>
+MOE_T_AVX2 inline __m256i mask8() {
+  constexpr int SH = B == 8 ? 0 : B;
+  constexpr int M = B == 8 ? 0xff : (1 << B) - 1;
+  if constexpr (kInPlace<B>)
+    return _mm256_setr_epi32(M, M << SH, M << 2 * SH, M << 3 * SH, M << 4 * SH, M << 5 * SH, M << 6 * SH, M << 7 * SH);
+  return _mm256_set1_epi32(M);
+}
+
+template <int B>
+MOE_T_AVX2 inline float row_dot_avx2(const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, float zconst,
+                                     const float* x, const float* xsum, int64_t n_groups, int64_t g) {
+  const __m256i shifts = shifts8<B>(), mask = mask8<B>();
+  const int64_t units = g / 8;  // 8 codes = B bytes
+  __m256 y = _mm256_setzero_ps();
+  float corr = 0.f;
+  for (int64_t gi = 0; gi < n_groups; ++gi) {
+    const uint8_t* p = prow + gi * units * B;
+    const float* xg = x + gi * g;
+    // two chains hide the FMA latency
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    const int64_t fast_units = gi == n_groups - 1 ? units - 1 : units;  // the row's last unit: exact-size load
+    int64_t u = 0;
+    for (; u + 2 <= fast_units; u += 2) {
+      a0 = _mm256_fmadd_ps(codes8<B, true>(p + u * B, shifts, mask), _mm256_loadu_ps(xg + u * 8), a0);
+      a1 = _mm256_fmadd_ps(codes8<B, true>(p + (u + 1) * B, shifts, mask), _mm256_loadu_ps(xg + u * 8 + 8), a1);
+    }
+    for (; u < units; ++u)
+      a0 = _mm256_fmadd_ps(codes8<B, false>(p + u * B, shifts, mask), _mm256_loadu_ps(xg + u * 8), a0);
+    const float s = fp16_to_fp32(srow[gi]);
+    const float z = zrow ? fp16_to_fp32(zrow[gi]) : zconst;
+    y = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_add_ps(a0, a1), y);
+    corr += s * z * xsum[gi];
+  }
+  return hsum(y) - corr;
+}
+
+// R pairs routed to the same expert (decode with T > 1): unpack each code vector once, FMA it with R inputs.
+template <int B, int R>
+MOE_T_AVX2 inline void rows_dot_avx2(const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, float zconst,
+                                     const float* const* x, const float* const* xsum, float* const* out,
+                                     int64_t n_groups, int64_t g) {
+  const __m256i shifts = shifts8<B>(), mask = mask8<B>();
+  const int64_t units = g / 8;
+  __m256 y[R];
+  float corr[R];
+  for (int r = 0; r < R; ++r) y[r] = _mm256_setzero_ps(), corr[r] = 0.f;
+  for (int64_t gi = 0; gi < n_groups; ++gi) {
+    const uint8_t* p = prow + gi * units * B;
+    __m256 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+    const int64_t fast_units = gi == n_groups - 1 ? units - 1 : units;
+    int64_t u = 0;
+    for (; u < fast_units; ++u) {
+      const __m256 c = codes8<B, true>(p + u * B, shifts, mask);
+      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(c, _mm256_loadu_ps(x[r] + gi * g + u * 8), a[r]);
+    }
+    for (; u < units; ++u) {
+      const __m256 c = codes8<B, false>(p + u * B, shifts, mask);
+      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(c, _mm256_loadu_ps(x[r] + gi * g + u * 8), a[r]);
+    }
+    const float sc = fp16_to_fp32(srow[gi]);
+    const float z = zrow ? fp16_to_fp32(zrow[gi]) : zconst;
+    for (int r = 0; r < R; ++r) {
+      y[r] = _mm256_fmadd_ps(_mm256_set1_ps(sc), a[r], y[r]);
+      corr[r] += sc * z * xsum[r][gi];
+    }
+  }
+  for (int r = 0; r < R; ++r) *out[r] = hsum(y[r]) - corr[r];
+}
+
+// Up to 4 input rows against one weight row, 8-lane kernels.
+template <int B>
+MOE_T_AVX2 inline void row_block_avx2(const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, float zc,
+                                      int R, const float* const* x, const float* const* xsum, float* const* out,
+                                      int64_t G, int64_t g) {
+  for (int r0 = 0; r0 < R; r0 += 4) {
+    switch (std::min(4, R - r0)) {
+      case 1: *out[r0] = row_dot_avx2<B>(prow, srow, zrow, zc, x[r0], xsum[r0], G, g); break;
+      case 2: rows_dot_avx2<B, 2>(prow, srow, zrow, zc, x + r0, xsum + r0, out + r0, G, g); break;
+      case 3: rows_dot_avx2<B, 3>(prow, srow, zrow, zc, x + r0, xsum + r0, out + r0, G, g); break;
+      default: rows_dot_avx2<B, 4>(prow, srow, zrow, zc, x + r0, xsum + r0, out + r0, G, g); break;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ exact: 16 lanes
+
+// 16 codes of B bits (2B bytes) as 16 floats. Dword lane j takes the byte that starts at bit j*B of a 64-bit
+// word (vpmultishiftqb) and masks it to B bits, so every width costs the same few instructions and nothing is
+// pre-scaled. B <= 4: the 16 codes are one word; B = 5..7: two 8-code words, one per 256-bit half; B = 8: 16
+// bytes. Units are read past their end (1, 3 bits: 2 bytes; 5-7 bits: 8-B bytes) unless SAFE (a row's last
+// unit), so the extra bytes stay inside the row.
+template <int B, bool SAFE>
+MOE_T_AVX512 inline __m512 codes16(const uint8_t* p, __m512i ctrl, __m512i mask) {
+  typedef long long u64_unaligned __attribute__((may_alias, aligned(1)));
+  typedef int u32_unaligned __attribute__((may_alias, aligned(1)));
+  if constexpr (B == 8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  } else {
+    // Broadcast straight from memory (a load-port uop; a broadcast from a register costs a shuffle-port
+    // uop, the port vpmultishiftqb needs). Only the 2B bytes of the unit are ever used.
+    __m512i v;
+    if constexpr (B > 4) {
+      uint64_t w1;
+      if constexpr (SAFE) {
+        w1 = load_unit<B>(p + B);
+      } else {
+        std::memcpy(&w1, p + B, 8);
+      }
+      const __m256i lo = _mm256_set1_epi64x(*reinterpret_cast<const u64_unaligned*>(p));
+      v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_set1_epi64x(static_cast<long long>(w1)), 1);
+    } else if constexpr (B == 4 || (B == 3 && !SAFE)) {
+      v = _mm512_set1_epi64(*reinterpret_cast<const u64_unaligned*>(p));  // 3 bits: 2 bytes past the unit
+    } else if constexpr (B == 2 || (B == 1 && !SAFE)) {
+      v = _mm512_set1_epi32(*reinterpret_cast<const u32_unaligned*>(p));  // 1 bit: 2 bytes past the unit
+    } else {
+      uint64_t w = 0;
+      std::memcpy(&w, p, 2 * B);
+      v = _mm512_set1_epi64(static_cast<long long>(w));
+    }
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, v), mask));
+  }
+}
+
+template <int B>
+MOE_T_AVX512 inline __m512i multishift_ctrl() {
+  alignas(64) uint8_t c[64];
+  for (int j = 0; j < 16; ++j)
+    for (int i = 0; i < 4; ++i) c[4 * j + i] = uint8_t((((B > 4 ? j % 8 : j) * B) & 63) + 8 * i);
+  return _mm512_load_si512(c);
+}
+
+// NR (<= 4) consecutive weight rows against one input row: NR independent FMA chains share each x load.
+template <int B, int NR>
+MOE_T_AVX512 inline void tile_512(const uint8_t* prow, int64_t row_bytes, const uint16_t* srow, const uint16_t* zrow,
+                                  int64_t G, float zconst, const float* x, const float* xsum, int64_t n_groups,
+                                  int64_t g, float* out) {
+  const __m512i ctrl = multishift_ctrl<B>();
+  const __m512i mask = _mm512_set1_epi32(B == 8 ? 0xff : (1 << B) - 1);
+  const int64_t units = g / 16;
+  __m512 y[NR];
+  float corr[NR];
+  for (int r = 0; r < NR; ++r) y[r] = _mm512_setzero_ps(), corr[r] = 0.f;
+  for (int64_t gi = 0; gi < n_groups; ++gi) {
+    __m512 a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = _mm512_setzero_ps();
+    const float* xg = x + gi * g;
+    const int64_t fast_units = gi == n_groups - 1 ? units - 1 : units;
+    int64_t u = 0;
+    for (; u < fast_units; ++u) {
+      const __m512 xv = _mm512_loadu_ps(xg + u * 16);
+      for (int r = 0; r < NR; ++r)
+        a[r] = _mm512_fmadd_ps(codes16<B, false>(prow + r * row_bytes + (gi * units + u) * 2 * B, ctrl, mask), xv, a[r]);
+    }
+    for (; u < units; ++u) {
+      const __m512 xv = _mm512_loadu_ps(xg + u * 16);
+      for (int r = 0; r < NR; ++r)
+        a[r] = _mm512_fmadd_ps(codes16<B, true>(prow + r * row_bytes + (gi * units + u) * 2 * B, ctrl, mask), xv, a[r]);
+    }
+    for (int r = 0; r < NR; ++r) {
+      const float sc = fp16_to_fp32(srow[r * G + gi]);
+      const float z = zrow ? fp16_to_fp32(zrow[r * G + gi]) : zconst;
+      y[r] = _mm512_fmadd_ps(_mm512_set1_ps(sc), a[r], y[r]);
+      corr[r] += sc * z * xsum[gi];
+    }
+  }
+  for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(y[r]) - corr[r];
+}
+
+// One weight row against R (<= 8) input rows (pairs of one expert): the codes are cut once for all R.
+template <int B, int R>
+MOE_T_AVX512 inline void rows_512(const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, float zconst,
+                                  const float* const* x, const float* const* xsum, int64_t n_groups, int64_t g,
+                                  float* const* out) {
+  const __m512i ctrl = multishift_ctrl<B>();
+  const __m512i mask = _mm512_set1_epi32(B == 8 ? 0xff : (1 << B) - 1);
+  const int64_t units = g / 16;
+  __m512 y[R];
+  float corr[R];
+  for (int r = 0; r < R; ++r) y[r] = _mm512_setzero_ps(), corr[r] = 0.f;
+  for (int64_t gi = 0; gi < n_groups; ++gi) {
+    __m512 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+    const int64_t fast_units = gi == n_groups - 1 ? units - 1 : units;
+    for (int64_t u = 0; u < units; ++u) {
+      const uint8_t* p = prow + (gi * units + u) * 2 * B;
+      const __m512 c = u < fast_units ? codes16<B, false>(p, ctrl, mask) : codes16<B, true>(p, ctrl, mask);
+      for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(c, _mm512_loadu_ps(x[r] + gi * g + u * 16), a[r]);
+    }
+    const float sc = fp16_to_fp32(srow[gi]);
+    const float z = zrow ? fp16_to_fp32(zrow[gi]) : zconst;
+    for (int r = 0; r < R; ++r) {
+      y[r] = _mm512_fmadd_ps(_mm512_set1_ps(sc), a[r], y[r]);
+      corr[r] += sc * z * xsum[r][gi];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r][0] = _mm512_reduce_add_ps(y[r]) - corr[r];
+}
+
+// Output rows [n0, n1) of one expert's weight against R (<= 8) input rows, 16-lane kernels.
+template <int B>
+MOE_T_AVX512 inline void rows_range_512(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase, float zc,
+                                        int64_t row_bytes, int64_t G, int64_t g, int R, const float* const* x,
+                                        const float* const* xsum, float* const* y, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (R == 1) {
+    for (; n + 4 <= n1; n += 4)
+      tile_512<B, 4>(base + n * row_bytes, row_bytes, sbase + n * G, zbase ? zbase + n * G : nullptr, G, zc, x[0],
+                     xsum[0], G, g, y[0] + n);
+  }
+  for (; n < n1; ++n) {
+    const uint8_t* prow = base + n * row_bytes;
+    const uint16_t* srow = sbase + n * G;
+    const uint16_t* zrow = zbase ? zbase + n * G : nullptr;
+    float* outr[8];
+    for (int i = 0; i < R; ++i) outr[i] = y[i] + n;
+    switch (R) {
+      case 1: rows_512<B, 1>(prow, srow, zrow, zc, x, xsum, G, g, outr); break;
+      case 2: rows_512<B, 2>(prow, srow, zrow, zc, x, xsum, G, g, outr); break;
+      case 3: rows_512<B, 3>(prow, srow, zrow, zc, x, xsum, G, g, outr); break;
+      case 4: rows_512<B, 4>(prow, srow, zrow, zc, x, xsum, G, g, outr); break;
+      case 5: rows_512<B, 5>(prow, srow, zrow, zc, x, xsum, G, g, outr); break;
+      case 6: rows_512<B, 6>(prow, srow, zrow, zc, x, xsum, G, g, outr); break;
+      case 7: rows_512<B, 7>(prow, srow, zrow, zc, x, xsum, G, g, outr); break;
+      default: rows_512<B, 8>(prow, srow, zrow, zc, x, xsum, G, g, outr); break;
+    }
+  }
+}
+
+template <int B>
+MOE_T_AVX2 inline void rows_range_avx2(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase, float zc,
+                                       int64_t row_bytes, int64_t G, int64_t g, int R, const float* const* x,
+                                       const float* const* xsum, float* const* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float* outr[8];
+    for (int i = 0; i < R; ++i) outr[i] = y[i] + n;
+    row_block_avx2<B>(base + n * row_bytes, sbase + n * G, zbase ? zbase + n * G : nullptr, zc, R, x, xsum, outr, G, g);
+  }
+}
+
+// out[h] = sum_j y_j[h] * w_j, in order j = 0..k-1 (one FMA per term).
+MOE_T_AVX2 inline void weighted_sum_fma(float* o, const float* const* y, const float* w, int64_t k, int64_t H) {
+  for (int64_t h = 0; h < H; ++h) {
+    float v = 0.f;
+    for (int64_t j = 0; j < k; ++j) v = std::fma(y[j][h], w[j], v);
+    o[h] = v;
+  }
+}
+#endif  // MOE_CORE_X86
+
+template <int B>
+inline void rows_range_scalar(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase, float zc,
+                              int64_t row_bytes, int64_t G, int64_t g, int R, const float* const* x,
+                              const float* const* xsum, float* const* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int i = 0; i < R; ++i)
+      y[i][n] = row_dot_scalar<B>(base + n * row_bytes, sbase + n * G, zbase ? zbase + n * G : nullptr, zc, x[i],
+                                  xsum[i], G, g);
+}
+
+// Rows (pairs of one expert, or input rows of a linear) that share one pass over a weight: the 16-lane path
+// keeps 8 accumulators and 8 group partials in its 32 registers, the 8-lane path 4 of each in 16.
+constexpr int kMaxRows = 8;
+// Output rows per task of the host's parallel loop: decode's projections (>= 1024 rows) split across threads.
+constexpr int64_t kRowBlock = 16;
+
+// The exact kernel family a weight runs with: 16 lanes need groups of whole 16-code units.
+enum class ExactKind { Scalar, Lanes8, Lanes16 };
+
+inline ExactKind exact_kind(const PackedWeight& w) {
+  const Path p = active_path();
+  if (p == Path::Scalar) return ExactKind::Scalar;
+  if (p == Path::Avx512Vnni && w.group % 16 == 0) return ExactKind::Lanes16;
+  return ExactKind::Lanes8;
+}
+
+
+// The 8-lane kernels read widths <= 3 in place and need their inputs pre-scaled (kInPlace).
+inline bool needs_prescale(const PackedWeight& w) { return exact_kind(w) == ExactKind::Lanes8 && w.bits <= 3; }
+
+template <class Par, class Fn>
+inline void for_row_blocks(int64_t N, Par&& par, Fn&& fn) {
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  par(int64_t(0), blocks, [&](int64_t b0, int64_t b1) { fn(b0 * kRowBlock, std::min(N, b1 * kRowBlock)); });
+}
+
+// y[r][n] = W[slot][n, :] . x[r] for R (<= kMaxRows) input rows, every output row, exact arithmetic.
+template <int B, class Par>
+inline void exact_rows_gemv(const PackedWeight& w, int64_t slot, int R, const float* const* x,
+                            const float* const* xsum, float* const* y, Par&& par) {
+  const int64_t N = w.rows, G = w.groups(), g = w.group, row_bytes = w.row_bytes();
+  const uint8_t* base = w.codes + slot * N * row_bytes;
+  const uint16_t* sbase = w.scale + slot * N * G;
+  const uint16_t* zbase = w.zero ? w.zero + slot * N * G : nullptr;
+  const float zc = symmetric_zero(B);
+  switch (exact_kind(w)) {
+#ifdef MOE_CORE_X86
+    case ExactKind::Lanes16:
+      for_row_blocks(N, par, [&](int64_t n0, int64_t n1) {
+        rows_range_512<B>(base, sbase, zbase, zc, row_bytes, G, g, R, x, xsum, y, n0, n1);
+      });
+      return;
+    case ExactKind::Lanes8:
+      for_row_blocks(N, par, [&](int64_t n0, int64_t n1) {
+        rows_range_avx2<B>(base, sbase, zbase, zc, row_bytes, G, g, R, x, xsum, y, n0, n1);
+      });
+      return;
+#endif
+    default:
+      for_row_blocks(N, par, [&](int64_t n0, int64_t n1) {
+        rows_range_scalar<B>(base, sbase, zbase, zc, row_bytes, G, g, R, x, xsum, y, n0, n1);
+      });
+  }
+}
+
+template <class Par>
+inline void exact_gemv(const PackedWeight& w, int64_t slot, int R, const float* const* x, const float* const* xsum,
+                       float* const* y, Par&& par) {
+  switch (w.bits) {
+    case 1: exact_rows_gemv<1>(w, slot, R, x, xsum, y, par); break;
+    case 2: exact_rows_gemv<2>(w, slot, R, x, xsum, y, par); break;
+    case 3: exact_rows_gemv<3>(w, slot, R, x, xsum, y, par); break;
+    case 4: exact_rows_gemv<4>(w, slot, R, x, xsum, y, par); break;
+    case 5: exact_rows_gemv<5>(w, slot, R, x, xsum, y, par); break;
+    case 6: exact_rows_gemv<6>(w, slot, R, x, xsum, y, par); break;
+    case 7: exact_rows_gemv<7>(w, slot, R, x, xsum, y, par); break;
+    default: exact_rows_gemv<8>(w, slot, R, x, xsum, y, par); break;
+  }
+}
+
+// Inputs of R rows for one weight: per-group sums of the unscaled rows (the zero term) and, where the row
+// kernel wants it, the rows scaled lane-wise by 2^-(j*b). xs: R*K floats, sums: R*G floats.
+inline void prepare_rows(const float* const* src, int R, const PackedWeight& w, float* xs, float* sums,
+                         const float** xp, const float** sp) {
+  const int64_t K = w.cols, G = w.groups(), g = w.group;
+  const bool pre = needs_prescale(w);
+  float lane[8];
+  for (int j = 0; j < 8; ++j) lane[j] = std::ldexp(1.0f, -j * w.bits);
+  for (int r = 0; r < R; ++r) {
+    const float* s = src[r];
+    float* sr = sums + r * G;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      // 8 interleaved partial sums, then a pairwise combine: a long sequential sum would carry more
+      // rounding into the zero term (scale * zero * sum x), which cancels against the code dot product
+      float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      const float* sg = s + gi * g;
+      for (int64_t i = 0; i < g; i += 8)
+        for (int j = 0; j < 8; ++j) part[j] += sg[i + j];
+      sr[gi] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    }
+    sp[r] = sr;
+    if (pre) {
+      float* d = xs + r * K;
+      for (int64_t i = 0; i < K; ++i) d[i] = s[i] * lane[i & 7];
+      xp[r] = d;
+    } else {
+      xp[r] = s;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ int8 activations
+
+// One activation row quantized per block of g values: q[k] = round_half_even(x[k] * 127 / amax_b),
+// scale_b = amax_b / 127 (0 for an all-zero block), qsum_b = sum of the block's q (exact in float).
+// Buffers are padded: q to a multiple of 64 codes (zeros), scale/qsum to a multiple of 16 blocks (zeros),
+// so the vector kernels read whole vectors without tails.
+struct QuantRow {
+  const int8_t* q = nullptr;    // [K padded]
+  const int16_t* q16 = nullptr; // the same values widened (the 8-lane kernels' vpmaddwd operand)
+  const float* scale = nullptr; // [G padded]
+  const float* qsum = nullptr;  // [G padded]
+};
+
+inline int64_t pad_to(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Storage for R quantized rows of K values in blocks of g.
+struct QuantBuf {
+  std::vector<int8_t> q;
+  std::vector<int16_t> q16;
+  std::vector<float> scale, qsum;
+  int64_t kp = 0, gp = 0;
+  void resize(int R, int64_t K, int64_t g) {
+    kp = pad_to(K, 64);
+    gp = pad_to(K / g, 16);
+    q.assign(size_t(R) * kp, 0);
+    q16.assign(size_t(R) * kp, 0);
+    scale.assign(size_t(R) * gp, 0.f);
+    qsum.assign(size_t(R) * gp, 0.f);
+  }
+};
+
+inline void quantize_row(const float* x, int64_t K, int64_t g, int8_t* q, int16_t* q16, float* scale, float* qsum) {
+  for (int64_t b = 0; b < K / g; ++b) {
+    const float* xb = x + b * g;
+    float amax = 0.f;
+    for (int64_t i = 0; i < g; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t s = 0;
+    for (int64_t i = 0; i < g; ++i) {
+      const int v = int(std::nearbyint(xb[i] * inv));  // |v| <= 127: x * 127/amax rounds to at most 127
+      q[b * g + i] = int8_t(v);
+      q16[b * g + i] = int16_t(v);
+      s += v;
+    }
+    scale[b] = amax / 127.f;
+    qsum[b] = float(s);
+  }
+}
+
+inline QuantRow quantize_into(QuantBuf& buf, int r, const float* x, int64_t K, int64_t g) {
+  int8_t* q = buf.q.data() + r * buf.kp;
+  int16_t* q16 = buf.q16.data() + r * buf.kp;
+  float* sc = buf.scale.data() + r * buf.gp;
+  float* qs = buf.qsum.data() + r * buf.gp;
+  quantize_row(x, K, g, q, q16, sc, qs);
+  return QuantRow{q, q16, sc, qs};
+}
+
+// The float reduction every int8 path follows, given the exact integer dots idot[G] of one weight row with
+// one quantized row. Group gi goes to lane gi % 16; per lane, in increasing gi:
+//   d = s_w * s_x;  t = fma(-z, qsum, float(idot));  acc = fma(d, t, acc)
+// then the 16 lanes fold in halves: acc[i] + acc[i + 8], then + [i + 4], + [i + 2], + [i + 1]. Lanes past G
+// add fma(0, 0, acc) = acc. The vector paths do the same with one lane per vector element.
+inline float int8_combine_scalar(const int32_t* idot, const uint16_t* srow, const uint16_t* zrow, float zc,
+                                 const QuantRow& xq, int64_t G) {
+  float acc[16] = {0.f};
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const float d = fp16_to_fp32(srow[gi]) * xq.scale[gi];
+    const float z = zrow ? fp16_to_fp32(zrow[gi]) : zc;
+    const float t = std::fma(-z, xq.qsum[gi], float(idot[gi]));
+    acc[gi & 15] = std::fma(d, t, acc[gi & 15]);
+  }
+  for (int h = 8; h >= 1; h /= 2)
+    for (int i = 0; i < h; ++i) acc[i] = acc[i] + acc[i + h];
+  return acc[0];
+}
+
+// dot(q, xq) per group, scalar.
+template <int B>
+inline void int8_dots_scalar(const uint8_t* prow, const int8_t* xq, int64_t G, int64_t g, int32_t* idot) {
+  constexpr uint64_t mask = B == 8 ? 0xffu : (1u << B) - 1u;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const uint8_t* p = prow + gi * (g * B / 8);
+    const int8_t* xg = xq + gi * g;
+    int32_t acc = 0;
+    for (int64_t u = 0; u < g / 8; ++u) {
+      const uint64_t w = load_unit<B>(p + u * B);
+      for (int j = 0; j < 8; ++j) acc += int32_t((w >> (j * B)) & mask) * int32_t(xg[u * 8 + j]);
+    }
+    idot[gi] = acc;
+  }
+}
+
+template <int B>
+inline void int8_range_scalar(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase, int64_t row_bytes,
+                              int64_t G, int64_t g, int R, const QuantRow* xq, float* const* y, int64_t n0,
+                              int64_t n1) {
+  std::vector<int32_t> idot(G);
+  const float zc = symmetric_zero(B);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* prow = base + n * row_bytes;
+    const uint16_t* zrow = zbase ? zbase + n * G : nullptr;
+    for (int r = 0; r < R; ++r) {
+      int8_dots_scalar<B>(prow, xq[r].q, G, g, idot.data());
+      y[r][n] = int8_combine_scalar(idot.data(), sbase + n * G, zrow, zc, xq[r], G);
+    }
+  }
+}
+
+template <int B, class Par>
+inline void int8_rows_gemv(const PackedWeight& w, int64_t slot, int R, const QuantRow* xq, float* const* y,
+                           Par&& par) {
+  const int64_t N = w.rows, G = w.groups(), g = w.group, row_bytes = w.row_bytes();
+  const uint8_t* base = w.codes + slot * N * row_bytes;
+  const uint16_t* sbase = w.scale + slot * N * G;
+  const uint16_t* zbase = w.zero ? w.zero + slot * N * G : nullptr;
+  for_row_blocks(N, par, [&](int64_t n0, int64_t n1) {
+    int8_range_scalar<B>(base, sbase, zbase, row_bytes, G, g, R, xq, y, n0, n1);
+  });
+}
+
+template <class Par>
+inline void int8_gemv(const PackedWeight& w, int64_t slot, int R, const QuantRow* xq, float* const* y, Par&& par) {
+  switch (w.bits) {
+    case 1: int8_rows_gemv<1>(w, slot, R, xq, y, par); break;
+    case 2: int8_rows_gemv<2>(w, slot, R, xq, y, par); break;
+    case 3: int8_rows_gemv<3>(w, slot, R, xq, y, par); break;
+    case 4: int8_rows_gemv<4>(w, slot, R, xq, y, par); break;
+    case 5: int8_rows_gemv<5>(w, slot, R, xq, y, par); break;
+    case 6: int8_rows_gemv<6>(w, slot, R, xq, y, par); break;
+    case 7: int8_rows_gemv<7>(w, slot, R, xq, y, par); break;
+    default: int8_rows_gemv<8>(w, slot, R, xq, y, par); break;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ per-thread scratch
+
+// Reused per calling thread (an op runs on the calling thread; the host's loop only splits output rows).
+struct Scratch {
+  std::vector<float> xs, sums, h, a, asums, as, y;
+  std::vector<int64_t> order;
+  QuantBuf qx, qa;
+};
+
+inline Scratch& scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+// out[t] = sum_j y[t*k + j] * w[t*k + j] over the top-k pairs of token t, in order j.
+inline void weighted_sum(float* out, const float* y, const float* w, int64_t T, int64_t k, int64_t H) {
+#ifdef MOE_CORE_X86
+  if (active_path() != Path::Scalar) {  // the vector builds fused the multiply-add (one rounding per term)
+    std::vector<const float*> rows(static_cast<size_t>(k));
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < k; ++j) rows[j] = y + (t * k + j) * H;
+      weighted_sum_fma(out + t * H, rows.data(), w + t * k, k, H);
+    }
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = out + t * H;
+    for (int64_t h = 0; h < H; ++h) o[h] = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      const float wt = w[t * k + j];
+      const float* yr = y + (t * k + j) * H;
+      for (int64_t h = 0; h < H; ++h) o[h] += yr[h] * wt;
+    }
+  }
+}
+
+}  // namespace detail
+
+// ------------------------------------------------------------------------------------------ the entry points
+
+// y[M, N] = x[M, K] @ W^T for one packed 2-D weight (w.experts == 1).
+template <class Par>
+void packed_linear(const float* x, int64_t M, const PackedWeight& w, float* y, Accuracy acc, Par&& par) {
+  using namespace detail;
+  const int64_t K = w.cols, N = w.rows;
+  Scratch& sc = scratch();
+  const float* src[kMaxRows];
+  float* yout[kMaxRows];
+  if (acc == Accuracy::Int8) {
+    QuantRow xq[kMaxRows];
+    sc.qx.resize(kMaxRows, K, w.group);
+    for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+      const int n = int(std::min<int64_t>(kMaxRows, M - r0));
+      for (int i = 0; i < n; ++i) xq[i] = quantize_into(sc.qx, i, x + (r0 + i) * K, K, w.group), yout[i] = y + (r0 + i) * N;
+      int8_gemv(w, 0, n, xq, yout, par);
+    }
+    return;
+  }
+  sc.xs.resize(size_t(kMaxRows) * K);
+  sc.sums.resize(size_t(kMaxRows) * w.groups());
+  const float* xin[kMaxRows];
+  const float* xsum[kMaxRows];
+  for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+    const int n = int(std::min<int64_t>(kMaxRows, M - r0));
+    for (int i = 0; i < n; ++i) src[i] = x + (r0 + i) * K, yout[i] = y + (r0 + i) * N;
+    prepare_rows(src, n, w, sc.xs.data(), sc.sums.data(), xin, xsum);
+    exact_gemv(w, 0, n, xin, xsum, yout, par);
+  }
+}
+
+// The routed SwiGLU experts of one MoE layer: for every (token, expert) pair, gate_up mat-vec, SiLU(gate) * up,
+// down mat-vec, routing-weighted sum over the token's top-k pairs. gate_up stacks are [E_b, 2I, H*b/8] (gate
+// rows first), down stacks [E_b, H, I*b/8]; expert e lives in width group expert_group[e], slot expert_slot[e].
+// Pairs of one expert share one pass over its packed rows (up to kMaxRows at a time). y: [T, H].
+template <class Par>
+void moe_ffn(const float* x, int64_t T, int64_t H, const int64_t* topk_ids, const float* topk_weights, int64_t k,
+             const int32_t* expert_group, const int32_t* expert_slot, const PackedWeight* gate_up,
+             const PackedWeight* down, int32_t n_groups, float* y, Accuracy acc, Par&& par) {
+  using namespace detail;
+  (void)n_groups;
+  const int64_t S = T * k, I = gate_up[0].rows / 2;
+  Scratch& sc = scratch();
+  const int64_t Gmax = std::max<int64_t>(H, I) / 8;  // a group holds at least 8 values
+  sc.xs.resize(size_t(kMaxRows) * H);
+  sc.sums.resize(size_t(kMaxRows) * Gmax);
+  sc.h.resize(size_t(kMaxRows) * 2 * I);
+  sc.a.resize(size_t(kMaxRows) * I);
+  sc.as.resize(size_t(kMaxRows) * I);
+  sc.asums.resize(size_t(kMaxRows) * Gmax);
+  sc.y.resize(size_t(S) * H);
+  // pairs grouped by expert, up to kMaxRows per batch: a batch reads each weight row once
+  sc.order.clear();
+  std::vector<bool> done(size_t(S), false);
+  std::vector<std::pair<int64_t, int>> batches;  // (first index into order, size)
+  for (int64_t s = 0; s < S; ++s) {
+    if (done[s]) continue;
+    int64_t start = int64_t(sc.order.size());
+    int cnt = 0;
+    for (int64_t t = s; t < S; ++t) {
+      if (done[t] || topk_ids[t] != topk_ids[s]) continue;
+      done[t] = true;
+      sc.order.push_back(t);
+      if (++cnt == kMaxRows) batches.emplace_back(start, cnt), start += cnt, cnt = 0;
+    }
+    if (cnt) batches.emplace_back(start, cnt);
+  }
+  // Int8: each token's row is quantized once per gate_up group size and shared by all its experts.
+  std::vector<int64_t> qx_group;  // the group size each token quantization in sc.qx uses
+  if (acc == Accuracy::Int8) {
+    sc.qx.resize(int(T), H, gate_up[0].group);
+    for (int64_t t = 0; t < T; ++t) quantize_into(sc.qx, int(t), x + t * H, H, gate_up[0].group);
+  }
+  const float* src[kMaxRows];
+  const float* xin[kMaxRows];
+  const float* xsum[kMaxRows];
+  float* hout[kMaxRows];
+  float* yout[kMaxRows];
+  QuantRow xq[kMaxRows];
+  for (const auto& bt : batches) {
+    const int R = bt.second;
+    const int64_t* pairs = sc.order.data() + bt.first;
+    const int64_t e = topk_ids[pairs[0]];
+    const PackedWeight& gu = gate_up[expert_group[e]];
+    const PackedWeight& gd = down[expert_group[e]];
+    for (int r = 0; r < R; ++r) src[r] = x + (pairs[r] / k) * H, hout[r] = sc.h.data() + r * 2 * I;
+    if (acc == Accuracy::Int8) {
+      QuantBuf tmp;
+      for (int r = 0; r < R; ++r) {
+        const int64_t t = pairs[r] / k;
+        if (gu.group == gate_up[0].group) {
+          xq[r] = QuantRow{sc.qx.q.data() + t * sc.qx.kp, sc.qx.q16.data() + t * sc.qx.kp,
+                           sc.qx.scale.data() + t * sc.qx.gp, sc.qx.qsum.data() + t * sc.qx.gp};
+        } else {  // a width group with another group size: its own blocks
+          if (tmp.q.empty()) tmp.resize(R, H, gu.group);
+          xq[r] = quantize_into(tmp, r, src[r], H, gu.group);
+        }
+      }
+      int8_gemv(gu, expert_slot[e], R, xq, hout, par);
+    } else {
+      prepare_rows(src, R, gu, sc.xs.data(), sc.sums.data(), xin, xsum);
+      exact_gemv(gu, expert_slot[e], R, xin, xsum, hout, par);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* hr = hout[r];
+      float* ar = sc.a.data() + r * I;
+      for (int64_t i = 0; i < I; ++i) ar[i] = silu(hr[i]) * hr[I + i];
+      src[r] = ar;
+      yout[r] = sc.y.data() + pairs[r] * H;
+    }
+    if (acc == Accuracy::Int8) {
+      sc.qa.resize(R, I, gd.group);
+      for (int r = 0; r < R; ++r) xq[r] = quantize_into(sc.qa, r, src[r], I, gd.group);
+      int8_gemv(gd, expert_slot[e], R, xq, yout, par);
+    } else {
+      prepare_rows(src, R, gd, sc.as.data(), sc.asums.data(), xin, xsum);
+      exact_gemv(gd, expert_slot[e], R, xin, xsum, yout, par);
+    }
+  }
+  weighted_sum(y, sc.y.data(), topk_weights, T, k, H);
+}
+
+namespace detail {
+template <int B>
+inline void gather_range(bool vec, const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase, float zc,
+                         int64_t rb, int64_t G, int64_t g, int R, const float* const* x, const float* const* xsum,
+                         float* const* y, int64_t n0, int64_t n1) {
+#ifdef MOE_CORE_X86
+  if (vec) return rows_range_avx2<B>(base, sbase, zbase, zc, rb, G, g, R, x, xsum, y, n0, n1);
+#endif
+  (void)vec;
+  rows_range_scalar<B>(base, sbase, zbase, zc, rb, G, g, R, x, xsum, y, n0, n1);
+}
+}  // namespace detail
+
+// One width group's routed mat-vec: y[s, :] = W[idx[s]] @ x[s] for S rows (idx[s] < 0: row left as is).
+// x must be prepared by the caller: xsum [S, G] the group sums of the unscaled rows, and x pre-scaled by
+// 2^-(j*b) lane-wise where gather_prescaled(w) says so. Rows of one expert share a pass (4 at a time).
+inline bool gather_prescaled(const PackedWeight& w) {
+  return active_path() != Path::Scalar && w.bits <= 3;
+}
+
+template <class Par>
+void gather_gemv(const float* x, const float* xsum, const int64_t* idx, int64_t S, const PackedWeight& w, float* y,
+                 Par&& par) {
+  using namespace detail;
+  const int64_t N = w.rows, K = w.cols, G = w.groups();
+  // pairs grouped by expert, up to 4 per batch: a batch unpacks each weight row once
+  std::vector<std::vector<int64_t>> batches;
+  {
+    std::vector<bool> done(size_t(S), false);
+    for (int64_t s = 0; s < S; ++s) {
+      if (done[s] || idx[s] < 0) continue;
+      std::vector<int64_t> cur;
+      for (int64_t t = s; t < S; ++t) {
+        if (done[t] || idx[t] != idx[s]) continue;
+        done[t] = true;
+        cur.push_back(t);
+        if (cur.size() == 4) batches.push_back(cur), cur.clear();
+      }
+      if (!cur.empty()) batches.push_back(cur);
+    }
+  }
+  // The 8-lane kernels (this op never used the 16-lane ones).
+  const bool vec = active_path() != Path::Scalar;
+  const int64_t rb = w.row_bytes(), g = w.group;
+  const float zc = symmetric_zero(w.bits);
+  for_row_blocks(N, par, [&](int64_t n0, int64_t n1) {
+    for (const auto& bt : batches) {
+      const float* xr[4];
+      const float* xsr[4];
+      float* outr[4];
+      const int R = int(bt.size());
+      for (int i = 0; i < R; ++i) xr[i] = x + bt[i] * K, xsr[i] = xsum + bt[i] * G, outr[i] = y + bt[i] * N;
+      const int64_t slot = idx[bt[0]];
+      const uint8_t* base = w.codes + slot * N * rb;
+      const uint16_t* sbase = w.scale + slot * N * G;
+      const uint16_t* zbase = w.zero ? w.zero + slot * N * G : nullptr;
+      switch (w.bits) {
+        case 1: gather_range<1>(vec, base, sbase, zbase, zc, rb, G, g, R, xr, xsr, outr, n0, n1); break;
+        case 2: gather_range<2>(vec, base, sbase, zbase, zc, rb, G, g, R, xr, xsr, outr, n0, n1); break;
+        case 3: gather_range<3>(vec, base, sbase, zbase, zc, rb, G, g, R, xr, xsr, outr, n0, n1); break;
+        case 4: gather_range<4>(vec, base, sbase, zbase, zc, rb, G, g, R, xr, xsr, outr, n0, n1); break;
+        case 5: gather_range<5>(vec, base, sbase, zbase, zc, rb, G, g, R, xr, xsr, outr, n0, n1); break;
+        case 6: gather_range<6>(vec, base, sbase, zbase, zc, rb, G, g, R, xr, xsr, outr, n0, n1); break;
+        case 7: gather_range<7>(vec, base, sbase, zbase, zc, rb, G, g, R, xr, xsr, outr, n0, n1); break;
+        default: gather_range<8>(vec, base, sbase, zbase, zc, rb, G, g, R, xr, xsr, outr, n0, n1); break;
+      }
+    }
+  });
+}
+
+// Embedding rows, exact dequantize: out[i, :] = (q[ids[i], :] - z) * s, the formula of runtime.layout.dequantize.
+inline void packed_gather(const int64_t* ids, int64_t n, const PackedWeight& w, float* out) {
+  const int64_t K = w.cols, G = w.groups(), g = w.group, rb = w.row_bytes();
+  const uint32_t mask = w.bits == 8 ? 0xffu : (1u << w.bits) - 1u;
+  const float zc = symmetric_zero(w.bits);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* p = w.codes + ids[i] * rb;
+    const uint16_t* s = w.scale + ids[i] * G;
+    const uint16_t* z = w.zero ? w.zero + ids[i] * G : nullptr;
+    float* o = out + i * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t bit = k * w.bits;
+      uint32_t v = p[bit >> 3];
+      if ((bit & 7) + w.bits > 8) v |= uint32_t(p[(bit >> 3) + 1]) << 8;
+      const float q = float((v >> (bit & 7)) & mask);
+      const int64_t gi = k / g;
+      o[k] = (q - (z ? fp16_to_fp32(z[gi]) : zc)) * fp16_to_fp32(s[gi]);
+    }
+  }
+}
+
+}  // namespace moe_export_core
