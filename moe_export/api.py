@@ -90,7 +90,7 @@ def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -
     quantizer = _resolve_quantizer(config.quantizer, config.quantizer_options)
     plan.validate()
     plan.validate_against(model)
-    gs, sym = plan.quantizer.group_size, plan.quantizer.symmetric
+    sym = plan.quantizer.symmetric
     if plan.quantizer.name != quantizer.name:
         plan.provenance = {**plan.provenance, "quantized_with": quantizer.name}
     with torch.no_grad():
@@ -105,7 +105,8 @@ def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -
         else:
             layers = find_moe_layers(model)
             for layer in tqdm(layers, desc=f"{quantizer.name} experts", disable=not progress):
-                qweights = quantize_layer_experts(layer, plan.bits_for(layer.name), quantizer, gs, sym)
+                bits, groups = plan.expert_quant(layer.name, layer.projections)
+                qweights = quantize_layer_experts(layer, bits, quantizer, groups, sym)
                 install_quantized_layer(model, layer, qweights)
         quantize_non_expert_(model, plan)
     if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():

@@ -70,11 +70,11 @@ def theoretical_expert_bytes(model: nn.Module, plan) -> float:
 
     total = 0.0
     for layer in find_moe_layers(model):
-        bits = plan.bits_for(layer.name)
         for proj in layer.projections:
-            for e, b in enumerate(bits):
+            g = plan.group_size_for(layer.name, proj)
+            for e, b in enumerate(plan.bits_for(layer.name, proj)):
                 n, k = layer.expert_weight(proj, e).shape
-                total += theoretical_bytes(n, k, b, plan.quantizer.group_size, plan.quantizer.symmetric)
+                total += theoretical_bytes(n, k, b, g, plan.quantizer.symmetric)
     return total
 
 

@@ -103,8 +103,10 @@ def _cat_rows(parts):
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
 
-def _quantize_layer(rd, layer, bits: list[int], quantizer, gs, sym, dtype) -> dict[str, torch.Tensor]:
-    """{model FQN: packed tensor subclass} for one MoE layer, reading one expert's weights at a time."""
+def _quantize_layer(rd, layer, bits, gs, quantizer, sym, dtype) -> dict[str, torch.Tensor]:
+    """{model FQN: packed tensor subclass} for one MoE layer, reading one expert's weights at a time. ``bits`` /
+    ``gs``: one for every projection, or ``{proj: ...}`` (``BitPlan.expert_quant``)."""
+    from moe_export.quant.apply import for_projection
     from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 
     out = {}
@@ -116,14 +118,15 @@ def _quantize_layer(rd, layer, bits: list[int], quantizer, gs, sym, dtype) -> di
             for e in range(layer.num_experts):
                 w = _cat_rows([_finite(rd.read_slice(p[e]), p[e].key, rd.folder) for p in parts])  # [N, K]
                 # pack now: the uint8 codes of a whole layer would be a quarter of its float32 bytes
-                qws.append(PackedLinearWeight.from_quantized(quantizer.quantize(w.float(), int(bits[e]), gs, sym), dtype))
+                qw = quantizer.quantize(w.float(), int(for_projection(bits, proj)[e]), for_projection(gs, proj), sym)
+                qws.append(PackedLinearWeight.from_quantized(qw, dtype))
                 del w
             out[f"{layer.name}.experts.{proj}"] = MixedWidthExpertsTensor.from_packed_experts(qws, dtype)
     else:  # Switch: one module per expert
         for proj, parts in (("wi", layer.up), ("wo", layer.down)):
             for e in range(layer.num_experts):
                 w = _finite(rd.read_slice(parts[e]), parts[e].key, rd.folder)
-                qw = quantizer.quantize(w.float(), int(bits[e]), gs, sym)
+                qw = quantizer.quantize(w.float(), int(for_projection(bits, proj)[e]), for_projection(gs, proj), sym)
                 out[f"{layer.name}.experts.expert_{e}.{proj}.weight"] = PackedLinearWeight.from_quantized(qw, dtype=dtype)
     return out
 
@@ -135,9 +138,9 @@ def _model_key(disk_key: str, model_type: str) -> str:
     return disk_key
 
 
-def _rest(rd, unit: Unit, model_type: str, roles: Callable[[str], str], policy) -> dict[str, torch.Tensor]:
-    """The non-expert tensors of ``unit``, packed where ``policy`` (a ``NonExpertPolicy``) gives the role a width
-    and the weight packs (``size.packs``; otherwise kept float, as ``quant.apply.quantize_non_expert_`` does)."""
+def _rest(rd, unit: Unit, model_type: str, roles: Callable[[str], str], plan) -> dict[str, torch.Tensor]:
+    """The non-expert tensors of ``unit``, packed where ``plan`` gives the tensor (``BitPlan.non_expert_quant_for``:
+    its own entry, else its role's policy) a width and the weight packs (``size.packs``; otherwise kept float, as ``quant.apply.quantize_non_expert_`` does)."""
     from moe_export.quant.rtn import RTNQuantizer
     from moe_export.size import packs
     from moe_export.tensors import PackedLinearWeight
@@ -146,7 +149,7 @@ def _rest(rd, unit: Unit, model_type: str, roles: Callable[[str], str], policy) 
     for key in unit.keys:
         w = _finite(rd.read(key), key, rd.folder)
         name = _model_key(key, model_type)
-        q = policy.quant_for(roles(name))
+        q = plan.non_expert_quant_for([name], roles(name))
         if q is not None and packs(w.shape, q.group_size):
             w = PackedLinearWeight.from_quantized(RTNQuantizer().quantize(w.float(), q.bits, q.group_size, q.symmetric),
                                                   dtype=w.dtype)
@@ -268,9 +271,9 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
     mine = [u for u in units if assign([v.nbytes for v in units], world_size)[u.index] == rank]
     model_type = cfg.get("model_type", "")
     policy = plan.non_expert_policy()
-    roles = (lambda n: "other") if policy.all_float else _role_lookup(cfg)
+    roles = (lambda n: "other") if policy.all_float and not plan.tensors else _role_lookup(cfg)
     dtype = _dtype(cfg)
-    gs, sym = plan.quantizer.group_size, plan.quantizer.symmetric
+    sym = plan.quantizer.symmetric
 
     _fixed_mmap_threshold()
     created = not out.exists()
@@ -289,9 +292,10 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
             # pread, not mmap: pages read through a map stay resident while the file is open
             reader = StreamReader(src)
             if u.kind == "experts":
-                state = _quantize_layer(reader, u.layer, plan.bits_for(u.layer.name), qz, gs, sym, dtype)
+                projs = ("gate_up_proj", "down_proj") if u.layer.fused or u.layer.gate is not None else ("wi", "wo")
+                state = _quantize_layer(reader, u.layer, *plan.expert_quant(u.layer.name, projs), qz, sym, dtype)
             else:
-                state = _rest(reader, u, model_type, roles, policy)
+                state = _rest(reader, u, model_type, roles, plan)
             reader.close()
             tensors, meta = encode_state(state)
             meta = {**meta, "moe_export.unit": str(u.index), "moe_export.fingerprint": fp}

@@ -81,8 +81,8 @@ def test_bits_for_and_counts():
 
 
 def test_error_unknown_version():
-    with pytest.raises(BitPlanError, match="unsupported bit plan version 2"):
-        BitPlan.from_json(json.dumps(_doc(version=2)))
+    with pytest.raises(BitPlanError, match="unsupported bit plan version 3"):
+        BitPlan.from_json(json.dumps(_doc(version=3)))
 
 
 def test_error_unknown_format():

@@ -17,7 +17,12 @@ from pathlib import Path
 import torch
 
 BITPLAN_FORMAT = "moe_export.bitplan"
-BITPLAN_VERSION = 1
+BITPLAN_VERSION = 1  # a plan with one width per routed expert and one group size for all
+# A plan that chooses per tensor (each expert projection's width and each stack's group size, non-expert tensors
+# one by one, a whole-model byte budget). A plan is written at the lowest version that holds it, so plans of the
+# per-layer methods stay version 1, byte for byte; both versions are read.
+BITPLAN_TENSORS_VERSION = 2
+BITPLAN_VERSIONS = (BITPLAN_VERSION, BITPLAN_TENSORS_VERSION)
 NON_EXPERT_ROLES = ("attention", "router", "shared_experts", "embeddings", "lm_head", "dense_mlp")
 MIN_BITS, MAX_BITS = 1, 8
 # Means are ratios of small integers; anything looser would let a wrong plan through.
@@ -54,6 +59,11 @@ class LayerPlan:
     # Input dims K of the expert projections ([hidden, intermediate]); lets a plan check its group
     # size on load without the model. Optional: None when unknown.
     in_dims: list[int] | None = None
+    # Version 2: per projection of the expert stack ("gate_up_proj", "down_proj"; Switch "wi", "wo"):
+    # {"bits": [per expert], "group_size": int or None}. One group size per projection stack, because a fused
+    # expert parameter stores one group size (runtime.layout.WidthGroups). ``bits`` is then each expert's widest
+    # projection. None: every projection at ``bits`` and the plan's quantizer group size.
+    tensors: dict | None = None
 
     @property
     def num_experts(self) -> int:
@@ -63,6 +73,8 @@ class LayerPlan:
         d = {"name": self.name, "num_experts": self.num_experts, "bits": list(self.bits)}
         if self.in_dims is not None:
             d["in_dims"] = list(self.in_dims)
+        if self.tensors is not None:
+            d["tensors"] = {p: {"bits": list(t["bits"]), "group_size": t["group_size"]} for p, t in self.tensors.items()}
         return d
 
 
@@ -76,6 +88,24 @@ class NonExpertQuant:
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+
+def read_quant(v, where: str) -> NonExpertQuant | None:
+    """The JSON form of one weight's quantization: ``"float"`` (None) or ``{"bits", "group_size", "symmetric"}``.
+    Raises ``BitPlanError`` naming ``where``."""
+    if v == "float":
+        return None
+    if not isinstance(v, dict) or set(v) - {"bits", "group_size", "symmetric"} or "bits" not in v:
+        raise BitPlanError(f"{where} must be \"float\" or {{\"bits\", \"group_size\", \"symmetric\"}}, got {v!r}")
+    if not _is_int(v["bits"]):
+        raise BitPlanError(f"{where}.bits must be an integer, got {v['bits']!r}")
+    _check_bits(v["bits"], where)
+    g = v.get("group_size")
+    if g is not None and (not _is_int(g) or g <= 0):
+        raise BitPlanError(f"{where}.group_size must be a positive integer or null, got {g!r}")
+    if not isinstance(v.get("symmetric", False), bool):
+        raise BitPlanError(f"{where}.symmetric must be true or false")
+    return NonExpertQuant(v["bits"], g, v.get("symmetric", False))
 
 
 @dataclass(frozen=True)
@@ -113,26 +143,7 @@ class NonExpertPolicy:
         unknown = set(d) - set(NON_EXPERT_ROLES)
         if unknown:
             raise BitPlanError(f"non_expert: unknown role(s) {sorted(unknown)}; roles are {list(NON_EXPERT_ROLES)}")
-        roles = {}
-        for role in NON_EXPERT_ROLES:
-            v = d.get(role, "float")
-            if v == "float":
-                roles[role] = None
-                continue
-            if not isinstance(v, dict) or set(v) - {"bits", "group_size", "symmetric"} or "bits" not in v:
-                raise BitPlanError(
-                    f"non_expert.{role} must be \"float\" or {{\"bits\", \"group_size\", \"symmetric\"}}, got {v!r}"
-                )
-            if not _is_int(v["bits"]):
-                raise BitPlanError(f"non_expert.{role}.bits must be an integer, got {v['bits']!r}")
-            _check_bits(v["bits"], f"non_expert.{role}")
-            g = v.get("group_size")
-            if g is not None and (not _is_int(g) or g <= 0):
-                raise BitPlanError(f"non_expert.{role}.group_size must be a positive integer or null, got {g!r}")
-            if not isinstance(v.get("symmetric", False), bool):
-                raise BitPlanError(f"non_expert.{role}.symmetric must be true or false")
-            roles[role] = NonExpertQuant(v["bits"], g, v.get("symmetric", False))
-        return cls(roles)
+        return cls({role: read_quant(d.get(role, "float"), f"non_expert.{role}") for role in NON_EXPERT_ROLES})
 
     @classmethod
     def parse(cls, spec, group_size: int | None, symmetric: bool = False) -> "NonExpertPolicy":
@@ -180,16 +191,63 @@ class BitPlan:
     layers: list[LayerPlan]
     non_expert: dict = field(default_factory=lambda: NonExpertPolicy().to_dict())  # JSON form, see NonExpertPolicy
     provenance: dict = field(default_factory=dict)
+    # Version 2: non-expert weights chosen one by one, FQN -> "float" or {"bits", "group_size", "symmetric"};
+    # a tensor listed here overrides its role's ``non_expert`` policy.
+    tensors: dict = field(default_factory=dict)
+    # Version 2: the whole-model byte budget the plan was solved for ({"bytes", "bits_per_weight", "parameters",
+    # "planned_bytes"}), None for the per-layer methods.
+    budget: dict | None = None
 
     def __post_init__(self):
         self.validate()
 
     # ----------------------------------------------------------------- queries
-    def bits_for(self, layer_name: str) -> list[int]:
+    @property
+    def version(self) -> int:
+        """The lowest format version that holds this plan."""
+        per_tensor = self.tensors or self.budget is not None or any(l.tensors is not None for l in self.layers)
+        return BITPLAN_TENSORS_VERSION if per_tensor else BITPLAN_VERSION
+
+    def _layer(self, layer_name: str) -> LayerPlan:
         for layer in self.layers:
             if layer.name == layer_name:
-                return list(layer.bits)
+                return layer
         raise BitPlanError(f"bit plan has no layer {layer_name!r}; it covers {[l.name for l in self.layers]}")
+
+    def bits_for(self, layer_name: str, proj: str | None = None) -> list[int]:
+        """Per-expert widths of a layer; with ``proj``, of that projection (a version 2 layer may differ per
+        projection; otherwise every projection has the layer's widths)."""
+        layer = self._layer(layer_name)
+        if proj is not None and layer.tensors is not None:
+            if proj not in layer.tensors:
+                raise BitPlanError(f"layer {layer_name!r}: the plan has no projection {proj!r}; it lists "
+                                   f"{sorted(layer.tensors)}")
+            return list(layer.tensors[proj]["bits"])
+        return list(layer.bits)
+
+    def group_size_for(self, layer_name: str, proj: str | None = None) -> int | None:
+        """Group size of one projection stack of a layer (the quantizer's unless the layer chooses per tensor)."""
+        layer = self._layer(layer_name)
+        if proj is not None and layer.tensors is not None:
+            self.bits_for(layer_name, proj)  # names a missing projection
+            return layer.tensors[proj]["group_size"]
+        return self.quantizer.group_size
+
+    def expert_quant(self, layer_name: str, projections) -> tuple[dict, dict]:
+        """``({proj: per-expert widths}, {proj: group size})`` of a layer's expert stacks."""
+        return ({p: self.bits_for(layer_name, p) for p in projections},
+                {p: self.group_size_for(layer_name, p) for p in projections})
+
+    def non_expert_quant_for(self, names, role: str):
+        """``NonExpertQuant`` or None (float) of a non-expert weight known by ``names`` (every FQN of a tied
+        parameter): its own entry in ``tensors`` when it has one, else its role's policy."""
+        listed = [n for n in names if n in self.tensors]
+        if not listed:
+            return self.non_expert_policy().quant_for(role)
+        got = {json.dumps(self.tensors[n], sort_keys=True) for n in listed}
+        if len(got) > 1:
+            raise BitPlanError(f"tied parameter {listed} has different entries in the plan's tensors: {sorted(got)}")
+        return read_quant(self.tensors[listed[0]], f"tensors[{listed[0]!r}]")
 
     @property
     def layer_names(self) -> list[str]:
@@ -246,9 +304,11 @@ class BitPlan:
                         f"layer {layer.name!r} expert {e}: {b} bits is not one of the plan's levels {self.levels}; "
                         "add it to 'levels' or change the width"
                     )
-            if layer.in_dims is not None:
+            if layer.in_dims is not None and layer.tensors is None:
                 for k in layer.in_dims:
                     _check_group_divides(q.group_size, k, layer.name)
+            if layer.tensors is not None:
+                _check_layer_tensors(layer, self.levels)
         mean = self.mean_bits()
         if abs(mean - self.target_avg_bits) > MEAN_TOL:
             raise BitPlanError(
@@ -259,6 +319,18 @@ class BitPlan:
 
     def _validate_non_expert(self) -> None:
         self.non_expert = NonExpertPolicy.from_dict(self.non_expert).to_dict()  # canonical: every role, in order
+        if not isinstance(self.tensors, dict):
+            raise BitPlanError(f"bit plan 'tensors' must be an object mapping FQN -> 'float' or {{bits, group_size, "
+                               f"symmetric}}, got {self.tensors!r}")
+        self.tensors = {str(n): "float" if (q := read_quant(v, f"tensors[{n!r}]")) is None else q.to_dict()
+                        for n, v in sorted(self.tensors.items())}
+        if self.budget is not None:
+            b = self.budget
+            if not isinstance(b, dict) or not all(_is_number(b.get(k)) and math.isfinite(b[k]) and b[k] > 0
+                                                  for k in ("bytes", "bits_per_weight", "parameters", "planned_bytes")):
+                raise BitPlanError("bit plan 'budget' must be {\"bytes\", \"bits_per_weight\", \"parameters\", "
+                                   f"\"planned_bytes\"}} of positive numbers, got {b!r}")
+            self.budget = {k: b[k] for k in ("bytes", "bits_per_weight", "parameters", "planned_bytes")}
 
     def non_expert_policy(self) -> "NonExpertPolicy":
         """The typed form of ``non_expert`` (read at each call, so edits to the JSON form are seen)."""
@@ -274,8 +346,18 @@ class BitPlan:
         have = {l.name: l for l in layers}
         _check_layers_match([(lp.name, lp.num_experts) for lp in self.layers], have)
         for lp in self.layers:
-            for k in _in_dims(have[lp.name]):
-                _check_group_divides(self.quantizer.group_size, k, lp.name)
+            if lp.tensors is None:
+                for k in _in_dims(have[lp.name]):
+                    _check_group_divides(self.quantizer.group_size, k, lp.name)
+                continue
+            projections = getattr(have[lp.name], "projections", None)
+            if projections is not None and set(lp.tensors) != set(projections):
+                raise BitPlanError(f"layer {lp.name!r}: the plan's projections {sorted(lp.tensors)} are not the "
+                                   f"model's {sorted(projections)}; re-run `moe-export plan` on this model")
+            if hasattr(have[lp.name], "expert_weight"):
+                for p in lp.tensors:
+                    _check_group_divides(lp.tensors[p]["group_size"], have[lp.name].expert_weight(p, 0).shape[1],
+                                         f"{lp.name}.{p}")
         want = self.model.get("router_sha256", "")
         if check_router and want and routers is not None:
             got = router_sha256(routers)
@@ -289,17 +371,21 @@ class BitPlan:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": BITPLAN_FORMAT,
-            "version": BITPLAN_VERSION,
+            "version": self.version,
             "model": dict(self.model),
             "target_avg_bits": float(self.target_avg_bits),
             "levels": [int(b) for b in self.levels],
             "quantizer": self.quantizer.to_dict(),
             "layers": [l.to_dict() for l in self.layers],
             "non_expert": {r: self.non_expert[r] for r in NON_EXPERT_ROLES},
-            "provenance": _sorted(self.provenance),
         }
+        if self.version >= BITPLAN_TENSORS_VERSION:
+            d["tensors"] = dict(self.tensors)
+            d["budget"] = None if self.budget is None else dict(self.budget)
+        d["provenance"] = _sorted(self.provenance)
+        return d
 
     def to_json(self) -> str:
         return _dump(self.to_dict(), 0) + "\n"
@@ -317,10 +403,13 @@ class BitPlan:
             raise BitPlanError("not a bit plan: the top level must be a JSON object")
         if d.get("format") != BITPLAN_FORMAT:
             raise BitPlanError(f"not a bit plan: format is {d.get('format')!r}, expected {BITPLAN_FORMAT!r}")
-        if d.get("version") != BITPLAN_VERSION:
+        if d.get("version") not in BITPLAN_VERSIONS:
             raise BitPlanError(
-                f"unsupported bit plan version {d.get('version')!r}; this moe_export reads version {BITPLAN_VERSION}"
+                f"unsupported bit plan version {d.get('version')!r}; this moe_export reads versions "
+                f"{', '.join(map(str, BITPLAN_VERSIONS))}"
             )
+        if d["version"] == BITPLAN_VERSION and ("tensors" in d or "budget" in d):
+            raise BitPlanError("a version 1 bit plan has no 'tensors' or 'budget'; set version 2")
         required = ("model", "target_avg_bits", "levels", "quantizer", "layers")
         missing = [k for k in required if k not in d]
         if missing:
@@ -341,7 +430,13 @@ class BitPlan:
             dims = l.get("in_dims")
             if dims is not None and (not isinstance(dims, list) or not all(_is_int(k) and k > 0 for k in dims)):
                 raise BitPlanError(f"layer {l['name']!r}: in_dims must be a list of positive integers, got {dims!r}")
-            layers.append(LayerPlan(l["name"], list(l["bits"]), dims))
+            tensors = l.get("tensors")
+            if tensors is not None and (d["version"] == BITPLAN_VERSION or not isinstance(tensors, dict) or not all(
+                    isinstance(t, dict) and set(t) == {"bits", "group_size"} and isinstance(t["bits"], list)
+                    for t in tensors.values())):
+                raise BitPlanError(f"layer {l['name']!r}: tensors must be {{projection: {{\"bits\": [...], "
+                                   f"\"group_size\"}}}} in a version 2 plan, got {tensors!r}")
+            layers.append(LayerPlan(l["name"], list(l["bits"]), dims, tensors))
         return cls(
             model=d["model"],
             target_avg_bits=d["target_avg_bits"],
@@ -350,6 +445,8 @@ class BitPlan:
             layers=layers,
             non_expert=d.get("non_expert", NonExpertPolicy().to_dict()),
             provenance=_object(d.get("provenance", {}), "provenance"),
+            tensors=d.get("tensors", {}),
+            budget=d.get("budget"),
         )
 
     @classmethod
@@ -427,7 +524,10 @@ class BitPlan:
 
     # ---------------------------------------------------------------- display
     def summary(self) -> str:
-        """A terminal table: one row per layer with the expert count at each level and the mean."""
+        """A terminal table: one row per layer with the expert count at each level and the mean (a version 2
+        plan: one row per tensor, see ``_tensor_summary``)."""
+        if self.version >= BITPLAN_TENSORS_VERSION:
+            return self._tensor_summary()
         levels = sorted(set(self.levels), reverse=True)
         name_w = max(len("layer"), *(len(l.name) for l in self.layers))
         head = f"{'layer':<{name_w}}  " + "  ".join(f"{b}-bit".rjust(5) for b in levels) + "   mean  bits per expert"
@@ -443,6 +543,29 @@ class BitPlan:
             f"{q.name} g={g} {'sym' if q.symmetric else 'asym'}, method {self.provenance.get('method', '?')}"
         )
         return "\n".join(rows)
+
+
+    def _tensor_summary(self) -> str:
+        """One row per expert projection stack (widths per expert, group size) and per listed non-expert tensor,
+        then the budget."""
+        rows = []
+        for l in self.layers:
+            for p, t in (l.tensors or {"experts": {"bits": l.bits, "group_size": self.quantizer.group_size}}).items():
+                g = "row" if t["group_size"] is None else t["group_size"]
+                bits = "".join(str(b) for b in t["bits"]) if len(t["bits"]) <= 64 else "..."
+                rows.append([f"{l.name}.{p}", f"g={g}", f"{sum(t['bits']) / len(t['bits']):.3f}", bits])
+        for n, t in self.tensors.items():
+            rows.append([n, "" if t == "float" else f"g={'row' if t['group_size'] is None else t['group_size']}",
+                         "float" if t == "float" else str(t["bits"]), ""])
+        from moe_export.table import format_table
+
+        out = format_table(["tensor", "group", "bits", "bits per expert"], rows, "llrl")
+        if self.budget is not None:
+            b = self.budget
+            out.append(f"budget {b['bytes'] / 1e6:.4f} MB ({b['bits_per_weight']:g} bits/weight over {b['parameters']:,} "
+                       f"parameters); planned {b['planned_bytes'] / 1e6:.4f} MB = "
+                       f"{8 * b['planned_bytes'] / b['parameters']:.4f} bits/weight, method {self.provenance.get('method', '?')}")
+        return "\n".join(out)
 
 
 # ------------------------------------------------------------------ helpers
@@ -510,6 +633,29 @@ def default_group_size(in_dims) -> int:
 def expert_in_dims(layers) -> list[int]:
     """The distinct input dims K of the expert weights of ``layers`` (``MoELayer`` / ``MoELayerKeys``)."""
     return sorted({k for layer in layers for k in _in_dims(layer)})
+
+
+def _check_layer_tensors(layer: LayerPlan, levels) -> None:
+    """A version 2 layer: every projection lists one width per expert and one group size, and ``bits`` is each
+    expert's widest projection."""
+    for p, t in layer.tensors.items():
+        if len(t["bits"]) != layer.num_experts:
+            raise BitPlanError(f"layer {layer.name!r} {p}: {len(t['bits'])} widths for {layer.num_experts} experts")
+        for e, b in enumerate(t["bits"]):
+            if not _is_int(b):
+                raise BitPlanError(f"layer {layer.name!r} {p} expert {e}: bits must be an integer, got {b!r}")
+            _check_bits(b, f"layer {layer.name!r} {p} expert {e}")
+            if b not in levels:
+                raise BitPlanError(f"layer {layer.name!r} {p} expert {e}: {b} bits is not one of the plan's levels {levels}")
+        g = t["group_size"]
+        if g is not None and (not _is_int(g) or g <= 0):
+            raise BitPlanError(f"layer {layer.name!r} {p}: group_size must be a positive integer or null, got {g!r}")
+        if layer.in_dims is not None and g is not None and not any(k % g == 0 for k in layer.in_dims):
+            _check_group_divides(g, layer.in_dims[0], f"{layer.name}.{p}")
+    widest = [max(t["bits"][e] for t in layer.tensors.values()) for e in range(layer.num_experts)]
+    if widest != list(layer.bits):
+        raise BitPlanError(f"layer {layer.name!r}: bits {list(layer.bits)} must be each expert's widest projection "
+                           f"{widest} in a plan that lists tensors")
 
 
 def _check_group_divides(group_size, k: int, layer_name: str) -> None:

@@ -18,24 +18,33 @@ from moe_export.quant.base import QuantizedWeight, Quantizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quantize_layer_experts", "install_quantized_layer", "install_fake_quant", "quantize_non_expert_"]
+__all__ = ["quantize_layer_experts", "install_quantized_layer", "install_fake_quant", "quantize_non_expert_",
+           "for_projection"]
 
 
-def quantize_layer_experts(layer, bits: list[int], quantizer: Quantizer, group_size: int | None, symmetric: bool,
+def for_projection(value, proj: str):
+    """A layer's widths or group size for one projection stack: ``value[proj]`` when the plan chooses per
+    projection (``BitPlan.expert_quant``: a dict), else ``value`` itself (every projection alike)."""
+    return value[proj] if isinstance(value, dict) else value
+
+
+def quantize_layer_experts(layer, bits, quantizer: Quantizer, group_size, symmetric: bool,
                            hessians: dict | None = None) -> dict[str, list[QuantizedWeight]]:
     """Quantize every expert of one ``MoELayer`` at its width: ``{proj: [QuantizedWeight per expert]}``.
 
-    ``hessians[proj][e]``: ``[K, K]`` or None, for data-aware quantizers.
+    ``bits``: per-expert widths, or ``{proj: per-expert widths}``; ``group_size``: one, or ``{proj: group size}``
+    (``BitPlan.expert_quant``). ``hessians[proj][e]``: ``[K, K]`` or None, for data-aware quantizers.
     """
-    if len(bits) != layer.num_experts:
-        raise ValueError(f"{layer.name}: {len(bits)} widths given for {layer.num_experts} experts")
     out: dict[str, list[QuantizedWeight]] = {}
     for proj in layer.projections:
+        b, g = for_projection(bits, proj), for_projection(group_size, proj)
+        if len(b) != layer.num_experts:
+            raise ValueError(f"{layer.name}: {len(b)} widths given for {layer.num_experts} experts")
         qws = []
         for e in range(layer.num_experts):
             h = None if hessians is None else hessians.get(proj, [None] * layer.num_experts)[e]
             w = layer.expert_weight(proj, e)  # [N, K] (out, in)
-            qws.append(quantizer.quantize(w, int(bits[e]), group_size, symmetric, hessian=h))
+            qws.append(quantizer.quantize(w, int(b[e]), g, symmetric, hessian=h))
         out[proj] = qws
     return out
 
@@ -85,8 +94,7 @@ def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = N
     from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 
     quantizer = quantizer or RTNQuantizer()
-    policy = plan.non_expert_policy()
-    if policy.all_float:
+    if plan.non_expert_policy().all_float and not plan.tensors:
         return []
     by_id: dict[int, list[str]] = {}
     params = {}
@@ -100,7 +108,7 @@ def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = N
         if isinstance(p, (MixedWidthExpertsTensor, PackedLinearWeight)) or p.dim() != 2:
             continue
         roles = sorted({role_of(n) for n in names})
-        quants = [policy.quant_for(r) for r in roles]
+        quants = [plan.non_expert_quant_for(names, r) for r in roles]
         if any(q != quants[0] for q in quants):
             shown = ["float" if q is None else q.to_dict() for q in quants]
             raise ValueError(f"parameter shared by {names} has roles {roles} with different policies {shown}; "

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from moe_export.quant.apply import install_quantized_layer
+from moe_export.quant.apply import for_projection, install_quantized_layer
 from moe_export.quant.base import QuantizedWeight, Quantizer, get_quantizer
 
 log = logging.getLogger(__name__)
@@ -133,11 +133,15 @@ def _expert_hidden(layer, e: int, x: torch.Tensor, w_first: torch.Tensor) -> tor
     return layer.experts[f"expert_{e}"].act(x @ w_first.T)
 
 
-def quantize_layer_calibrated(layer, X: torch.Tensor, routed: torch.Tensor, bits: list[int], quantizer: Quantizer,
+def quantize_layer_calibrated(layer, X: torch.Tensor, routed: torch.Tensor, bits, quantizer: Quantizer,
                               group_size, symmetric: bool, cfg: CalibrationConfig):
-    """-> ({proj: [QuantizedWeight per expert]}, hessian token counts [E], RTN-fallback expert ids)."""
+    """-> ({proj: [QuantizedWeight per expert]}, hessian token counts [E], RTN-fallback expert ids).
+
+    ``bits`` / ``group_size``: one for every projection, or ``{proj: ...}`` (``BitPlan.expert_quant``)."""
     rtn = get_quantizer("rtn")
     first, second = layer.projections
+    b1, b2 = for_projection(bits, first), for_projection(bits, second)
+    g1, g2 = for_projection(group_size, first), for_projection(group_size, second)
     qweights: dict[str, list[QuantizedWeight]] = {first: [], second: []}
     n_tokens, fallback, max_damp = [], [], 0.0
     H_shared = _hessian(X) if cfg.all_experts and X.shape[0] >= max(cfg.min_tokens, 1) else None  # same X for all
@@ -147,14 +151,14 @@ def quantize_layer_calibrated(layer, X: torch.Tensor, routed: torch.Tensor, bits
         w_first, w_second = layer.expert_weight(first, e), layer.expert_weight(second, e)
         if x_e.shape[0] < max(cfg.min_tokens, 1):
             fallback.append(e)
-            qweights[first].append(rtn.quantize(w_first, bits[e], group_size, symmetric))
-            qweights[second].append(rtn.quantize(w_second, bits[e], group_size, symmetric))
+            qweights[first].append(rtn.quantize(w_first, b1[e], g1, symmetric))
+            qweights[second].append(rtn.quantize(w_second, b2[e], g2, symmetric))
             continue
         H_first = H_shared if H_shared is not None else _hessian(x_e)  # [H, H]
-        q1 = quantizer.quantize(w_first, bits[e], group_size, symmetric, hessian=H_first)
+        q1 = quantizer.quantize(w_first, b1[e], g1, symmetric, hessian=H_first)
         max_damp = max(max_damp, getattr(quantizer, "last_percdamp", None) or 0.0)
         z_e = _expert_hidden(layer, e, x_e, q1.dequantize())  # [T_e, I] through the quantized first weight
-        q2 = quantizer.quantize(w_second, bits[e], group_size, symmetric, hessian=_hessian(z_e))
+        q2 = quantizer.quantize(w_second, b2[e], g2, symmetric, hessian=_hessian(z_e))
         max_damp = max(max_damp, getattr(quantizer, "last_percdamp", None) or 0.0)
         qweights[first].append(q1)
         qweights[second].append(q2)
@@ -189,7 +193,7 @@ def quantize_sequential(model, plan, quantizer: Quantizer, calibration: Calibrat
     if batches.dim() != 2:
         raise ValueError(f"calibration batches must be token ids [B, S], got shape {tuple(batches.shape)}")
     batches = batches.long()
-    gs, sym = plan.quantizer.group_size, plan.quantizer.symmetric
+    sym = plan.quantizer.symmetric
 
     report = CalibrationReport(calibration_tokens=int(batches.numel()), batch_shape=list(batches.shape))
     was_training = model.training
@@ -200,9 +204,8 @@ def quantize_sequential(model, plan, quantizer: Quantizer, calibration: Calibrat
         for name in bar:
             layer = {l.name: l for l in find_moe_layers(model)}[name]  # fresh views after earlier installs
             X, routed = _capture_layer_inputs(forward, layer, batches, cal.batch_size)  # [T, H], [T, E]
-            qweights, n_tok, fallback, damp = quantize_layer_calibrated(
-                layer, X, routed, plan.bits_for(name), quantizer, gs, sym, cal
-            )
+            bits, groups = plan.expert_quant(name, layer.projections)
+            qweights, n_tok, fallback, damp = quantize_layer_calibrated(layer, X, routed, bits, quantizer, groups, sym, cal)
             del X
             install(model, layer, qweights)
             report.routed_tokens[name] = routed.sum(0).tolist()

@@ -1019,7 +1019,13 @@ def write_report(results: dict, out_dir: str | Path, command: str, zoo: dict | N
             plot_zoo(zoo, img / "zoo_cloze_vs_bits.png", metric="cloze")
             written.append(img / "zoo_cloze_vs_bits.png")
     md = out_dir / "results.md"
-    atomic_write_text(md, build_markdown(results, command, zoo=zoo))
+    text = build_markdown(results, command, zoo=zoo)
+    if (out_dir / "results-budget.json").is_file():
+        # the whole-model budget sweep (repro/budget_sweep.py) keeps its section when the rest is rebuilt
+        from moe_export.repro import budget_sweep
+
+        text = budget_sweep.splice(text, budget_sweep.markdown(load_results(out_dir / "results-budget.json")))
+    atomic_write_text(md, text)
     for p in written + [md]:
         p.chmod(0o644)  # atomic writes start from a private temp file; docs are for everyone
     return md

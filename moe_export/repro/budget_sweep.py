@@ -1,0 +1,403 @@
+"""Quality against whole-model size: the per-layer plan methods against the whole-model budget allocator.
+
+Every point is one model quantized (round-to-nearest, asymmetric) and scored on held-out text of its fine-tune
+corpus (bits per byte and perplexity per token); its size is ``size.theoretical_model_bytes`` of the quantized
+model, in bits per parameter of the whole model (bpw), so methods are compared at the bytes they really use:
+
+  * uniform b (2, 3, 4): every quantizable weight (experts, attention, embeddings, lm_head) at b bits, group 128;
+  * the per-layer methods (the paper's router-norm + MaxVar, MaxVar alone, the weight-error knapsack): attention,
+    embeddings and lm_head at 4 bits group 128 (the paper's attention width), and the largest mean expert width
+    (a multiple of 1/E) whose whole model fits each target; levels {3,2,1} below 3 bits, {4,3,2} above
+    (the paper's three-level rule needs equally spaced levels), {4,3,2,1} for the knapsack;
+  * the budget allocator (``plan.budget``) at each target, with each weighting.
+
+Routers, norms and biases stay float everywhere (the same bytes in every point).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+TARGETS = (2.7, 2.2, 3.2, 3.7)  # the issue's targets, the headline one first
+PER_LAYER = ("router+maxvar", "maxvar", "weight-error")
+LABELS = {"router+maxvar": "paper (router-norm + MaxVar)", "maxvar": "MaxVar", "weight-error": "weight-error per layer",
+          "budget": "budget allocator (usage-weighted)", "budget-none": "budget allocator (raw error)",
+          "budget-calibration": "budget allocator (calibrated usage)", "uniform": "uniform"}
+
+
+@dataclass
+class BudgetSweep:
+    models: tuple[str, ...] = ("small-mixtral",)
+    seeds: tuple[int, ...] = (0,)
+    targets: tuple[float, ...] = TARGETS
+    uniform: tuple[int, ...] = (2, 3, 4)
+    methods: tuple[str, ...] = PER_LAYER
+    budget_variants: tuple[str, ...] = ("budget", "budget-none")
+    non_expert_bits: int = 4
+    group_size: int | None = None  # None: the largest of 128, 64, 32, 16 dividing every expert input dim
+    eval_tokens: int = 8192
+    calib_tokens: int = 4096
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _levels(avg: float) -> list[int]:
+    return [3, 2, 1] if avg <= 3 else [4, 3, 2]
+
+
+def _fixed_policy_bytes(model, policy, group_size: int) -> tuple[float, float, int]:
+    """``(bytes of everything but the routed experts under policy, expert parameters, parameters)``."""
+    from moe_export.models import find_moe_layers, parameter_role_lookup
+    from moe_export.size import non_expert_bytes
+
+    layers = find_moe_layers(model)
+    experts = {l.param_name(p, e) for l in layers for p in l.projections for e in range(l.num_experts)}
+    role_of = parameter_role_lookup(model)
+    rest, n_exp, n_all = 0.0, 0, 0
+    for name, p in model.named_parameters():
+        n_all += p.numel()
+        if name in experts:
+            n_exp += p.numel()
+            continue
+        q = policy.quant_for(role_of(name)) if p.dim() == 2 else None
+        rest += non_expert_bytes(tuple(p.shape), p.element_size(), q)
+    non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
+    rest += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n not in non_persistent)
+    return rest, n_exp, n_all
+
+
+def expert_mean_for(model, target_bpw: float, policy, group_size: int, symmetric: bool = False) -> float:
+    """The largest mean expert width, a multiple of 1/E, whose whole model stays within ``target_bpw``."""
+    from moe_export.models import find_moe_layers
+    from moe_export.size import theoretical_bytes
+
+    layers = find_moe_layers(model)
+    E = layers[0].num_experts
+    rest, _, n_all = _fixed_policy_bytes(model, policy, group_size)
+    shapes = [tuple(l.expert_weight(p, 0).shape) for l in layers for p in l.projections for _ in range(l.num_experts)]
+
+    def total(avg):
+        return rest + sum(theoretical_bytes(n, k, avg, group_size, symmetric) for n, k in shapes)
+
+    avg = 1.0
+    for s in range(E, 4 * E + 1):
+        if total(s / E) <= target_bpw * n_all / 8:
+            avg = s / E
+    return avg
+
+
+def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, done: dict | None = None,
+              save=None) -> dict:
+    """One model's points. ``done``: a partial record of the same sweep (its points are kept, not recomputed);
+    ``save(rec)`` is called after every point, so an interrupted sweep resumes and a partial one can be reported."""
+    from moe_export.api import MoEQuantConfig, quantize_
+    from moe_export.eval import bits_per_byte, logits_fn_for
+    from moe_export.plan.bitplan import BitPlan, NonExpertPolicy, default_group_size, expert_in_dims
+    from moe_export.plan.budget import BudgetConfig, budget_plan, model_items
+    from moe_export.quant.base import get_quantizer
+    from moe_export.plan.methods import PlanConfig, make_plan
+    from moe_export.size import theoretical_model_bytes
+    from moe_export.zoo import build
+    from moe_export.zoo.data import calibration_batches, token_stream
+    from moe_export.zoo.folders import load
+    from moe_export.zoo.registry import get_entry
+    from moe_export.models import find_moe_layers, model_architecture
+
+    entry = get_entry(name)
+    folder = build(name, seed=seed, progress=progress)
+    model, tok = load(folder, which="finetuned")
+    corpus = entry.finetune.corpus
+    test = token_stream(tok, corpus, "test")
+    n_params = sum(p.numel() for p in model.parameters())
+    rec = {"model": name, "seed": seed, "corpus": corpus, "parameters": n_params, "points": []}
+    if done is not None:
+        rec = done
+    have = {(p["method"], p["target_bpw"]) for p in rec["points"]}
+
+    def score(m) -> dict:
+        r = bits_per_byte(logits_fn_for(m), tok, test, entry.seq_len, max_tokens=sweep.eval_tokens, progress=False)
+        import math
+
+        return {"bpb": r["bits_per_byte"], "ppl": math.exp(r["nats_per_token"]), "tokens": r["tokens_scored"]}
+
+    if "float" not in rec:
+        t0 = time.perf_counter()
+        rec["float"] = {**score(model), "bpw": 8 * theoretical_model_bytes(model) / n_params}
+        rec["float_eval_s"] = time.perf_counter() - t0
+
+    def point(method, target, plan, plan_s, **extra):
+        q = quantize_(copy.deepcopy(model), MoEQuantConfig(plan=plan), progress=False)
+        nbytes = theoretical_model_bytes(q)
+        p = {"method": method, "target_bpw": target, "bpw": 8 * nbytes / n_params, "bytes": nbytes,
+             "plan_s": plan_s, **score(q), **extra}
+        del q
+        rec["points"].append(p)
+        if save is not None:
+            save(rec)
+        if progress:
+            print(f"{name} s{seed} {method:>20} target {target}: {p['bpw']:.3f} bpw, bpb {p['bpb']:.4f}, ppl {p['ppl']:.3f}",
+                  flush=True)
+
+    layers = find_moe_layers(model)
+    gs = sweep.group_size or default_group_size(expert_in_dims(layers))
+    rec["group_size"] = gs
+    policy = NonExpertPolicy.parse(",".join(f"{r}={sweep.non_expert_bits}" for r in (
+        "attention", "shared_experts", "embeddings", "lm_head", "dense_mlp")), gs)
+    calib = None
+    if "budget-calibration" in sweep.budget_variants:
+        calib = list(calibration_batches(tok, sweep.calib_tokens, entry.seq_len, seed=seed, corpus=corpus).split(8))
+    tables = {}  # the budget allocator's error table, computed once for every target and weighting
+    for target in sweep.targets:
+        avg = expert_mean_for(model, target, policy, gs)
+        for method in sweep.methods:
+            if (method, target) in have:
+                continue
+            levels = [4, 3, 2, 1] if method == "weight-error" else _levels(avg)
+            cfg = PlanConfig(avg_bits=avg, levels=levels, method=method, group_size=gs, non_expert=policy)
+            t = time.perf_counter()
+            plan = make_plan(model, cfg, reference=folder / "pretrained", progress=False)
+            point(method, target, plan, time.perf_counter() - t, expert_avg_bits=avg, levels=levels)
+        for variant in sweep.budget_variants:
+            if (variant, target) in have:
+                continue
+            weighting = "none" if variant == "budget-none" else "usage"
+            t = time.perf_counter()
+            cfg = BudgetConfig(f"{target}bpw", weighting=weighting)
+            if "table" not in tables:
+                tables["table"] = model_items(model, get_quantizer(cfg.quantizer), cfg.symmetric, cfg.bits, cfg.groups)
+                tables["seconds"] = time.perf_counter() - t
+            plan = budget_plan(model, cfg, batches=calib if variant == "budget-calibration" else None, model_name=name,
+                               table=tables["table"])
+            point(variant, target, plan, time.perf_counter() - t, error_table_s=tables["seconds"], planned_bytes=plan.budget["planned_bytes"],
+                  budget_bytes=plan.budget["bytes"], solver_s=plan.provenance["solver"]["seconds"],
+                  choices=_choices(plan))
+    for b in sweep.uniform:
+        if ("uniform", float(b)) in have:
+            continue
+        uniform = NonExpertPolicy.parse(",".join(f"{r}={b}" for r in ("attention", "shared_experts", "embeddings",
+                                                                      "lm_head", "dense_mlp")), gs)
+        plan = BitPlan.uniform(layers, b, gs, model_name=name, architecture=model_architecture(model))
+        plan.non_expert = uniform.to_dict()
+        point("uniform", float(b), plan, 0.0, bits=b)
+    return rec
+
+
+def _choices(plan) -> dict:
+    """Where the bytes went: per role, the mean width (float counted as 16) over its parameters is not kept;
+    instead the plan's per-tensor entries, short."""
+    out = {}
+    for l in plan.layers:
+        for p, t in (l.tensors or {}).items():
+            out[f"{l.name}.{p}"] = f"g{t['group_size']}:" + "".join(map(str, t["bits"]))
+    for n, t in plan.tensors.items():
+        out[n] = "float" if t == "float" else f"{t['bits']}b g{t['group_size']}"
+    return out
+
+
+def run(sweep: BudgetSweep, progress: bool = True, partial=None) -> dict:
+    """Every model and seed. ``partial``: a JSON file holding the records so far (written after every point;
+    a rerun of the same sweep resumes from it)."""
+    import json
+    from pathlib import Path
+
+    from moe_export.io import atomic_write_text
+
+    t0 = time.perf_counter()
+    saved = {}
+    if partial is not None and Path(partial).is_file():
+        old = json.loads(Path(partial).read_text())
+        if old.get("sweep") == json.loads(json.dumps(sweep.to_dict())):
+            saved = {(r["model"], r["seed"]): r for r in old["runs"]}
+    runs = []
+
+    def save(rec):
+        if partial is not None:
+            cur = {**{(r["model"], r["seed"]): r for r in runs}, (rec["model"], rec["seed"]): rec}
+            atomic_write_text(partial, json.dumps({"sweep": sweep.to_dict(), "runs": list(cur.values()),
+                                                   "wall_s": time.perf_counter() - t0}, indent=1) + "\n")
+
+    for m in sweep.models:
+        for s in sweep.seeds:
+            runs.append(run_model(sweep, m, s, progress, done=saved.get((m, s)), save=save))
+    return {"sweep": sweep.to_dict(), "runs": runs, "wall_s": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------------ report
+SECTION = "## 3. One byte budget for the whole model"
+
+
+def _method_order(runs) -> list[str]:
+    seen = []
+    for r in runs:
+        for p in r["points"]:
+            if p["method"] != "uniform" and p["method"] not in seen:
+                seen.append(p["method"])
+    return seen
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moe_export.io import atomic_path
+
+    runs = results["runs"]
+    models = sorted({r["model"] for r in runs})
+    fig, axes = plt.subplots(1, len(models), figsize=(6.4 * len(models), 4.4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rs = [r for r in runs if r["model"] == model]
+        for method in _method_order(rs) + ["uniform"]:
+            pts = sorted((p["bpw"], p["bpb"]) for r in rs for p in r["points"] if p["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker="s" if method == "uniform" else "o", linestyle=":" if method == "uniform" else "-",
+                        label=LABELS.get(method, method))
+        fl = sum(r["float"]["bpb"] for r in rs) / len(rs)
+        ax.axhline(fl, color="grey", linewidth=0.8, linestyle="--", label="float")
+        ax.set_xlabel("whole-model bits per weight (theoretical bytes x 8 / parameters)")
+        ax.set_ylabel("held-out bits per byte (lower is better)")
+        ax.set_title(f"{model}: quality against whole-model size", fontsize=10)
+        ax.set_ylim(fl - 0.02, min(max(p["bpb"] for r in rs for p in r["points"]), fl * 1.25) + 0.02)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _groups(runs) -> str:
+    return ", ".join(f"{g} ({', '.join(sorted({r['model'] for r in runs if r['group_size'] == g}))})"
+                     for g in sorted({r["group_size"] for r in runs}))
+
+
+def markdown(results: dict, img_rel: str = "img") -> list[str]:
+    """The section of docs/results.md: how it was made, the table per model, the plot, what it shows."""
+    sw, runs = results["sweep"], results["runs"]
+    lines = [SECTION, ""]
+    lines += [
+        "Each point: a plan, `moe_export.api.quantize_` (RTN, asymmetric), then held-out bits per byte and perplexity "
+        f"per token on the first {sw['eval_tokens']} tokens of the fine-tune corpus's test split, on the fine-tuned model. "
+        "Size is the whole model's theoretical bytes (`moe_export.size.theoretical_model_bytes`: packed codes, float16 "
+        "scales and zeros, every float weight at its stored float32) x 8 / all parameters, so methods are compared at "
+        "the bytes they really use. Per-layer methods (the paper's router-norm + MaxVar, MaxVar alone, the weight-error "
+        f"knapsack) keep attention, embeddings and lm_head at {sw['non_expert_bits']} bits, group {_groups(runs)} "
+        "(the paper's attention width; float embeddings alone would exceed these budgets) and take the largest mean "
+        "expert width, in steps of 1/E, whose model fits the target; levels {3,2,1} up to 3 bits, {4,3,2} above, "
+        "{4,3,2,1} for the knapsack. The budget allocator (`moe-export plan --budget`) chooses every tensor's width "
+        "(1,2,3,4,6,8 or float) and group size (32,64,128) for the target; *usage-weighted*: expert errors x top_k/E "
+        "(the share of tokens each expert sees), *raw error*: no weighting. Uniform b: every quantizable "
+        f"weight at b bits, group {_groups(runs)}. Routers and norms stay float in every point. "
+        f"Seeds: {list(sw['seeds'])} (one build seed per model: a single seed, so differences of a few thousandths of "
+        "a bit per byte are within noise; the earlier section's seed spread on this model is about 0.002-0.01).",
+        ""]
+    for model in sorted({r["model"] for r in runs}):
+        rs = [r for r in runs if r["model"] == model]
+        fl_bpb = sum(r["float"]["bpb"] for r in rs) / len(rs)
+        fl_ppl = sum(r["float"]["ppl"] for r in rs) / len(rs)
+        methods = _method_order(rs)
+        lines.append(f"**{model}** ({rs[0]['parameters']:,} parameters; float32: bpb {fl_bpb:.4f}, perplexity "
+                     f"{fl_ppl:.3f}). Cells: achieved bpw / bits per byte / perplexity (change from float); best "
+                     "bits per byte at each target in bold.")
+        lines.append("")
+        lines.append("| target bpw | " + " | ".join(LABELS.get(m, m) for m in methods) + " |")
+        lines.append("|---|" + "---|" * len(methods))
+        for t in sw["targets"]:
+            cells = {}
+            for m in methods:
+                ps = [p for r in rs for p in r["points"] if p["method"] == m and abs(p["target_bpw"] - t) < 1e-9]
+                if ps:
+                    cells[m] = (sum(p["bpw"] for p in ps) / len(ps), sum(p["bpb"] for p in ps) / len(ps),
+                                sum(p["ppl"] for p in ps) / len(ps))
+            best = min(v[1] for v in cells.values()) if cells else None
+            row = []
+            for m in methods:
+                if m not in cells:
+                    row.append("")
+                    continue
+                bpw, bpb, ppl = cells[m]
+                txt = f"{bpw:.3f} / {bpb:.4f} / {ppl:.3f} ({100 * (ppl / fl_ppl - 1):+.1f}%)"
+                row.append(f"**{txt}**" if bpb == best else txt)
+            lines.append(f"| {t:g} | " + " | ".join(row) + " |")
+        lines.append("")
+        uni = sorted((p["bits"], p["bpw"], p["bpb"], p["ppl"]) for r in rs for p in r["points"] if p["method"] == "uniform")
+        if uni:
+            lines.append("Uniform: " + "; ".join(f"{b} bits: {bpw:.3f} bpw, bpb {bpb:.4f}, perplexity {ppl:.3f} "
+                                                   f"({100 * (ppl / fl_ppl - 1):+.1f}%)" for b, bpw, bpb, ppl in uni) + ".")
+            lines.append("")
+    lines.append(f"![quality against whole-model size]({img_rel}/budget_bpb_vs_bpw.png)")
+    lines.append("")
+    return lines
+
+
+def splice(md_text: str, section: list[str]) -> str:
+    """``md_text`` with the budget section replaced (or appended): it runs from its heading to the next ``## ``
+    heading or the end."""
+    lines = md_text.rstrip("\n").split("\n")
+    if SECTION in lines:
+        i = lines.index(SECTION)
+        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        lines = lines[:i] + section + lines[j:]
+    else:
+        lines = lines + [""] + section
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+QUICK = BudgetSweep(models=("tiny",), targets=(2.7, 3.7), uniform=(3,), eval_tokens=1024)
+
+
+def write(results: dict, out_dir) -> list:
+    """``results-budget.json``, the plot, and the section spliced into ``results.md`` of ``out_dir``."""
+    import json
+    from pathlib import Path
+
+    from moe_export.io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    (out_dir / "img").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results-budget.json", json.dumps(results, indent=1) + "\n")
+    plot(results, out_dir / "img" / "budget_bpb_vs_bpw.png")
+    md = out_dir / "results.md"
+    atomic_write_text(md, splice(md.read_text() if md.exists() else "", markdown(results)))
+    written = [out_dir / "results-budget.json", out_dir / "img" / "budget_bpb_vs_bpw.png", md]
+    for p in written:
+        p.chmod(0o644)
+    return written
+
+
+def main(argv=None) -> None:
+    """``python -m moe_export.repro.budget_sweep --out docs [--quick] [--models a,b] [--seeds 0,1]``."""
+    import argparse
+    from dataclasses import replace
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default=None)
+    ap.add_argument("--seeds", default=None)
+    ap.add_argument("--variants", default=None, help="budget variants: budget,budget-none,budget-calibration")
+    ap.add_argument("--from-json", default=None, help="rebuild the section and plot from saved records")
+    a = ap.parse_args(argv)
+    import json
+    from pathlib import Path
+
+    if a.from_json:
+        results = json.loads(Path(a.from_json).read_text())
+    else:
+        sweep = QUICK if a.quick else BudgetSweep()
+        if a.models:
+            sweep = replace(sweep, models=tuple(a.models.split(",")))
+        if a.seeds:
+            sweep = replace(sweep, seeds=tuple(int(s) for s in a.seeds.split(",")))
+        if a.variants:
+            sweep = replace(sweep, budget_variants=tuple(a.variants.split(",")))
+        results = run(sweep, partial=Path(a.out) / "results-budget.partial.json")
+    for p in write(results, a.out):
+        print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()
