@@ -50,6 +50,18 @@ std::string kernel_path() {
   return core::kernel_path();
 }
 
+// Switch the core's vector path for this process ("" = back to MOE_EXPORT_CPU_PATH / the CPU's best).
+void set_kernel_path(const std::string& name) {
+  const char* err = core::set_path(name.c_str());
+  TORCH_CHECK(err == nullptr, "moe_export CPU kernels: cannot use path '", name, "': ", err);
+}
+
+bool path_available(const std::string& name) {
+  for (core::Path p : {core::Path::Scalar, core::Path::Avx2, core::Path::AvxVnni, core::Path::Avx512Vnni})
+    if (name == core::path_name(p)) return core::detail::cpu_has(p);
+  return false;
+}
+
 // x f32 [S, K]; idx int64 [S] (slot in the group, -1 = skip); packed u8 [E_b, N, K*b/8];
 // scale f16 [E_b, N, G]; zero f16 [E_b, N, G] or undefined (symmetric: every zero is zconst). -> f32 [S, N]
 at::Tensor mixed_width_gemv(at::Tensor x, at::Tensor idx, at::Tensor packed, at::Tensor scale,

@@ -27,6 +27,7 @@ returned True; callers check it first (it is a compile-time constant for ``torch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -70,7 +71,8 @@ def _load(simd: bool):
         _modules[simd] = load_inline(
             name=f"moe_export_cpu_mixed_width{'' if simd else '_portable'}_{digest}",
             cpp_sources=[source],
-            functions=["mixed_width_gemv", "has_simd", "kernel_path", "moe_ffn", "packed_linear", "packed_gather"],
+            functions=["mixed_width_gemv", "has_simd", "kernel_path", "set_kernel_path", "path_available", "moe_ffn",
+                       "packed_linear", "packed_gather"],
             extra_cflags=flags,
             extra_include_paths=[str(_DIR)],
             verbose=False,
@@ -85,6 +87,25 @@ def kernel_path() -> str:
     by ``MOE_EXPORT_CPU_PATH``), or "torch" when the extension is off or did not build (benchmarks record it)."""
     ext = kernel() if enabled() else None
     return "torch" if ext is None else ext.kernel_path()
+
+
+def path_available(name: str) -> bool:
+    """Whether this CPU (and build) can run the named vector path."""
+    ext = kernel()
+    return ext is not None and ext.path_available(name)
+
+
+@contextlib.contextmanager
+def forced_path(name: str):
+    """Run the C++ kernels on the named path inside the block (tests compare paths in one process); raises
+    RuntimeError when the CPU lacks it. Process-wide: not for concurrent use."""
+    ext = load(True)
+    before = ext.kernel_path()
+    ext.set_kernel_path(name)
+    try:
+        yield
+    finally:
+        ext.set_kernel_path(before)
 
 
 def kernel():
@@ -103,6 +124,50 @@ def kernel():
 
 # Read once (a module constant, so torch.compile guards on it instead of tracing os.environ); benchmarks flip it.
 ENABLED = os.environ.get("MOE_EXPORT_CPU_KERNEL", "1") != "0"
+
+# The arithmetic of the fused ops (cpu_moe_ffn, cpu_packed_linear): "exact" multiplies fp32 activations (the
+# dequantize formula, summed in another order); "int8" quantizes each activation row to int8 per block of the
+# group size and runs integer dot products (core/mixed_width.h), ~44 dB SQNR against exact and several times
+# faster at decode. The default is the measured choice (docs/benchmarks.md); MOE_EXPORT_ACCURACY or
+# set_accuracy / moe_export.runtime.register(accuracy=...) picks another. A module constant, so torch.compile
+# guards on it (changing it recompiles).
+ACCURACIES = {"exact": 0, "int8": 1}
+DEFAULT_ACCURACY = "exact"
+
+
+def _accuracy_from_env() -> str:
+    name = os.environ.get("MOE_EXPORT_ACCURACY", DEFAULT_ACCURACY)
+    if name not in ACCURACIES:
+        raise ValueError(f"MOE_EXPORT_ACCURACY must be one of {sorted(ACCURACIES)}, got {name!r}")
+    return name
+
+
+ACCURACY = ACCURACIES[_accuracy_from_env()]
+
+
+def accuracy() -> str:
+    """The fused ops' arithmetic now: "exact" or "int8"."""
+    return next(k for k, v in ACCURACIES.items() if v == ACCURACY)
+
+
+def set_accuracy(name: str) -> str:
+    """Set the fused ops' arithmetic ("exact" or "int8") for this process; returns the previous one."""
+    global ACCURACY
+    if name not in ACCURACIES:
+        raise ValueError(f"accuracy must be one of {sorted(ACCURACIES)}, got {name!r}")
+    before = accuracy()
+    ACCURACY = ACCURACIES[name]
+    return before
+
+
+@contextlib.contextmanager
+def use_accuracy(name: str):
+    """``set_accuracy`` inside the block only (tests that assert parity with a float model use "exact")."""
+    before = set_accuracy(name)
+    try:
+        yield
+    finally:
+        set_accuracy(before)
 
 
 def enabled() -> bool:

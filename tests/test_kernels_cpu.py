@@ -70,19 +70,6 @@ def test_op_matches_dequantize_reference(bits, group, sym):
     print(f"b={bits} g={group} sym={sym}: last rel err {err:.2e}")
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
-def test_packed_linear_every_width_matches_reference(bits):
-    """``cpu_packed_linear`` (exact) for every width 1..8, groups of 16-code units (16 lanes) and of 8 (8 lanes)."""
-    for group, sym in ((32, True), (64, False), (24, False), (None, True)):
-        k = 192
-        p, s, z = _group(bits, 1, 40, k, group or k, sym, seed=bits)
-        for t in (1, 3, 9):
-            x = torch.randn(t, k)
-            out = torch.ops.moe_export.cpu_packed_linear(x, p[0], s[0], None if z is None else z[0], bits)
-            err = _rel_err(out, x, torch.zeros(t, dtype=torch.long), p, s, z, bits)
-            assert err < TOL, f"b={bits} g={group} sym={sym} T={t}: rel err {err:.3g}"
-
-
 @pytest.mark.parametrize("bits", [1, 3, 6, 8])
 def test_packed_gather_is_the_layout_dequantize(ext, bits):
     """Embedding rows from the core's ``packed_gather``: bit-exact with ``runtime.layout.dequantize_packed``."""
@@ -224,7 +211,7 @@ def _packed_weight(bits, n, k, g, sym, seed=0):
     return p[0], s[0], None if z is None else z[0]
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("group", [32, 64, 128, None, 24])
 @pytest.mark.parametrize("sym", [True, False])
 def test_packed_linear_matches_reference(bits, group, sym):

@@ -22,6 +22,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -144,11 +145,39 @@ inline const PathChoice& path_choice() {
 
 }  // namespace detail
 
-// The path the kernels run (forced by MOE_EXPORT_CPU_PATH, else the best the CPU has).
-inline Path active_path() { return detail::path_choice().error ? Path::Scalar : detail::path_choice().path; }
+namespace detail {
+inline std::atomic<int>& path_override() {
+  static std::atomic<int> p{-1};  // set_path(); -1: the environment's choice
+  return p;
+}
+}  // namespace detail
+
+// The path the kernels run: set_path()'s, else MOE_EXPORT_CPU_PATH's, else the best the CPU has.
+inline Path active_path() {
+  const int o = detail::path_override().load(std::memory_order_relaxed);
+  if (o >= 0) return static_cast<Path>(o);
+  return detail::path_choice().error ? Path::Scalar : detail::path_choice().path;
+}
+
+// Switch the path for the rest of the process (tests compare paths in one process): nullptr on success, else
+// why not (an unknown name, or a path this CPU lacks). "" restores the environment's choice.
+inline const char* set_path(const char* name) {
+  if (!name || !*name) return detail::path_override().store(-1), nullptr;
+  const std::pair<const char*, Path> names[] = {
+      {"scalar", Path::Scalar}, {"avx2", Path::Avx2}, {"avx-vnni", Path::AvxVnni}, {"avx512-vnni", Path::Avx512Vnni}};
+  for (const auto& n : names)
+    if (std::strcmp(name, n.first) == 0) {
+      if (!detail::cpu_has(n.second)) return "this CPU (or this build) lacks that path";
+      detail::path_override().store(int(n.second));
+      return nullptr;
+    }
+  return "the path must be one of scalar, avx2, avx-vnni, avx512-vnni";
+}
 
 // nullptr, or why MOE_EXPORT_CPU_PATH cannot be honoured: the host raises it before calling a kernel.
-inline const char* path_error() { return detail::path_choice().error; }
+inline const char* path_error() {
+  return detail::path_override().load(std::memory_order_relaxed) >= 0 ? nullptr : detail::path_choice().error;
+}
 
 inline const char* path_name(Path p) {
   switch (p) {
@@ -540,6 +569,8 @@ inline void rows_range_scalar(const uint8_t* base, const uint16_t* sbase, const 
 // Rows (pairs of one expert, or input rows of a linear) that share one pass over a weight: the 16-lane path
 // keeps 8 accumulators and 8 group partials in its 32 registers, the 8-lane path 4 of each in 16.
 constexpr int kMaxRows = 8;
+// Activation rows per pass of the int8 kernels (prefill: the codes of a weight row are cut once per batch).
+constexpr int kMaxInt8Rows = 64;
 // Output rows per task of the host's parallel loop: decode's projections (>= 1024 rows) split across threads.
 constexpr int64_t kRowBlock = 16;
 
@@ -687,11 +718,50 @@ inline void quantize_row(const float* x, int64_t K, int64_t g, int8_t* q, int16_
   }
 }
 
+#ifdef MOE_CORE_X86
+// quantize_row with 8 lanes: the same max, product and round-half-even (vroundps), so the same codes.
+MOE_T_AVX2 inline void quantize_row_avx2(const float* x, int64_t K, int64_t g, int8_t* q, int16_t* q16, float* scale,
+                                         float* qsum) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t b = 0; b < K / g; ++b) {
+    const float* xb = x + b * g;
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t i = 0; i < g; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xb + i), absmask));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t i = 0; i < g; i += 8) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + i), vinv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i vi = _mm256_cvtps_epi32(r);
+      sum = _mm256_add_epi32(sum, vi);
+      const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(vi), _mm256_extracti128_si256(vi, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q16 + b * g + i), p16);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + b * g + i), _mm_packs_epi16(p16, p16));
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    scale[b] = amax / 127.f;
+    qsum[b] = float(_mm_cvtsi128_si32(s4));
+  }
+}
+#endif
+
 inline QuantRow quantize_into(QuantBuf& buf, int r, const float* x, int64_t K, int64_t g) {
   int8_t* q = buf.q.data() + r * buf.kp;
   int16_t* q16 = buf.q16.data() + r * buf.kp;
   float* sc = buf.scale.data() + r * buf.gp;
   float* qs = buf.qsum.data() + r * buf.gp;
+#ifdef MOE_CORE_X86
+  if (active_path() != Path::Scalar) {
+    quantize_row_avx2(x, K, g, q, q16, sc, qs);
+    return QuantRow{q, q16, sc, qs};
+  }
+#endif
   quantize_row(x, K, g, q, q16, sc, qs);
   return QuantRow{q, q16, sc, qs};
 }
@@ -731,6 +801,290 @@ inline void int8_dots_scalar(const uint8_t* prow, const int8_t* xq, int64_t G, i
   }
 }
 
+#ifdef MOE_CORE_X86
+// ---------------------------------------------------------------- int8, AVX-512 VNNI: 64 codes per vector
+
+// 64 codes of B bits (8B bytes, LSB-first) as 64 bytes: vpermb spreads the 8 units of B bytes into the 8
+// qwords, vpmultishiftqb moves the byte starting at bit j*B of each qword into its byte j, one AND keeps B
+// bits. The load is masked to the unit's bytes (lm), so nothing past the row is read.
+template <int B>
+struct Codes64Tables {
+  uint8_t perm[64], ctrl[64];
+  constexpr Codes64Tables() : perm(), ctrl() {
+    for (int i = 0; i < 8; ++i)
+      for (int k = 0; k < 8; ++k) perm[8 * i + k] = uint8_t(B * i + k), ctrl[8 * i + k] = uint8_t(k * B);
+  }
+};
+
+template <int B>
+MOE_T_AVX512 inline __m512i codes64(const uint8_t* p, __mmask64 lm, __m512i perm, __m512i ctrl, __m512i mask) {
+  const __m512i v = _mm512_maskz_loadu_epi8(lm, p);
+  if constexpr (B == 8) {
+    return v;
+  } else {
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, _mm512_permutexvar_epi8(perm, v)), mask);
+  }
+}
+
+// Lanes 0-7: pair sums of a's lanes; lanes 8-15: of b's (integer adds: any order is exact).
+MOE_T_AVX512 inline __m512i pairsum512(__m512i a, __m512i b) {
+  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return _mm512_add_epi32(_mm512_permutex2var_epi32(a, ev, b), _mm512_permutex2var_epi32(a, od, b));
+}
+
+// The canonical fold of 16 float lanes (int8_combine_scalar): + [i + 8], + [i + 4], + [i + 2], + [i + 1].
+MOE_T_AVX512 inline float fold16(__m512 acc) {
+  const __m256 lo = _mm512_castps512_ps256(acc);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// One weight row against one quantized row, groups of 32 (two per vector) or of a multiple of 64 codes. The
+// exact dots of 16 groups land in one vector (lane = group) through a pair-sum tree, then int8_combine's
+// float steps run on the 16 lanes at once.
+// UNPACKED: `prow` is the row already cut into one byte per code (unpack_row_512), for rows that meet several
+// activation rows (prefill): the codes are cut once per weight row instead of once per activation row.
+template <int B, bool UNPACKED>
+MOE_T_AVX512 inline float int8_row_512(const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, float zc,
+                                       const QuantRow& xq, int64_t G, int64_t g) {
+  static constexpr Codes64Tables<B> tab{};
+  const __m512i perm = _mm512_loadu_si512(tab.perm), ctrl = _mm512_loadu_si512(tab.ctrl);
+  const __m512i mask = _mm512_set1_epi8(char(B == 8 ? 0xff : (1 << B) - 1));
+  const __mmask64 full = B == 8 ? ~__mmask64(0) : (__mmask64(1) << (8 * B)) - 1;
+  const __mmask64 half = (__mmask64(1) << (4 * B)) - 1;  // 32 codes
+  const int64_t gb = g * B / 8;                             // bytes per group
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < G; g0 += 16) {
+    __m512i v[16];
+    __m512i idot;
+    if (g == 32) {  // vector c: groups g0 + 2c (lanes 0-7) and g0 + 2c + 1 (lanes 8-15)
+      for (int c = 0; c < 8; ++c) {
+        const int64_t gi = g0 + 2 * c;
+        if (gi >= G) {
+          v[c] = _mm512_setzero_si512();
+          continue;
+        }
+        const __m512i codes = UNPACKED ? _mm512_loadu_si512(prow + gi * 32)
+                                       : codes64<B>(prow + gi * gb, gi + 1 < G ? full : half, perm, ctrl, mask);
+        v[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xq.q + gi * 32));
+      }
+      const __m512i p0 = pairsum512(v[0], v[1]), p1 = pairsum512(v[2], v[3]);
+      const __m512i p2 = pairsum512(v[4], v[5]), p3 = pairsum512(v[6], v[7]);
+      idot = pairsum512(pairsum512(p0, p1), pairsum512(p2, p3));
+    } else {  // g % 64 == 0: vector c is group g0 + c
+      const int64_t steps = g / 64;
+      for (int c = 0; c < 16; ++c) {
+        const int64_t gi = g0 + c;
+        __m512i a = _mm512_setzero_si512();
+        if (gi < G)
+          for (int64_t u = 0; u < steps; ++u)
+            a = _mm512_dpbusd_epi32(a,
+                                    UNPACKED ? _mm512_loadu_si512(prow + gi * g + u * 64)
+                                             : codes64<B>(prow + gi * gb + u * 8 * B, full, perm, ctrl, mask),
+                                    _mm512_loadu_si512(xq.q + gi * g + u * 64));
+        v[c] = a;
+      }
+      __m512i q[8];
+      for (int i = 0; i < 8; ++i) q[i] = pairsum512(v[2 * i], v[2 * i + 1]);
+      const __m512i r0 = pairsum512(q[0], q[1]), r1 = pairsum512(q[2], q[3]);
+      const __m512i r2 = pairsum512(q[4], q[5]), r3 = pairsum512(q[6], q[7]);
+      idot = pairsum512(pairsum512(r0, r1), pairsum512(r2, r3));
+    }
+    const int64_t ng = std::min<int64_t>(16, G - g0);
+    const __mmask16 m = ng == 16 ? __mmask16(0xffff) : __mmask16((1u << ng) - 1);
+    const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, srow + g0));
+    const __m512 z = zrow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, zrow + g0)) : _mm512_set1_ps(zc);
+    const __m512 d = _mm512_mul_ps(sw, _mm512_loadu_ps(xq.scale + g0));
+    const __m512 t = _mm512_fnmadd_ps(z, _mm512_loadu_ps(xq.qsum + g0), _mm512_cvtepi32_ps(idot));
+    acc = _mm512_fmadd_ps(d, t, acc);
+  }
+  return fold16(acc);
+}
+
+// One weight row of K codes (K a multiple of 32) as K bytes; `out` holds K rounded up to 64 (zeros past K).
+template <int B>
+MOE_T_AVX512 inline void unpack_row_512(const uint8_t* prow, int64_t K, uint8_t* out) {
+  static constexpr Codes64Tables<B> tab{};
+  const __m512i perm = _mm512_loadu_si512(tab.perm), ctrl = _mm512_loadu_si512(tab.ctrl);
+  const __m512i mask = _mm512_set1_epi8(char(B == 8 ? 0xff : (1 << B) - 1));
+  const __mmask64 full = B == 8 ? ~__mmask64(0) : (__mmask64(1) << (8 * B)) - 1;
+  const __mmask64 half = (__mmask64(1) << (4 * B)) - 1;
+  for (int64_t c = 0; c * 64 < K; ++c)
+    _mm512_storeu_si512(out + c * 64, codes64<B>(prow + c * 8 * B, K - c * 64 >= 64 ? full : half, perm, ctrl, mask));
+}
+
+template <int B>
+MOE_T_AVX512 inline void int8_range_512(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase,
+                                        int64_t row_bytes, int64_t G, int64_t g, int R, const QuantRow* xq,
+                                        float* const* y, int64_t n0, int64_t n1) {
+  const float zc = symmetric_zero(B);
+  if (R == 1) {
+    for (int64_t n = n0; n < n1; ++n)
+      y[0][n] = int8_row_512<B, false>(base + n * row_bytes, sbase + n * G, zbase ? zbase + n * G : nullptr, zc, xq[0],
+                                       G, g);
+    return;
+  }
+  static thread_local std::vector<uint8_t> codes;
+  codes.resize(size_t(pad_to(G * g, 64)));
+  for (int64_t n = n0; n < n1; ++n) {
+    unpack_row_512<B>(base + n * row_bytes, G * g, codes.data());
+    for (int r = 0; r < R; ++r)
+      y[r][n] = int8_row_512<B, true>(codes.data(), sbase + n * G, zbase ? zbase + n * G : nullptr, zc, xq[r], G, g);
+  }
+}
+
+// ---------------------------------------------------------------- int8, AVX2 / AVX-VNNI: 16 codes per vector
+
+// 16 codes of B bits (2B bytes) as 16 int16: the unit is broadcast to both 128-bit halves, vpshufb puts the two
+// bytes holding code j into word j, a multiply by 2^(8 - (jB mod 8)) and a shift by 8 align it, one AND keeps
+// B bits. SAFE copies the unit first (the 16-byte load would read past the end of the weight).
+template <int B>
+struct Codes16Tables {
+  int8_t shuf[32];
+  int16_t mul[16];
+  constexpr Codes16Tables() : shuf(), mul() {
+    for (int j = 0; j < 16; ++j) {
+      const int byte = (j * B) >> 3;
+      shuf[2 * j] = int8_t(byte);
+      shuf[2 * j + 1] = byte + 1 < 16 ? int8_t(byte + 1) : int8_t(-128);
+      mul[j] = int16_t(1 << (8 - ((j * B) & 7)));
+    }
+  }
+};
+
+template <int B, bool SAFE>
+MOE_T_AVX2 inline __m256i codes16_i16(const uint8_t* p, __m256i shuf, __m256i mul, __m256i mask) {
+  __m128i raw;
+  if constexpr (SAFE) {
+    alignas(16) uint8_t tmp[16] = {0};
+    std::memcpy(tmp, p, 2 * B);
+    raw = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+  } else {
+    raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  }
+  if constexpr (B == 8) {
+    return _mm256_cvtepu8_epi16(raw);
+  } else {
+    const __m256i v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), shuf);
+    return _mm256_and_si256(_mm256_srli_epi16(_mm256_mullo_epi16(v, mul), 8), mask);
+  }
+}
+
+// 8 vectors of 8 int32 -> their 8 lane sums, in order.
+MOE_T_AVX2 inline __m256i hsum8x8(const __m256i* v) {
+  const __m256i t0 = _mm256_hadd_epi32(v[0], v[1]), t1 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i t2 = _mm256_hadd_epi32(v[4], v[5]), t3 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+// int8_combine's float steps for 8 lanes (groups g0 .. g0+7; lanes past G get scale 0).
+MOE_T_AVX2 inline __m256 int8_combine8(__m256 acc, __m256i idot, const uint16_t* srow, const uint16_t* zrow, float zc,
+                                       const QuantRow& xq, int64_t g0, int64_t G) {
+  const int64_t ng = std::min<int64_t>(8, G - g0);
+  __m128i sh, zh = _mm_setzero_si128();
+  if (ng == 8) {
+    sh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + g0));
+    if (zrow) zh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zrow + g0));
+  } else {
+    alignas(16) uint16_t st[8] = {0}, zt[8] = {0};
+    if (ng > 0) std::memcpy(st, srow + g0, size_t(ng) * 2);
+    if (zrow && ng > 0) std::memcpy(zt, zrow + g0, size_t(ng) * 2);
+    sh = _mm_load_si128(reinterpret_cast<const __m128i*>(st));
+    zh = _mm_load_si128(reinterpret_cast<const __m128i*>(zt));
+  }
+  const __m256 z = zrow ? _mm256_cvtph_ps(zh) : _mm256_set1_ps(zc);
+  const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(sh), _mm256_loadu_ps(xq.scale + g0));
+  const __m256 t = _mm256_fnmadd_ps(z, _mm256_loadu_ps(xq.qsum + g0), _mm256_cvtepi32_ps(idot));
+  return _mm256_fmadd_ps(d, t, acc);
+}
+
+MOE_T_AVX2 inline float fold8x2(__m256 lo, __m256 hi) {
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// The AVX2 and AVX-VNNI int8 row kernels differ only in the 16-product step (vpmaddwd + vpaddd, or one
+// vpdpwssd) and in their target; one macro writes both so the step inlines into each.
+//   NAME_dots8: groups g0 .. g0+7 of one row, their exact dots (lane = group)
+//   NAME_row:   one weight row against one quantized row, groups of a multiple of 16 codes (canonical lanes
+//               0-7 in `lo`, 8-15 in `hi`)
+#define MOE_CORE_INT8_LANES8(NAME, ATTR, DOT)                                                                       \
+  template <int B>                                                                                                \
+  ATTR inline __m256i NAME##_dots8(const uint8_t* prow, int64_t row_bytes, const int16_t* xq, int64_t g0,          \
+                                   int64_t G, int64_t g) {                                                         \
+    static constexpr Codes16Tables<B> tab{};                                                                      \
+    const __m256i shuf = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab.shuf));                          \
+    const __m256i mul = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab.mul));                            \
+    const __m256i mask = _mm256_set1_epi16(int16_t(B == 8 ? 0xff : (1 << B) - 1));                                \
+    __m256i v[8];                                                                                                 \
+    const int64_t steps = g / 16;                                                                                 \
+    for (int c = 0; c < 8; ++c) {                                                                                 \
+      const int64_t gi = g0 + c;                                                                                  \
+      __m256i a = _mm256_setzero_si256();                                                                         \
+      if (gi < G) {                                                                                               \
+        for (int64_t u = 0; u < steps; ++u) {                                                                     \
+          const int64_t off = (gi * steps + u) * 2 * B;                                                           \
+          const __m256i codes =                                                                                   \
+              off + 16 <= row_bytes ? codes16_i16<B, false>(prow + off, shuf, mul, mask)                          \
+                                    : codes16_i16<B, true>(prow + off, shuf, mul, mask);                          \
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + gi * g + u * 16));          \
+          a = DOT(a, codes, xv);                                                                                  \
+        }                                                                                                         \
+      }                                                                                                           \
+      v[c] = a;                                                                                                   \
+    }                                                                                                             \
+    return hsum8x8(v);                                                                                            \
+  }                                                                                                               \
+  template <int B>                                                                                                \
+  ATTR inline void NAME##_range(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase,                 \
+                                int64_t row_bytes, int64_t G, int64_t g, int R, const QuantRow* xq, float* const* y, \
+                                int64_t n0, int64_t n1) {                                                          \
+    const float zc = symmetric_zero(B);                                                                           \
+    for (int64_t n = n0; n < n1; ++n) {                                                                           \
+      const uint8_t* prow = base + n * row_bytes;                                                                 \
+      const uint16_t* srow = sbase + n * G;                                                                       \
+      const uint16_t* zrow = zbase ? zbase + n * G : nullptr;                                                     \
+      for (int r = 0; r < R; ++r) {                                                                               \
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();                                                \
+        for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                  \
+          lo = int8_combine8(lo, NAME##_dots8<B>(prow, row_bytes, xq[r].q16, g0, G, g), srow, zrow, zc, xq[r], g0, \
+                             G);                                                                                  \
+          if (g0 + 8 < G)                                                                                         \
+            hi = int8_combine8(hi, NAME##_dots8<B>(prow, row_bytes, xq[r].q16, g0 + 8, G, g), srow, zrow, zc,      \
+                               xq[r], g0 + 8, G);                                                                 \
+        }                                                                                                         \
+        y[r][n] = fold8x2(lo, hi);                                                                                \
+      }                                                                                                           \
+    }                                                                                                             \
+  }
+
+#define MOE_CORE_DOT_MADD(a, c, x) _mm256_add_epi32(a, _mm256_madd_epi16(c, x))
+#define MOE_CORE_DOT_VNNI(a, c, x) _mm256_dpwssd_avx_epi32(a, c, x)
+MOE_CORE_INT8_LANES8(int8_avx2, MOE_T_AVX2, MOE_CORE_DOT_MADD)
+MOE_CORE_INT8_LANES8(int8_avxvnni, MOE_T_AVXVNNI, MOE_CORE_DOT_VNNI)
+#undef MOE_CORE_DOT_MADD
+#undef MOE_CORE_DOT_VNNI
+#undef MOE_CORE_INT8_LANES8
+#endif  // MOE_CORE_X86
+
+// The int8 kernel family for a weight on the active path: 64-code vectors need groups of 32 or of whole 64s,
+// 16-code vectors groups of whole 16s; anything else runs the scalar loop (the same integer arithmetic).
+enum class Int8Kind { Scalar, Avx2, AvxVnni, Avx512 };
+
+inline Int8Kind int8_kind(const PackedWeight& w) {
+  const Path p = active_path();
+  if (p == Path::Avx512Vnni && (w.group == 32 || w.group % 64 == 0)) return Int8Kind::Avx512;
+  if (p != Path::Scalar && w.group % 16 == 0) return p == Path::AvxVnni ? Int8Kind::AvxVnni : Int8Kind::Avx2;
+  return Int8Kind::Scalar;
+}
+
 template <int B>
 inline void int8_range_scalar(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase, int64_t row_bytes,
                               int64_t G, int64_t g, int R, const QuantRow* xq, float* const* y, int64_t n0,
@@ -754,9 +1108,29 @@ inline void int8_rows_gemv(const PackedWeight& w, int64_t slot, int R, const Qua
   const uint8_t* base = w.codes + slot * N * row_bytes;
   const uint16_t* sbase = w.scale + slot * N * G;
   const uint16_t* zbase = w.zero ? w.zero + slot * N * G : nullptr;
-  for_row_blocks(N, par, [&](int64_t n0, int64_t n1) {
-    int8_range_scalar<B>(base, sbase, zbase, row_bytes, G, g, R, xq, y, n0, n1);
-  });
+  switch (int8_kind(w)) {
+#ifdef MOE_CORE_X86
+    case Int8Kind::Avx512:
+      for_row_blocks(N, par, [&](int64_t n0, int64_t n1) {
+        int8_range_512<B>(base, sbase, zbase, row_bytes, G, g, R, xq, y, n0, n1);
+      });
+      return;
+    case Int8Kind::AvxVnni:
+      for_row_blocks(N, par, [&](int64_t n0, int64_t n1) {
+        int8_avxvnni_range<B>(base, sbase, zbase, row_bytes, G, g, R, xq, y, n0, n1);
+      });
+      return;
+    case Int8Kind::Avx2:
+      for_row_blocks(N, par, [&](int64_t n0, int64_t n1) {
+        int8_avx2_range<B>(base, sbase, zbase, row_bytes, G, g, R, xq, y, n0, n1);
+      });
+      return;
+#endif
+    default:
+      for_row_blocks(N, par, [&](int64_t n0, int64_t n1) {
+        int8_range_scalar<B>(base, sbase, zbase, row_bytes, G, g, R, xq, y, n0, n1);
+      });
+  }
 }
 
 template <class Par>
@@ -789,10 +1163,12 @@ inline Scratch& scratch() {
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
-// out[t] = sum_j y[t*k + j] * w[t*k + j] over the top-k pairs of token t, in order j.
-inline void weighted_sum(float* out, const float* y, const float* w, int64_t T, int64_t k, int64_t H) {
+// out[t] = sum_j y[t*k + j] * w[t*k + j] over the top-k pairs of token t, in order j. `fused`: one rounding per
+// term (fma; what the vector builds always did, and the int8 arithmetic on every path), else multiply, then add
+// (the exact arithmetic on the scalar path, as the portable build did).
+inline void weighted_sum(float* out, const float* y, const float* w, int64_t T, int64_t k, int64_t H, bool fused) {
 #ifdef MOE_CORE_X86
-  if (active_path() != Path::Scalar) {  // the vector builds fused the multiply-add (one rounding per term)
+  if (active_path() != Path::Scalar) {
     std::vector<const float*> rows(static_cast<size_t>(k));
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t j = 0; j < k; ++j) rows[j] = y + (t * k + j) * H;
@@ -807,7 +1183,11 @@ inline void weighted_sum(float* out, const float* y, const float* w, int64_t T, 
     for (int64_t j = 0; j < k; ++j) {
       const float wt = w[t * k + j];
       const float* yr = y + (t * k + j) * H;
-      for (int64_t h = 0; h < H; ++h) o[h] += yr[h] * wt;
+      if (fused) {
+        for (int64_t h = 0; h < H; ++h) o[h] = std::fma(yr[h], wt, o[h]);
+      } else {
+        for (int64_t h = 0; h < H; ++h) o[h] += yr[h] * wt;
+      }
     }
   }
 }
@@ -825,12 +1205,13 @@ void packed_linear(const float* x, int64_t M, const PackedWeight& w, float* y, A
   const float* src[kMaxRows];
   float* yout[kMaxRows];
   if (acc == Accuracy::Int8) {
-    QuantRow xq[kMaxRows];
-    sc.qx.resize(kMaxRows, K, w.group);
-    for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
-      const int n = int(std::min<int64_t>(kMaxRows, M - r0));
-      for (int i = 0; i < n; ++i) xq[i] = quantize_into(sc.qx, i, x + (r0 + i) * K, K, w.group), yout[i] = y + (r0 + i) * N;
-      int8_gemv(w, 0, n, xq, yout, par);
+    std::vector<QuantRow> xq(kMaxInt8Rows);
+    std::vector<float*> yo(kMaxInt8Rows);
+    sc.qx.resize(int(std::min<int64_t>(kMaxInt8Rows, M)), K, w.group);
+    for (int64_t r0 = 0; r0 < M; r0 += kMaxInt8Rows) {
+      const int n = int(std::min<int64_t>(kMaxInt8Rows, M - r0));
+      for (int i = 0; i < n; ++i) xq[i] = quantize_into(sc.qx, i, x + (r0 + i) * K, K, w.group), yo[i] = y + (r0 + i) * N;
+      int8_gemv(w, 0, n, xq.data(), yo.data(), par);
     }
     return;
   }
@@ -857,16 +1238,19 @@ void moe_ffn(const float* x, int64_t T, int64_t H, const int64_t* topk_ids, cons
   using namespace detail;
   (void)n_groups;
   const int64_t S = T * k, I = gate_up[0].rows / 2;
+  // Pairs of one expert per pass over its packed rows: the exact kernels keep kMaxRows accumulators in
+  // registers; the int8 kernels cut each weight row once per batch (prefill) and take up to kMaxInt8Rows.
+  const int cap = acc == Accuracy::Int8 ? kMaxInt8Rows : kMaxRows;
   Scratch& sc = scratch();
   const int64_t Gmax = std::max<int64_t>(H, I) / 8;  // a group holds at least 8 values
-  sc.xs.resize(size_t(kMaxRows) * H);
-  sc.sums.resize(size_t(kMaxRows) * Gmax);
-  sc.h.resize(size_t(kMaxRows) * 2 * I);
-  sc.a.resize(size_t(kMaxRows) * I);
-  sc.as.resize(size_t(kMaxRows) * I);
-  sc.asums.resize(size_t(kMaxRows) * Gmax);
+  sc.xs.resize(size_t(cap) * H);
+  sc.sums.resize(size_t(cap) * Gmax);
+  sc.h.resize(size_t(cap) * 2 * I);
+  sc.a.resize(size_t(cap) * I);
+  sc.as.resize(size_t(cap) * I);
+  sc.asums.resize(size_t(cap) * Gmax);
   sc.y.resize(size_t(S) * H);
-  // pairs grouped by expert, up to kMaxRows per batch: a batch reads each weight row once
+  // pairs grouped by expert, up to `cap` per batch: a batch reads each weight row once
   sc.order.clear();
   std::vector<bool> done(size_t(S), false);
   std::vector<std::pair<int64_t, int>> batches;  // (first index into order, size)
@@ -878,22 +1262,21 @@ void moe_ffn(const float* x, int64_t T, int64_t H, const int64_t* topk_ids, cons
       if (done[t] || topk_ids[t] != topk_ids[s]) continue;
       done[t] = true;
       sc.order.push_back(t);
-      if (++cnt == kMaxRows) batches.emplace_back(start, cnt), start += cnt, cnt = 0;
+      if (++cnt == cap) batches.emplace_back(start, cnt), start += cnt, cnt = 0;
     }
     if (cnt) batches.emplace_back(start, cnt);
   }
-  // Int8: each token's row is quantized once per gate_up group size and shared by all its experts.
-  std::vector<int64_t> qx_group;  // the group size each token quantization in sc.qx uses
+  // Int8: each token's row is quantized once (blocks of the first width group's group size) and shared by all
+  // its experts; a width group with another group size quantizes its own blocks.
+  const int64_t g_up = gate_up[0].group;
   if (acc == Accuracy::Int8) {
-    sc.qx.resize(int(T), H, gate_up[0].group);
-    for (int64_t t = 0; t < T; ++t) quantize_into(sc.qx, int(t), x + t * H, H, gate_up[0].group);
+    sc.qx.resize(int(T), H, g_up);
+    for (int64_t t = 0; t < T; ++t) quantize_into(sc.qx, int(t), x + t * H, H, g_up);
   }
-  const float* src[kMaxRows];
-  const float* xin[kMaxRows];
-  const float* xsum[kMaxRows];
-  float* hout[kMaxRows];
-  float* yout[kMaxRows];
-  QuantRow xq[kMaxRows];
+  std::vector<const float*> src(cap), xin(cap), xsum(cap);
+  std::vector<float*> hout(cap), yout(cap);
+  std::vector<QuantRow> xq(cap);
+  QuantBuf other;
   for (const auto& bt : batches) {
     const int R = bt.second;
     const int64_t* pairs = sc.order.data() + bt.first;
@@ -902,21 +1285,17 @@ void moe_ffn(const float* x, int64_t T, int64_t H, const int64_t* topk_ids, cons
     const PackedWeight& gd = down[expert_group[e]];
     for (int r = 0; r < R; ++r) src[r] = x + (pairs[r] / k) * H, hout[r] = sc.h.data() + r * 2 * I;
     if (acc == Accuracy::Int8) {
-      QuantBuf tmp;
+      if (gu.group != g_up) other.resize(R, H, gu.group);
       for (int r = 0; r < R; ++r) {
         const int64_t t = pairs[r] / k;
-        if (gu.group == gate_up[0].group) {
-          xq[r] = QuantRow{sc.qx.q.data() + t * sc.qx.kp, sc.qx.q16.data() + t * sc.qx.kp,
-                           sc.qx.scale.data() + t * sc.qx.gp, sc.qx.qsum.data() + t * sc.qx.gp};
-        } else {  // a width group with another group size: its own blocks
-          if (tmp.q.empty()) tmp.resize(R, H, gu.group);
-          xq[r] = quantize_into(tmp, r, src[r], H, gu.group);
-        }
+        xq[r] = gu.group == g_up ? QuantRow{sc.qx.q.data() + t * sc.qx.kp, sc.qx.q16.data() + t * sc.qx.kp,
+                                            sc.qx.scale.data() + t * sc.qx.gp, sc.qx.qsum.data() + t * sc.qx.gp}
+                                 : quantize_into(other, r, src[r], H, gu.group);
       }
-      int8_gemv(gu, expert_slot[e], R, xq, hout, par);
+      int8_gemv(gu, expert_slot[e], R, xq.data(), hout.data(), par);
     } else {
-      prepare_rows(src, R, gu, sc.xs.data(), sc.sums.data(), xin, xsum);
-      exact_gemv(gu, expert_slot[e], R, xin, xsum, hout, par);
+      prepare_rows(src.data(), R, gu, sc.xs.data(), sc.sums.data(), xin.data(), xsum.data());
+      exact_gemv(gu, expert_slot[e], R, xin.data(), xsum.data(), hout.data(), par);
     }
     for (int r = 0; r < R; ++r) {
       const float* hr = hout[r];
@@ -928,13 +1307,13 @@ void moe_ffn(const float* x, int64_t T, int64_t H, const int64_t* topk_ids, cons
     if (acc == Accuracy::Int8) {
       sc.qa.resize(R, I, gd.group);
       for (int r = 0; r < R; ++r) xq[r] = quantize_into(sc.qa, r, src[r], I, gd.group);
-      int8_gemv(gd, expert_slot[e], R, xq, yout, par);
+      int8_gemv(gd, expert_slot[e], R, xq.data(), yout.data(), par);
     } else {
-      prepare_rows(src, R, gd, sc.as.data(), sc.asums.data(), xin, xsum);
-      exact_gemv(gd, expert_slot[e], R, xin, xsum, yout, par);
+      prepare_rows(src.data(), R, gd, sc.as.data(), sc.asums.data(), xin.data(), xsum.data());
+      exact_gemv(gd, expert_slot[e], R, xin.data(), xsum.data(), yout.data(), par);
     }
   }
-  weighted_sum(y, sc.y.data(), topk_weights, T, k, H);
+  weighted_sum(y, sc.y.data(), topk_weights, T, k, H, acc == Accuracy::Int8);
 }
 
 namespace detail {

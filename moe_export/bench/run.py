@@ -207,6 +207,8 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
             res["peers"]["ort MatMulNBits int4 g32"] = {"error": f"{type(err).__name__}: {err}"[:200]}
 
     builder.join()
+    res["settings"]["kernel_path"] = cpu_ops.kernel_path()  # which vector path the C++ kernels run
+    res["settings"]["accuracy"] = cpu_ops.accuracy()  # their arithmetic: exact fp32 or int8 activations
     echo("[4/8] latency (interleaved, median)")
     gen = torch.Generator().manual_seed(0)
     vocab = fmodel.config.vocab_size

@@ -10,10 +10,18 @@
 Nothing here registers anything at import: call :func:`register` (``quantize_`` and ``load_quantized`` do).
 """
 
+from __future__ import annotations
 
-def register() -> None:
+
+def register(accuracy: str | None = None) -> None:
     """Register the ``moe_export_mixed`` experts implementation and the subclasses' transformers ops with
-    transformers (idempotent)."""
+    transformers (idempotent). ``accuracy`` ("exact" or "int8"), when given, sets the arithmetic of the CPU
+    kernels for this process (``moe_export.kernels.cpu_ops.set_accuracy``; default: ``MOE_EXPORT_ACCURACY``, else
+    ``cpu_ops.DEFAULT_ACCURACY``)."""
     from moe_export.runtime.hf import register as _register
 
     _register()
+    if accuracy is not None:
+        from moe_export.kernels import cpu_ops
+
+        cpu_ops.set_accuracy(accuracy)

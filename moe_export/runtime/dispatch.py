@@ -166,6 +166,7 @@ def fused_cpu_forward(self, hidden_states, top_k_index, top_k_weights):
         [getattr(up, f"packed_{b}") for b in widths], [getattr(up, f"scale_{b}") for b in widths],
         [getattr(up, f"zero_{b}") for b in widths], [getattr(down, f"packed_{b}") for b in widths],
         [getattr(down, f"scale_{b}") for b in widths], [getattr(down, f"zero_{b}") for b in widths],
+        cpu_ops.ACCURACY,
     )
 
 
@@ -323,7 +324,7 @@ def packed_linear(
     """``x @ W.T + bias`` for one packed 2-D weight (``PackedLinearWeight``'s linear)."""
     how = select_linear(x, bits, k)
     if how == "cpu_linear":
-        out = torch.ops.moe_export.cpu_packed_linear(x, packed, scale, zero, bits)
+        out = torch.ops.moe_export.cpu_packed_linear(x, packed, scale, zero, bits, cpu_ops.ACCURACY)
     elif how == "matvec":
         rows = x.numel() // k
         out = packed_matvec(
