@@ -273,6 +273,20 @@ def check_output_folder(out: str | os.PathLike, sources=(), ours=None, partial: 
                                 "pass -o a new or empty folder")
 
 
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock file ``path`` (created if needed); a second holder waits. For builds that several processes
+    may start at once (zoo models, the kernel library): the later ones wait, then find the work done."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 _LOCK_NAME = ".moe_export.lock"
 
 

@@ -37,7 +37,8 @@ def exporting() -> Iterator[None]:
 
 @contextlib.contextmanager
 def executorch_first_run() -> Iterator[None]:
-    """Around the first ExecuTorch method execution of a process: drop the runtime's CPU-probe log lines
+    """Around the first ExecuTorch method execution of a process, and around loading a method (an XNNPACK
+    delegate starts the threadpool there): drop the runtime's CPU-probe log lines
     (``_EXECUTORCH_CPUINFO``); everything else it writes to stderr is passed on unchanged afterwards."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

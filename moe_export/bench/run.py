@@ -34,8 +34,8 @@ BURST = 3  # timed calls per variant per round, after one untimed call (see late
 DEFAULT_NON_EXPERT = "attention=4,lm_head=8:row:sym"
 # xnnpack-int lowers one XNNPACK delegate per expert: minutes of ExecuTorch passes (tiny: 2 min, small-mixtral:
 # 6 min on a busy 2-core machine), so --quick leaves it to the full run (or --pte-modes).
-QUICK_MODES = {"pte": ("packed",), "onnx": ("packed", "fast")}
-FULL_MODES = {"pte": ("packed", "xnnpack", "xnnpack-int"), "onnx": ("packed", "fast")}
+QUICK_MODES = {"pte": ("native",), "onnx": ("packed", "fast")}
+FULL_MODES = {"pte": ("native", "packed", "xnnpack", "xnnpack-int"), "onnx": ("packed", "fast")}
 
 
 def _group_size(model) -> int | None:

@@ -19,8 +19,8 @@ import click
 @click.option("--non-expert", default=None,
               help="Widths of non-expert weights, ROLE=float|BITS[:GROUP|row][:sym|asym] comma-separated, or 'float' "
                    "[default: attention=4,lm_head=8:row:sym].")
-@click.option("--pte-modes", default=None, help="Quantized .pte modes, comma-separated [default: packed quick; "
-                                                 "packed,xnnpack,xnnpack-int full].")
+@click.option("--pte-modes", default=None, help="Quantized .pte modes, comma-separated [default: native quick; "
+                                                 "native,packed,xnnpack,xnnpack-int full].")
 @click.option("--onnx-modes", default=None, help="Quantized .onnx modes, comma-separated [default: packed,fast].")
 @click.option("--no-peers", is_flag=True, help="Skip the torchao / onnxruntime peers.")
 @click.option("--no-rss", is_flag=True, help="Skip the peak-RSS subprocesses.")

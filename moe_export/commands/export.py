@@ -1,4 +1,4 @@
-"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode packed,xnnpack,xnnpack-int] [--onnx-mode packed,fast,qmoe]
+"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode native,packed,xnnpack,xnnpack-int] [--onnx-mode packed,fast,qmoe]
 [--float MODEL_DIR]``."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import click
 @click.argument("qdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--to", "targets", default="pte,onnx", show_default=True, help="Comma-separated targets: pte, onnx.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the artifacts.")
-@click.option("--pte-mode", "pte_modes", default="packed", show_default=True,
-              help="Comma-separated: packed (portable kernels, every expert at its width: smallest), xnnpack "
+@click.option("--pte-mode", "pte_modes", default="native", show_default=True,
+              help="Comma-separated: native (moe_export's ExecuTorch kernels read every packed weight at its width, "
+                   "routed experts only, float parts on XNNPACK: small and fast; the kernel library is built on "
+                   "first use and the runners load it), packed (portable kernels, every expert at its width), xnnpack "
                    "(same packed experts, XNNPACK delegate for the float ops) and/or xnnpack-int (int4-exact experts "
                    "on XNNPACK's int8-activation int4 kernel: fast, larger file, ~40-50 dB vs eager).")
 @click.option("--onnx-mode", "onnx_modes", default="packed", show_default=True,

@@ -2,6 +2,11 @@
 
 Modes (``PTE_MODES``):
 
+* ``native`` (the default): every packed weight runs in a ``moe_export`` ExecuTorch kernel straight from its
+  codes (:mod:`moe_export.export.native`): one ``mixed_width_moe`` per MoE block (routed experts only, each at its
+  own width), ``packed_linear`` for quantized linears, ``packed_embedding`` for a quantized table; the float parts
+  on XNNPACK. The program needs the kernel library at run time (``moe_export.kernels.et_native.load``; the
+  runners load it). Smallest file and the fastest .pte.
 * ``packed``: portable kernels only. Every expert keeps its own width in the file (packed bytes plus the
   in-graph unpack of :mod:`moe_export.export.experts`); smallest file, portable-kernel speed.
 * ``xnnpack``: same packed experts, and the XNNPACK delegate takes the float parts (attention, router,
@@ -26,7 +31,7 @@ import torch
 from moe_export.io import atomic_path
 from moe_export.quiet import exporting
 
-PTE_MODES = ("packed", "xnnpack", "xnnpack-int")
+PTE_MODES = ("native", "packed", "xnnpack", "xnnpack-int")
 
 
 def export_program(step: torch.nn.Module, max_tokens: int | None = None) -> torch.export.ExportedProgram:
@@ -41,7 +46,7 @@ def lower_to_executorch(ep: torch.export.ExportedProgram, mode: str = "packed"):
     if mode not in PTE_MODES:
         raise ValueError(f"unknown pte mode {mode!r}; choose one of {', '.join(PTE_MODES)}")
     partitioner = []
-    if mode in ("xnnpack", "xnnpack-int"):
+    if mode in ("native", "xnnpack", "xnnpack-int"):
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         partitioner = [XnnpackPartitioner()]
@@ -50,13 +55,17 @@ def lower_to_executorch(ep: torch.export.ExportedProgram, mode: str = "packed"):
     return edge.to_executorch()
 
 
-def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "packed", max_seq_len: int = 128) -> Path:
+def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "native", max_seq_len: int = 128) -> Path:
     """Write ``model`` (a model prepared by :func:`moe_export.export.prepare.prepare_for_export`, or any
     supported HF MoE model) as one decoder-step ``.pte``; returns the path."""
     from moe_export.export.wrapper import DecoderStep
 
     step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
-    if mode == "xnnpack-int":
+    if mode == "native":
+        from moe_export.export.native import to_native
+
+        step = to_native(step)
+    elif mode == "xnnpack-int":
         from torchao.utils import unwrap_tensor_subclass
 
         from moe_export.export.fast import to_xnnpack_int_experts
@@ -74,10 +83,14 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "pac
 
 
 def pte_ops(path_or_program) -> dict[str, int]:
-    """Operator inventory of a .pte: ``{"aten::bmm": 4, "XnnpackBackend": 3, ...}`` (delegates by backend id)."""
+    """Operator inventory of a .pte (a path, its bytes, or a deserialized program): ``{"aten::bmm": 4,
+    "XnnpackBackend": 3, ...}`` (delegates by backend id)."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    data = Path(path_or_program).read_bytes() if not hasattr(path_or_program, "execution_plan") else None
+    if isinstance(path_or_program, (bytes, bytearray)):
+        data = bytes(path_or_program)
+    else:
+        data = Path(path_or_program).read_bytes() if not hasattr(path_or_program, "execution_plan") else None
     program = deserialize_pte_binary(data).program if data is not None else path_or_program
     if hasattr(program, "program"):
         program = program.program
@@ -95,3 +108,17 @@ def pte_ops(path_or_program) -> dict[str, int]:
                     continue
                 counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def load_native_kernels_for(path_or_bytes) -> list[str]:
+    """Load the native kernel library (``moe_export.kernels.et_native``) when the program runs ``moe_export``
+    ops; returns those ops. Raises ``NativeKernelError`` (one line) when the library cannot be built or loaded."""
+    from moe_export.kernels.et_native import NativeKernelError, load
+
+    ours = sorted(op for op in pte_ops(path_or_bytes) if op.startswith("moe_export::"))
+    if ours:
+        try:
+            load()
+        except NativeKernelError as err:
+            raise NativeKernelError(f"this program runs {', '.join(ours)}: {err}") from None
+    return ours

@@ -8,6 +8,20 @@ export module that emits them calls it when it is built) instead of at import:
 Their only kernels are CompositeImplicitAutograd, written with the layout's exportable unpack and dequantize
 (``runtime.layout.unpack_codes`` / ``dequantize``): ExecuTorch sees plain aten ops after decomposition, while the
 ONNX exporter keeps the ops and translates them to ``com.microsoft::GatherBlockQuantized`` / ``MatMulNBits``.
+
+The native ``.pte`` ops, defined by :func:`define_native_ops` (``export.native`` calls it), stay whole in the
+program: each has a functional form (what ``torch.export`` traces: a CPU kernel and a fake one) and an ``.out``
+form (what ExecuTorch runs: the C++ kernels of ``kernels/et_ops.cpp``, loaded by ``moe_export.kernels.et_native``):
+
+    moe_export::mixed_width_moe(x [T, H], topk_ids [T, k], topk_weights [T, k], up_packed[], up_scale[],
+                                up_zero?[], down_packed[], down_scale[], down_zero?[], bits[], expert_bits[E],
+                                slots[E], accuracy) -> [T, H]        the routed SwiGLU experts of one MoE block
+    moe_export::packed_linear(x [..., K], packed [N, K*b/8], scale, zero?, bits, accuracy) -> [..., N]
+    moe_export::packed_embedding(ids [...], packed [V, H*b/8], scale, zero?, bits) -> [..., H]
+
+The lists hold one entry per width group (``bits`` ascending), in the layout of docs/architecture.md. Their CPU
+kernels are the compiled path's: the torch extension (``kernels/cpu_ops``) where it is built, else the
+plain-torch reference (``kernels/reference``, ``runtime.layout``).
 """
 
 from __future__ import annotations
@@ -72,3 +86,193 @@ def define_ops() -> None:
             lib.define(schema)
             lib.impl(name, globals()[name], "CompositeImplicitAutograd")
         _LIB = lib
+
+
+# ------------------------------------------------------------------------------------------ native .pte ops
+
+_NATIVE_SCHEMAS = {
+    "mixed_width_moe": "mixed_width_moe(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] up_packed, "
+                       "Tensor[] up_scale, Tensor?[] up_zero, Tensor[] down_packed, Tensor[] down_scale, "
+                       "Tensor?[] down_zero, int[] bits, int[] expert_bits, int[] slots, int accuracy=0) -> Tensor",
+    "packed_linear": "packed_linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int bits, int accuracy=0) "
+                     "-> Tensor",
+    "packed_embedding": "packed_embedding(Tensor ids, Tensor packed, Tensor scale, Tensor? zero, int bits) -> Tensor",
+}
+# Accuracy of the native kernels (the kernel core's Accuracy): 0 = float32 activations (exact up to summation
+# order), 1 = activations quantized to int8 per group block (integer dot products).
+NATIVE_ACCURACY = {"exact": 0, "int8": 1}
+_NATIVE_LIB: torch.library.Library | None = None
+
+
+def _native_fail(op: str, msg: str):
+    raise ValueError(f"moe_export::{op}: {msg}")
+
+
+def _check_accuracy(op: str, accuracy: int) -> None:
+    if accuracy not in NATIVE_ACCURACY.values():
+        _native_fail(op, f"accuracy must be one of {NATIVE_ACCURACY} (by value), got {accuracy}")
+
+
+def _check_moe(x, topk_ids, topk_weights, up_packed, up_scale, up_zero, down_packed, down_scale, down_zero, bits,
+               expert_bits, slots, accuracy) -> None:
+    from moe_export.kernels.cpu_ops import _check_group
+
+    op = "mixed_width_moe"
+    if x.dim() != 2 or x.dtype != torch.float32:
+        _native_fail(op, f"x must be float32 [T, H], got {x.dtype} {tuple(x.shape)}")
+    t, h = x.shape
+    if topk_ids.dim() != 2 or topk_ids.dtype != torch.int64 or topk_ids.shape[0] != t:
+        _native_fail(op, f"topk_ids must be int64 [T={t}, k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape or topk_weights.dtype != torch.float32:
+        _native_fail(op, f"topk_weights must be float32 shaped like topk_ids {tuple(topk_ids.shape)}, got "
+                         f"{topk_weights.dtype} {tuple(topk_weights.shape)}")
+    n = len(bits)
+    if n == 0 or any(len(v) != n for v in (up_packed, up_scale, up_zero, down_packed, down_scale, down_zero)):
+        _native_fail(op, f"one packed/scale/zero entry per width for both projections ({n} widths)")
+    if list(bits) != sorted(set(bits)):
+        _native_fail(op, f"bits must be distinct and ascending, got {list(bits)}")
+    if len(expert_bits) != len(slots) or not expert_bits or set(expert_bits) - set(bits):
+        _native_fail(op, f"expert_bits {list(expert_bits)} / slots {list(slots)}: one entry per expert, widths "
+                         f"among {list(bits)}")
+    inter = None
+    for i, b in enumerate(bits):
+        _check_group(op, "gate_up", up_packed[i], up_scale[i], up_zero[i], b, h, 3)
+        pu = up_packed[i]
+        if pu.shape[1] % 2 or (inter is not None and pu.shape[1] != 2 * inter):
+            _native_fail(op, "gate_up rows must be 2*I, the same for every width")
+        inter = pu.shape[1] // 2
+        _check_group(op, "down", down_packed[i], down_scale[i], down_zero[i], b, inter, 3)
+        if down_packed[i].shape[:2] != (pu.shape[0], h):
+            _native_fail(op, f"down stack of width {b} is {tuple(down_packed[i].shape)}, expected "
+                             f"[{pu.shape[0]}, {h}, {inter * b // 8}]")
+        members = [s for e, s in zip(expert_bits, slots) if e == b]
+        if sorted(members) != list(range(pu.shape[0])):
+            _native_fail(op, f"slots of the {b}-bit experts must number its {pu.shape[0]} rows, got {members}")
+    _check_accuracy(op, accuracy)
+
+
+def _check_linear(x, packed, scale, zero, bits, accuracy) -> None:
+    from moe_export.kernels.cpu_ops import _check_group
+
+    op = "packed_linear"
+    if x.dim() < 1 or x.dtype != torch.float32:
+        _native_fail(op, f"x must be float32 [..., K], got {x.dtype} {tuple(x.shape)}")
+    _check_group(op, "weight", packed, scale, zero, bits, x.shape[-1], 2)
+    _check_accuracy(op, accuracy)
+
+
+def _check_embedding(ids, packed, scale, zero, bits) -> None:
+    from moe_export.kernels.cpu_ops import _check_group
+
+    op = "packed_embedding"
+    if ids.dtype != torch.int64:
+        _native_fail(op, f"ids must be int64, got {ids.dtype}")
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        _native_fail(op, f"packed must be uint8 [V, H*b/8], got {packed.dtype} {tuple(packed.shape)}")
+    _check_group(op, "table", packed, scale, zero, bits, packed.shape[1] * 8 // bits, 2)
+
+
+def _moe_reference(x, topk_ids, topk_weights, up, down, bits, expert_bits, slots):
+    """Plain torch: each (token, expert) pair through its dequantized experts, weighted sum over the top k."""
+    from moe_export.kernels.reference import gather_mm
+
+    t, k = topk_ids.shape
+    eb, sl = torch.tensor(expert_bits), torch.tensor(slots)
+    ids = topk_ids.reshape(-1)  # [S = T*k]
+    h = gather_mm(x.repeat_interleave(k, dim=0), ids, *up, bits, eb, sl)  # [S, 2I]
+    gate, upv = h.chunk(2, dim=-1)
+    y = gather_mm(F.silu(gate) * upv, ids, *down, bits, eb, sl)  # [S, H]
+    return (y * topk_weights.reshape(-1, 1)).view(t, k, -1).sum(1)  # [T, H]
+
+
+def _eager_exact(op: str, accuracy: int) -> None:
+    if accuracy != NATIVE_ACCURACY["exact"]:
+        _native_fail(op, "int8 accuracy runs in the ExecuTorch kernels only; eager runs accuracy=0")
+
+
+def native_mixed_width_moe(x, topk_ids, topk_weights, up_packed, up_scale, up_zero, down_packed, down_scale,
+                           down_zero, bits, expert_bits, slots, accuracy=0):
+    from moe_export.kernels import cpu_ops
+
+    args = (x, topk_ids, topk_weights, up_packed, up_scale, up_zero, down_packed, down_scale, down_zero, bits,
+            expert_bits, slots, accuracy)
+    _check_moe(*args)
+    _eager_exact("mixed_width_moe", accuracy)
+    if set(bits) <= set(cpu_ops.FUSED_WIDTHS) and cpu_ops.fused_runs_on(x):
+        return torch.ops.moe_export.cpu_moe_ffn(x, topk_ids, topk_weights, list(expert_bits), list(slots), list(bits),
+                                                up_packed, up_scale, up_zero, down_packed, down_scale, down_zero)
+    return _moe_reference(x, topk_ids, topk_weights, (up_packed, up_scale, up_zero),
+                          (down_packed, down_scale, down_zero), list(bits), expert_bits, slots)
+
+
+def native_packed_linear(x, packed, scale, zero, bits, accuracy=0):
+    from moe_export.runtime.dispatch import packed_linear
+
+    _check_linear(x, packed, scale, zero, bits, accuracy)
+    _eager_exact("packed_linear", accuracy)
+    return packed_linear(x, packed, scale, zero, bits, x.shape[-1])
+
+
+def native_packed_embedding(ids, packed, scale, zero, bits):
+    from moe_export.runtime.layout import lookup_rows
+
+    _check_embedding(ids, packed, scale, zero, bits)
+    return lookup_rows(ids, packed, scale, zero, bits, packed.shape[1] * 8 // bits)
+
+
+def _moe_fake(x, topk_ids, topk_weights, up_packed, up_scale, up_zero, down_packed, down_scale, down_zero, bits,
+              expert_bits, slots, accuracy=0):
+    _check_moe(x, topk_ids, topk_weights, up_packed, up_scale, up_zero, down_packed, down_scale, down_zero, bits,
+               expert_bits, slots, accuracy)
+    return x.new_empty(x.shape)
+
+
+def _linear_fake(x, packed, scale, zero, bits, accuracy=0):
+    _check_linear(x, packed, scale, zero, bits, accuracy)
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def _embedding_fake(ids, packed, scale, zero, bits):
+    _check_embedding(ids, packed, scale, zero, bits)
+    return scale.new_empty(*ids.shape, packed.shape[1] * 8 // bits, dtype=torch.float32)
+
+
+_NATIVE_IMPLS = {
+    "mixed_width_moe": (native_mixed_width_moe, _moe_fake),
+    "packed_linear": (native_packed_linear, _linear_fake),
+    "packed_embedding": (native_packed_embedding, _embedding_fake),
+}
+
+
+def _out_variant(schema: str) -> str:
+    """``name(args) -> Tensor`` -> ``name.out(args, *, Tensor(a!) out) -> Tensor(a!)``: the form ExecuTorch runs."""
+    head, _, rest = schema.partition("(")
+    args = rest.rsplit(") -> Tensor", 1)[0]
+    return f"{head}.out({args}, *, Tensor(a!) out) -> Tensor(a!)"
+
+
+def _with_out(fn):
+    def out_kernel(*args, out):
+        res = fn(*args)
+        out.resize_(res.shape)
+        return out.copy_(res)
+
+    return out_kernel
+
+
+def define_native_ops() -> None:
+    """Define the native ``.pte`` ops (functional + ``.out``, CPU and Meta kernels) once per process."""
+    global _NATIVE_LIB
+    with _lock:
+        if _NATIVE_LIB is not None:
+            return
+        lib = torch.library.Library("moe_export", "FRAGMENT")
+        for name, schema in _NATIVE_SCHEMAS.items():
+            kernel, fake = _NATIVE_IMPLS[name]
+            lib.define(schema)
+            lib.define(_out_variant(schema))
+            lib.impl(name, kernel, "CPU")
+            lib.impl(name, fake, "Meta")
+            lib.impl(f"{name}.out", _with_out(kernel), "CPU")
+            lib.impl(f"{name}.out", _with_out(fake), "Meta")
+        _NATIVE_LIB = lib

@@ -1,7 +1,7 @@
 """Export a quantized model to every requested target, check each artifact, measure it: one call.
 
     from moe_export.export import export_artifacts
-    report = export_artifacts(qmodel, "out/", targets=("pte", "onnx"), pte_modes=("packed", "xnnpack"),
+    report = export_artifacts(qmodel, "out/", targets=("pte", "onnx"), pte_modes=("native", "packed"),
                               float_model=fmodel)
     report["artifacts"]  # one row per file: size vs theoretical, parity, decode latency
 
@@ -40,7 +40,7 @@ def export_artifacts(
     qmodel: torch.nn.Module,
     out_dir: str | os.PathLike,
     targets=TARGETS,
-    pte_modes=("packed",),
+    pte_modes=("native",),
     onnx_modes=("packed",),
     accuracy_level: int = 4,
     float_model: torch.nn.Module | None = None,
@@ -59,7 +59,8 @@ def export_artifacts(
     ``check``: parity vs the eager quantized model (raises :class:`ParityError` on a mismatch, after the
     report is written). ``float_baseline``: also export ``float_model`` to each target so decode latency
     is compared in the same run. ``onnx_modes``: ``packed`` (smallest) and/or ``fast`` (MatMulNBits experts at
-    MatMulNBits ``accuracy_level``); ``pte_modes``: ``packed``, ``xnnpack``, ``xnnpack-int``. Modes with int8
+    MatMulNBits ``accuracy_level``); ``pte_modes``: ``native`` (the moe_export kernels), ``packed``, ``xnnpack``,
+    ``xnnpack-int``. Modes with int8
     activation arithmetic are checked against an SQNR floor (``parity.APPROX_MIN_SQNR_DB``). ``prompt``: token ids for the parity checks (default: random ids).
     ``source``: the quantized folder ``qmodel`` was loaded from; its
     tokenizer files are copied beside the artifacts and the report names it, so `moe-export eval ARTIFACT` can

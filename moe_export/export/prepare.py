@@ -33,6 +33,24 @@ class PackedLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), self.bias)
 
 
+class PackedEmbedding(nn.Module):
+    """An embedding table whose weight the plan quantized: one packed row per token (a stack of V one-row
+    "experts", so only the looked-up rows are gathered and unpacked)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                 group_size: int | None, dtype: torch.dtype):
+        super().__init__()
+        vocab = packed.shape[0]
+        groups = WidthGroups({bits: packed.unsqueeze(1)}, {bits: scale.unsqueeze(1)},
+                             {bits: None if zero is None else zero.unsqueeze(1)}, (bits,) * vocab, group_size)
+        self.weight_q = MixedWidthWeight(groups)  # [V, 1, H*b/8]
+        self.dtype = dtype
+
+    def forward(self, ids):  # [...] -> [..., H]
+        rows = self.weight_q.gather(ids.reshape(-1))  # [S, 1, H]
+        return rows.reshape(*ids.shape, self.weight_q.k).to(self.dtype)
+
+
 def prepare_for_export(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every packed weight as exportable buffers; float models are returned as a
     copy switched to the ``batched_mm`` experts implementation (static shapes)."""
@@ -58,6 +76,13 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr,
                     PackedLinear(w.width_groups(), mod.bias))
+        elif isinstance(mod, nn.Embedding) and isinstance(mod.weight, PackedLinearWeight):
+            w = mod.weight
+            if w.transposed or mod.max_norm is not None:
+                raise NotImplementedError(f"{name}: this packed embedding (transposed or max_norm) is not exportable")
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr,
+                    PackedEmbedding(w.packed, w.scale, w.zero, w.bits, w.group_size, w.dtype))
     if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
         if not any(isinstance(b.experts, PackedMixedExperts) for _, b in moe_blocks(model)):
             model.set_experts_implementation("batched_mm")

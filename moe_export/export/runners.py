@@ -63,11 +63,17 @@ class PteRunner(StepRunner):
         import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed kernels, if a graph uses them)
         from executorch.runtime import Runtime
 
+        from moe_export.export.executorch import load_native_kernels_for
+
+        # the moe_export kernels register into the runtime when their library loads: before the program
+        self.native_ops = load_native_kernels_for(path)
+
         # The runtime reads a bytes program in place: keep the bytes alive as long as the runner.
         self._data = path if isinstance(path, bytes) else None
         program = Runtime.get().load_program(self._data if self._data is not None else str(path))
         self._program = program
-        self.method = program.load_method("forward")
+        with executorch_first_run():  # an XNNPACK delegate starts the threadpool (and its CPU probe) at load
+            self.method = program.load_method("forward")
         if cache_shape is None:
             meta = self.method.metadata
             cache_shape = tuple(meta.input_tensor_meta(2).sizes())

@@ -189,6 +189,15 @@ def dequantize_packed(
     return dequantize(unpack_bits(packed, bits, k), scale, zero_or_constant(zero, bits), dtype)
 
 
+def lookup_rows(ids: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows ``ids`` (any shape) of one packed 2-D weight ``[N, K*b/8]`` as float ``[*ids.shape, K]``: the packed
+    rows are gathered first and only those are unpacked (an embedding lookup)."""
+    flat = ids.reshape(-1)
+    z = None if zero is None else zero[flat]
+    return dequantize_packed(packed[flat], scale[flat], z, bits, k, dtype).reshape(*ids.shape, k)
+
+
 def dequantize_rows(p, s, z, lut, bits: int, k: int) -> torch.Tensor:
     """Exportable: uint8 ``p`` [..., N, K*b/8], f16 ``s`` [..., N, G], ``z`` [..., N, G] or None -> float32
     [..., N, K], with the div/remainder unpack."""

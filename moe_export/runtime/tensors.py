@@ -23,7 +23,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from moe_export.quant.base import QuantizedWeight
 from moe_export.runtime.dispatch import packed_linear
-from moe_export.runtime.layout import SUPPORTED_BITS, WidthGroups, dequantize_packed, pack, slot_numbering
+from moe_export.runtime.layout import SUPPORTED_BITS, WidthGroups, dequantize_packed, lookup_rows, pack, slot_numbering
 
 aten = torch.ops.aten
 
@@ -206,11 +206,7 @@ def _(func, types, args, kwargs):
     w, ids = args[0], args[1]
     if w.transposed:
         raise NotImplementedError("embedding on a transposed PackedLinearWeight")
-    # gather the packed rows first, unpack only what is looked up
-    flat = ids.reshape(-1)
-    z = None if w.zero is None else w.zero[flat]
-    rows = dequantize_packed(w.packed[flat], w.scale[flat], z, w.bits, w.in_features, w.dtype)
-    return rows.reshape(*ids.shape, w.in_features)
+    return lookup_rows(ids, w.packed, w.scale, w.zero, w.bits, w.in_features, w.dtype)
 
 
 # ---------------------------------------------------------------------------------------- MixedWidthExpertsTensor

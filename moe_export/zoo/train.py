@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moe_export.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+from moe_export.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, waiting_lock
 from moe_export.paths import moe_export_home
 from moe_export.quiet import transformers_saving
 from moe_export.zoo.data import bigram_bits_per_byte, byte_bigram_bits_per_byte, load_corpus, random_windows, token_stream
@@ -222,22 +222,10 @@ def build(name: str, out_dir=None, seed: int = 0, *, force: bool = False, thread
     if not force and is_built(out, entry, seed):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out / ".lock"):  # concurrent builds of one folder (parallel test sessions) wait for each other
+    with waiting_lock(out / ".lock"):  # concurrent builds of one folder (parallel test sessions) wait for each other
         if not force and is_built(out, entry, seed):
             return out
         return _build_locked(name, entry, out, seed, force, threads, progress)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build_locked(name: str, entry: Entry, out: Path, seed: int, force: bool, threads: int, progress: bool) -> Path:
