@@ -24,7 +24,7 @@ from moe_export.model_configs import tiny_random_model
 ZOO_BITS = [[3, 2, 3, 4, 2, 3, 8, 2], [2, 3, 2, 3, 4, 3, 2, 8]]
 
 
-def _quantize(model, bits_per_layer, group_size=32):
+def _quantize(model, bits_per_layer, group_size=32, non_expert=None):
     from moe_export.api import MoEQuantConfig, quantize_
     from moe_export.models import find_moe_layers
     from moe_export.plan.bitplan import BitPlan
@@ -35,6 +35,8 @@ def _quantize(model, bits_per_layer, group_size=32):
     flat = [b for bs in bits_per_layer for b in bs]
     plan.levels = sorted(set(flat), reverse=True)
     plan.target_avg_bits = sum(flat) / len(flat)
+    if non_expert:  # roles -> {bits, group_size, symmetric}; the others stay as the plan has them
+        plan.non_expert = {**plan.non_expert, **non_expert}
     return quantize_(copy.deepcopy(model), MoEQuantConfig(plan=plan), progress=False), plan
 
 

@@ -7,6 +7,8 @@ Modes (``PTE_MODES``):
   own width), ``packed_linear`` for quantized linears, ``packed_embedding`` for a quantized table; the float parts
   on XNNPACK. The program needs the kernel library at run time (``moe_export.kernels.et_native.load``; the
   runners load it). Smallest file and the fastest .pte.
+* ``native-int8``: the same program whose kernels quantize activations to int8 per group block and use integer
+  dot products (the kernel core's Int8 accuracy); parity is an SQNR floor, not float rounding.
 * ``packed``: portable kernels only. Every expert keeps its own width in the file (packed bytes plus the
   in-graph unpack of :mod:`moe_export.export.experts`); smallest file, portable-kernel speed.
 * ``xnnpack``: same packed experts, and the XNNPACK delegate takes the float parts (attention, router,
@@ -31,7 +33,7 @@ import torch
 from moe_export.io import atomic_path
 from moe_export.quiet import exporting
 
-PTE_MODES = ("native", "packed", "xnnpack", "xnnpack-int")
+PTE_MODES = ("native", "native-int8", "packed", "xnnpack", "xnnpack-int")
 
 
 def export_program(step: torch.nn.Module, max_tokens: int | None = None) -> torch.export.ExportedProgram:
@@ -46,7 +48,7 @@ def lower_to_executorch(ep: torch.export.ExportedProgram, mode: str = "packed"):
     if mode not in PTE_MODES:
         raise ValueError(f"unknown pte mode {mode!r}; choose one of {', '.join(PTE_MODES)}")
     partitioner = []
-    if mode in ("native", "xnnpack", "xnnpack-int"):
+    if mode in ("native", "native-int8", "xnnpack", "xnnpack-int"):
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         partitioner = [XnnpackPartitioner()]
@@ -61,10 +63,10 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "nat
     from moe_export.export.wrapper import DecoderStep
 
     step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
-    if mode == "native":
+    if mode in ("native", "native-int8"):
         from moe_export.export.native import to_native
 
-        step = to_native(step)
+        step = to_native(step, accuracy="int8" if mode == "native-int8" else "exact")
     elif mode == "xnnpack-int":
         from torchao.utils import unwrap_tensor_subclass
 

@@ -32,7 +32,7 @@ def _artifact_name(target: str, mode: str | None) -> str:
 def _approximate(target: str, mode: str | None, accuracy_level: int) -> bool:
     """Modes whose kernels quantize activations to int8: parity is an SQNR floor, not a tight max error."""
     # QMoE: 2-bit (LUT) and 8-bit block-wise groups compute with int8 activations on onnxruntime's CPU EP
-    return ((target == "pte" and mode == "xnnpack-int") or (target == "onnx" and mode == "fast" and accuracy_level != 0)
+    return ((target == "pte" and mode in ("xnnpack-int", "native-int8")) or (target == "onnx" and mode == "fast" and accuracy_level != 0)
             or (target == "onnx" and mode == "qmoe"))
 
 
