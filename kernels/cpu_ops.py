@@ -271,9 +271,10 @@ def _check_group(op, what, packed, scale, zero, bits, k, rank):
         _fail(op, f"{what}: zero must be float16 like scale {tuple(scale.shape)}, got {zero.dtype} {tuple(zero.shape)}")
 
 
-def _moe_ffn_fake(x, topk_ids, topk_weights, expert_bits, slots, bits, up_packed, up_scale, up_zero, down_packed,
-                  down_scale, down_zero, accuracy=0):
-    op = "cpu_moe_ffn"
+def check_moe_ffn(op, x, topk_ids, topk_weights, expert_bits, slots, bits, up_packed, up_scale, up_zero, down_packed,
+                  down_scale, down_zero) -> None:
+    """The arguments of a whole routed SwiGLU expert layer (``cpu_moe_ffn``, and the native .pte op
+    ``mixed_width_moe``): one clear ``ValueError`` naming ``op`` and the argument."""
     if x.dim() != 2 or x.dtype != torch.float32:
         _fail(op, f"x must be float32 [T, H], got {x.dtype} {tuple(x.shape)}")
     t, h = x.shape
@@ -296,14 +297,24 @@ def _moe_ffn_fake(x, topk_ids, topk_weights, expert_bits, slots, bits, up_packed
         _check_group(op, "down", pd, sd, zd, b, inter, 3)
         if pd.shape[:2] != (pu.shape[0], h):
             _fail(op, f"down stack of width {b} is {tuple(pd.shape)}, expected [{pu.shape[0]}, {h}, {inter * b // 8}]")
-    return x.new_empty(t, h)
 
 
-def _packed_linear_fake(x, packed, scale, zero, bits, accuracy=0):
-    op = "cpu_packed_linear"
+def _moe_ffn_fake(x, topk_ids, topk_weights, expert_bits, slots, bits, up_packed, up_scale, up_zero, down_packed,
+                  down_scale, down_zero, accuracy=0):
+    check_moe_ffn("cpu_moe_ffn", x, topk_ids, topk_weights, expert_bits, slots, bits, up_packed, up_scale, up_zero,
+                  down_packed, down_scale, down_zero)
+    return x.new_empty(x.shape)
+
+
+def check_packed_linear(op, x, packed, scale, zero, bits) -> None:
+    """The arguments of one packed 2-D linear (``cpu_packed_linear``, the native .pte op ``packed_linear``)."""
     if x.dim() < 1 or x.dtype != torch.float32:
         _fail(op, f"x must be float32 [..., K], got {x.dtype} {tuple(x.shape)}")
     _check_group(op, "weight", packed, scale, zero, bits, x.shape[-1], 2)
+
+
+def _packed_linear_fake(x, packed, scale, zero, bits, accuracy=0):
+    check_packed_linear("cpu_packed_linear", x, packed, scale, zero, bits)
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 

@@ -117,6 +117,8 @@ def test_native_ops_eager_and_fake():
     y = op(x, ids, w, *args_up, *args_down, widths, list(up.bit_widths), list(up.slots))
     ref = _moe_reference(x, ids, w, args_up, args_down, widths, list(up.bit_widths), list(up.slots))
     assert (y - ref).abs().max() < 1e-5 * ref.abs().max()  # summation order only
+    y8 = op(x, ids, w, *args_up, *args_down, widths, list(up.bit_widths), list(up.slots), 1)  # int8 activations
+    assert 10 * torch.log10(ref.square().sum() / (y8 - ref).square().sum()) > 30
     out = torch.empty(0)
     op.out(x, ids, w, *args_up, *args_down, widths, list(up.bit_widths), list(up.slots), out=out)
     assert torch.equal(out, y)

@@ -55,8 +55,8 @@ def main():
     ap.add_argument("--out", default="/tmp/native-slice")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from bench_qmoe_layer import quantized_mixtral  # tools/ is the script's own folder on sys.path
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from bench_qmoe_layer import mixtral_slice_config, quantized_mixtral  # tools/ is the script's folder on sys.path
+    from transformers import MixtralForCausalLM
 
     from moe_export.bench import latency as lat
     from moe_export.bench.run import _compiled, _runner_fn, _step_fn
@@ -69,9 +69,7 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = MixtralConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                        num_attention_heads=16, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=256, architectures=["MixtralForCausalLM"])
+    cfg = mixtral_slice_config()
     with torch.device("meta"):
         float_bytes = 4 * sum(p.numel() for p in MixtralForCausalLM(cfg).parameters())
     res = {"float_bytes": float_bytes, "widths": args.widths, "kernel_path": et_native.kernel_path()}

@@ -12,6 +12,16 @@ import numpy as np
 import torch
 
 
+def mixtral_slice_config():
+    """The Mixtral-shaped slice of the decode benchmarks: hidden 1024, intermediate 2816, 8 experts top-2, 4 layers,
+    vocab 8192."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                         num_attention_heads=16, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=256, architectures=["MixtralForCausalLM"])
+
+
 def quantized_mixtral(cfg, widths: list[int]):
     """A random-weight Mixtral of ``cfg`` quantized in memory, expert e of every layer at ``widths[e % len]``
     (symmetric RTN, group 32): the speed shapes of the QMoE benchmarks."""

@@ -23,8 +23,7 @@ def main():
     ap.add_argument("--out", default="/tmp/slice")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from bench_qmoe_layer import quantized_mixtral  # tools/ is the script's own folder on sys.path
-    from transformers import MixtralConfig
+    from bench_qmoe_layer import mixtral_slice_config, quantized_mixtral  # tools/ is the script's folder on sys.path
 
     from moe_export.export.onnx import export_onnx
     from moe_export.export.prepare import prepare_for_export
@@ -33,9 +32,7 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = MixtralConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                        num_attention_heads=16, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=256)
+    cfg = mixtral_slice_config()
     q = quantized_mixtral(cfg, [int(w) for w in args.widths.split(",")])
     step = DecoderStep(prepare_for_export(q), 128)
     paths = {}

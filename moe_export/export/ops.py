@@ -115,50 +115,28 @@ def _check_accuracy(op: str, accuracy: int) -> None:
 
 def _check_moe(x, topk_ids, topk_weights, up_packed, up_scale, up_zero, down_packed, down_scale, down_zero, bits,
                expert_bits, slots, accuracy) -> None:
-    from moe_export.kernels.cpu_ops import _check_group
+    from moe_export.kernels.cpu_ops import check_moe_ffn
 
     op = "mixed_width_moe"
-    if x.dim() != 2 or x.dtype != torch.float32:
-        _native_fail(op, f"x must be float32 [T, H], got {x.dtype} {tuple(x.shape)}")
-    t, h = x.shape
-    if topk_ids.dim() != 2 or topk_ids.dtype != torch.int64 or topk_ids.shape[0] != t:
-        _native_fail(op, f"topk_ids must be int64 [T={t}, k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
-    if topk_weights.shape != topk_ids.shape or topk_weights.dtype != torch.float32:
-        _native_fail(op, f"topk_weights must be float32 shaped like topk_ids {tuple(topk_ids.shape)}, got "
-                         f"{topk_weights.dtype} {tuple(topk_weights.shape)}")
-    n = len(bits)
-    if n == 0 or any(len(v) != n for v in (up_packed, up_scale, up_zero, down_packed, down_scale, down_zero)):
-        _native_fail(op, f"one packed/scale/zero entry per width for both projections ({n} widths)")
+    check_moe_ffn(op, x, topk_ids, topk_weights, expert_bits, slots, bits, up_packed, up_scale, up_zero, down_packed,
+                  down_scale, down_zero)
+    # what the ExecuTorch kernel reads besides: float32 weights, one group per width, slots numbering each group
+    if topk_weights.dtype != torch.float32:
+        _native_fail(op, f"topk_weights must be float32, got {topk_weights.dtype}")
     if list(bits) != sorted(set(bits)):
         _native_fail(op, f"bits must be distinct and ascending, got {list(bits)}")
-    if len(expert_bits) != len(slots) or not expert_bits or set(expert_bits) - set(bits):
-        _native_fail(op, f"expert_bits {list(expert_bits)} / slots {list(slots)}: one entry per expert, widths "
-                         f"among {list(bits)}")
-    inter = None
     for i, b in enumerate(bits):
-        _check_group(op, "gate_up", up_packed[i], up_scale[i], up_zero[i], b, h, 3)
-        pu = up_packed[i]
-        if pu.shape[1] % 2 or (inter is not None and pu.shape[1] != 2 * inter):
-            _native_fail(op, "gate_up rows must be 2*I, the same for every width")
-        inter = pu.shape[1] // 2
-        _check_group(op, "down", down_packed[i], down_scale[i], down_zero[i], b, inter, 3)
-        if down_packed[i].shape[:2] != (pu.shape[0], h):
-            _native_fail(op, f"down stack of width {b} is {tuple(down_packed[i].shape)}, expected "
-                             f"[{pu.shape[0]}, {h}, {inter * b // 8}]")
         members = [s for e, s in zip(expert_bits, slots) if e == b]
-        if sorted(members) != list(range(pu.shape[0])):
-            _native_fail(op, f"slots of the {b}-bit experts must number its {pu.shape[0]} rows, got {members}")
+        if sorted(members) != list(range(up_packed[i].shape[0])):
+            _native_fail(op, f"slots of the {b}-bit experts must number its {up_packed[i].shape[0]} rows, got {members}")
     _check_accuracy(op, accuracy)
 
 
 def _check_linear(x, packed, scale, zero, bits, accuracy) -> None:
-    from moe_export.kernels.cpu_ops import _check_group
+    from moe_export.kernels.cpu_ops import check_packed_linear
 
-    op = "packed_linear"
-    if x.dim() < 1 or x.dtype != torch.float32:
-        _native_fail(op, f"x must be float32 [..., K], got {x.dtype} {tuple(x.shape)}")
-    _check_group(op, "weight", packed, scale, zero, bits, x.shape[-1], 2)
-    _check_accuracy(op, accuracy)
+    check_packed_linear("packed_linear", x, packed, scale, zero, bits)
+    _check_accuracy("packed_linear", accuracy)
 
 
 def _check_embedding(ids, packed, scale, zero, bits) -> None:
@@ -185,22 +163,26 @@ def _moe_reference(x, topk_ids, topk_weights, up, down, bits, expert_bits, slots
     return (y * topk_weights.reshape(-1, 1)).view(t, k, -1).sum(1)  # [T, H]
 
 
-def _eager_exact(op: str, accuracy: int) -> None:
+def _torch_extension(op: str, x, bits, accuracy: int) -> bool:
+    """Whether the torch extension (the compiled path's C++ over the same kernel core) takes the call; int8
+    accuracy exists only there."""
+    from moe_export.kernels import cpu_ops
+
+    if set(bits) <= set(cpu_ops.FUSED_WIDTHS) and cpu_ops.fused_runs_on(x):
+        return True
     if accuracy != NATIVE_ACCURACY["exact"]:
-        _native_fail(op, "int8 accuracy runs in the ExecuTorch kernels only; eager runs accuracy=0")
+        _native_fail(op, "int8 accuracy needs the C++ CPU kernel (moe_export.kernels.cpu_ops), which is not built")
+    return False
 
 
 def native_mixed_width_moe(x, topk_ids, topk_weights, up_packed, up_scale, up_zero, down_packed, down_scale,
                            down_zero, bits, expert_bits, slots, accuracy=0):
-    from moe_export.kernels import cpu_ops
-
-    args = (x, topk_ids, topk_weights, up_packed, up_scale, up_zero, down_packed, down_scale, down_zero, bits,
-            expert_bits, slots, accuracy)
-    _check_moe(*args)
-    _eager_exact("mixed_width_moe", accuracy)
-    if set(bits) <= set(cpu_ops.FUSED_WIDTHS) and cpu_ops.fused_runs_on(x):
+    _check_moe(x, topk_ids, topk_weights, up_packed, up_scale, up_zero, down_packed, down_scale, down_zero, bits,
+               expert_bits, slots, accuracy)
+    if _torch_extension("mixed_width_moe", x, bits, accuracy):
         return torch.ops.moe_export.cpu_moe_ffn(x, topk_ids, topk_weights, list(expert_bits), list(slots), list(bits),
-                                                up_packed, up_scale, up_zero, down_packed, down_scale, down_zero)
+                                                up_packed, up_scale, up_zero, down_packed, down_scale, down_zero,
+                                                accuracy)
     return _moe_reference(x, topk_ids, topk_weights, (up_packed, up_scale, up_zero),
                           (down_packed, down_scale, down_zero), list(bits), expert_bits, slots)
 
@@ -209,7 +191,8 @@ def native_packed_linear(x, packed, scale, zero, bits, accuracy=0):
     from moe_export.runtime.dispatch import packed_linear
 
     _check_linear(x, packed, scale, zero, bits, accuracy)
-    _eager_exact("packed_linear", accuracy)
+    if accuracy != NATIVE_ACCURACY["exact"] and _torch_extension("packed_linear", x, (bits,), accuracy):
+        return torch.ops.moe_export.cpu_packed_linear(x, packed, scale, zero, bits, accuracy)
     return packed_linear(x, packed, scale, zero, bits, x.shape[-1])
 
 
