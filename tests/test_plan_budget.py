@@ -193,3 +193,26 @@ def test_cli_budget_plan_then_quantize_stays_within_one_percent(tiny_zoo_dir, tm
     assert r.exit_code != 0 and "not both" in r.output
     r = runner.invoke(main, ["plan", str(tiny_zoo_dir), "--budget", "1KB", "-o", str(plan_path)])
     assert r.exit_code != 0 and "kept float" in r.output
+
+
+def test_budget_sweep_section_is_spliced_and_kept_by_the_report(tmp_path):
+    """The sweep's section of results.md: rendered from its records, replaced in place on a rerun, appended once."""
+    from moe_export.repro import budget_sweep
+
+    pts = [{"method": m, "target_bpw": 2.7, "bpw": bpw, "bytes": bpw * 100 / 8, "bpb": bpb, "ppl": ppl}
+           for m, bpw, bpb, ppl in [("router+maxvar", 2.69, 2.90, 120.0), ("weight-error", 2.69, 2.86, 114.0),
+                                    ("budget", 2.70, 2.85, 112.0), ("budget-matched", 2.69, 2.85, 111.0)]]
+    pts.append({"method": "uniform", "target_bpw": 3.0, "bits": 3, "bpw": 3.5, "bytes": 44.0, "bpb": 2.8, "ppl": 100.0})
+    results = {"sweep": budget_sweep.BudgetSweep(models=("m",), targets=(2.7,)).to_dict(),
+               "runs": [{"model": "m", "seed": 0, "parameters": 100, "group_size": 64, "points": pts,
+                         "float": {"bpb": 2.7, "ppl": 93.0, "bpw": 32.0}}], "note": "A note."}
+    section = budget_sweep.markdown(results)
+    text = "\n".join(section)
+    assert section[0] == budget_sweep.SECTION and "A note." in text
+    assert "| 2.7 |" in text and "**2.690 / 2.8500 / 111.000 (+19.4%)**" in text
+    assert "better by 0.0100 bits per byte" in text  # matched budget against weight-error at the same bytes
+    before = "# Title\n\n## 1. A\n\ntext\n"
+    once = budget_sweep.splice(before, section)
+    assert once.startswith(before) and budget_sweep.splice(once, section) == once
+    assert budget_sweep.splice(once + "\n## 4. Later\n\nmore\n", ["## 3. One byte budget for the whole model", "", "new"]) \
+        .endswith("## 3. One byte budget for the whole model\n\nnew\n## 4. Later\n\nmore\n")

@@ -24,7 +24,8 @@ TARGETS = (2.7, 2.2, 3.2, 3.7)  # the issue's targets, the headline one first
 PER_LAYER = ("router+maxvar", "maxvar", "weight-error")
 LABELS = {"router+maxvar": "paper (router-norm + MaxVar)", "maxvar": "MaxVar", "weight-error": "weight-error per layer",
           "budget": "budget allocator (usage-weighted)", "budget-none": "budget allocator (raw error)",
-          "budget-calibration": "budget allocator (calibrated usage)", "uniform": "uniform"}
+          "budget-calibration": "budget allocator (calibrated usage)", "uniform": "uniform",
+          "budget-matched": "budget allocator at the paper plan's bytes"}
 
 
 @dataclass
@@ -34,7 +35,7 @@ class BudgetSweep:
     targets: tuple[float, ...] = TARGETS
     uniform: tuple[int, ...] = (2, 3, 4)
     methods: tuple[str, ...] = PER_LAYER
-    budget_variants: tuple[str, ...] = ("budget", "budget-none")
+    budget_variants: tuple[str, ...] = ("budget", "budget-none", "budget-matched")
     non_expert_bits: int = 4
     group_size: int | None = None  # None: the largest of 128, 64, 32, 16 dividing every expert input dim
     eval_tokens: int = 8192
@@ -165,7 +166,13 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
                 continue
             weighting = "none" if variant == "budget-none" else "usage"
             t = time.perf_counter()
-            cfg = BudgetConfig(f"{target}bpw", weighting=weighting)
+            size = f"{target}bpw"
+            if variant == "budget-matched":  # the paper's plan's own bytes, which can exceed the target
+                paper = [p for p in rec["points"] if p["method"] == "router+maxvar" and p["target_bpw"] == target]
+                if not paper:
+                    continue
+                size = f"{paper[0]['bytes']!r}B"
+            cfg = BudgetConfig(size, weighting=weighting)
             if "table" not in tables:
                 tables["table"] = model_items(model, get_quantizer(cfg.quantizer), cfg.symmetric, cfg.bits, cfg.groups)
                 tables["seconds"] = time.perf_counter() - t
@@ -209,7 +216,9 @@ def run(sweep: BudgetSweep, progress: bool = True, partial=None) -> dict:
     saved = {}
     if partial is not None and Path(partial).is_file():
         old = json.loads(Path(partial).read_text())
-        if old.get("sweep") == json.loads(json.dumps(sweep.to_dict())):
+        # points are keyed by (method, target): a sweep that only adds methods, targets or widths reuses the rest
+        same = lambda d: {k: v for k, v in d.items() if k not in ("methods", "budget_variants", "targets", "uniform")}
+        if same(old.get("sweep", {})) == same(json.loads(json.dumps(sweep.to_dict()))):
             saved = {(r["model"], r["seed"]): r for r in old["runs"]}
     runs = []
 
@@ -289,11 +298,17 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
         "expert width, in steps of 1/E, whose model fits the target; levels {3,2,1} up to 3 bits, {4,3,2} above, "
         "{4,3,2,1} for the knapsack. The budget allocator (`moe-export plan --budget`) chooses every tensor's width "
         "(1,2,3,4,6,8 or float) and group size (32,64,128) for the target; *usage-weighted*: expert errors x top_k/E "
-        "(the share of tokens each expert sees), *raw error*: no weighting. Uniform b: every quantizable "
+        "(the share of tokens each expert sees), *raw error*: no weighting; *at the paper plan's bytes*: usage-weighted, "
+        "with the budget set to the bytes the paper's plan actually used at that target (equal bytes, where the "
+        "per-layer methods could not get down to the target). Uniform b: every quantizable "
         f"weight at b bits, group {_groups(runs)}. Routers and norms stay float in every point. "
-        f"Seeds: {list(sw['seeds'])} (one build seed per model: a single seed, so differences of a few thousandths of "
-        "a bit per byte are within noise; the earlier section's seed spread on this model is about 0.002-0.01).",
+        f"Seeds: {list(sw['seeds'])}" + (" (one build seed: differences of a few thousandths of a bit per byte may be "
+                                          "noise)." if len(sw["seeds"]) == 1 else "."),
         ""]
+    if results.get("command"):
+        lines += [f"Written by `{results['command']}`.", ""]
+    if results.get("note"):
+        lines += [results["note"], ""]
     for model in sorted({r["model"] for r in runs}):
         rs = [r for r in runs if r["model"] == model]
         fl_bpb = sum(r["float"]["bpb"] for r in rs) / len(rs)
@@ -323,6 +338,7 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
                 row.append(f"**{txt}**" if bpb == best else txt)
             lines.append(f"| {t:g} | " + " | ".join(row) + " |")
         lines.append("")
+        lines += _verdicts(rs, sw["targets"], fl_ppl)
         uni = sorted((p["bits"], p["bpw"], p["bpb"], p["ppl"]) for r in rs for p in r["points"] if p["method"] == "uniform")
         if uni:
             lines.append("Uniform: " + "; ".join(f"{b} bits: {bpw:.3f} bpw, bpb {bpb:.4f}, perplexity {ppl:.3f} "
@@ -331,6 +347,28 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
     lines.append(f"![quality against whole-model size]({img_rel}/budget_bpb_vs_bpw.png)")
     lines.append("")
     return lines
+
+
+def _verdicts(rs, targets, fl_ppl) -> list[str]:
+    """Per target: the usage-weighted budget allocator against the best per-layer method at no more bytes."""
+    out = []
+    for t in targets:
+        pts = [p for r in rs for p in r["points"] if abs(p["target_bpw"] - t) < 1e-9]
+        per_layer = [p for p in pts if p["method"] in PER_LAYER]
+        for variant in ("budget", "budget-matched"):
+            mine = [p for p in pts if p["method"] == variant]
+            if not mine or not per_layer:
+                continue
+            m = mine[0]
+            rivals = [p for p in per_layer if p["bpw"] >= m["bpw"] - 1e-9]
+            if not rivals:
+                continue
+            best = min(rivals, key=lambda p: p["bpb"])
+            out.append(f"- target {t:g}: {LABELS[variant]} {m['bpw']:.3f} bpw, bpb {m['bpb']:.4f} (perplexity "
+                       f"{100 * (m['ppl'] / fl_ppl - 1):+.1f}% from float) against the best per-layer method at "
+                       f"as many or more bytes, {LABELS[best['method']]} {best['bpw']:.3f} bpw, bpb {best['bpb']:.4f}: "
+                       f"{'better' if m['bpb'] < best['bpb'] else 'worse'} by {abs(m['bpb'] - best['bpb']):.4f} bits per byte.")
+    return out + ([""] if out else [])
 
 
 def splice(md_text: str, section: list[str]) -> str:
@@ -371,6 +409,7 @@ def write(results: dict, out_dir) -> list:
 def main(argv=None) -> None:
     """``python -m moe_export.repro.budget_sweep --out docs [--quick] [--models a,b] [--seeds 0,1]``."""
     import argparse
+    import sys
     from dataclasses import replace
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -380,6 +419,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default=None)
     ap.add_argument("--variants", default=None, help="budget variants: budget,budget-none,budget-calibration")
     ap.add_argument("--from-json", default=None, help="rebuild the section and plot from saved records")
+    ap.add_argument("--note", default=None, help="a paragraph kept with the records and shown under the section's intro")
     a = ap.parse_args(argv)
     import json
     from pathlib import Path
@@ -395,6 +435,9 @@ def main(argv=None) -> None:
         if a.variants:
             sweep = replace(sweep, budget_variants=tuple(a.variants.split(",")))
         results = run(sweep, partial=Path(a.out) / "results-budget.partial.json")
+        results["command"] = "python -m moe_export.repro.budget_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.note is not None:
+        results["note"] = a.note
     for p in write(results, a.out):
         print(f"wrote {p}")
 
