@@ -22,16 +22,26 @@ def model_folder(path: str | Path) -> Path:
                               "folder") from None
 
 
-def load_float_model(path: str | Path):
-    """The float32 model in checkpoint folder ``path``, in eval mode, built by the class its config names; strict
-    (``moe_export.hf.load_pretrained``): a weight the folder lacks is an error, not a random initialisation."""
+def checkpoint_dtype(cfg: dict):
+    """The dtype a float checkpoint computes in, from its ``config.json`` (``dtype``, or the older ``torch_dtype``);
+    float32 when it names none. A bfloat16 checkpoint stays bfloat16 through quantization (in memory and streamed
+    alike): its kept-float weights keep their bytes, its experts compute in bfloat16 (scales stay float16)."""
     import torch
 
+    name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def load_float_model(path: str | Path):
+    """The model in checkpoint folder ``path`` in its own dtype (:func:`checkpoint_dtype`), in eval mode, built by the
+    class its config names; strict (``moe_export.hf.load_pretrained``): a weight the folder lacks is an error, not a
+    random initialisation."""
     from moe_export.hf import load_pretrained
 
     path = Path(path)
-    SafetensorsCheckpoint(path).verify()  # a truncated or corrupt file: one line naming it, not a from_pretrained traceback
-    model = load_pretrained(path, dtype=torch.float32)
+    ckpt = SafetensorsCheckpoint(path)
+    ckpt.verify()  # a truncated or corrupt file: one line naming it, not a from_pretrained traceback
+    model = load_pretrained(path, dtype=checkpoint_dtype(ckpt.config()))
     check_finite(model, path)
     return model
 

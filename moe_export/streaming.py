@@ -237,6 +237,7 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
     """
     from moe_export.distributed import assign
     from moe_export.io import SafetensorsCheckpoint
+    from moe_export.loading import checkpoint_dtype
     from moe_export.models import checkpoint_moe_layout
     from moe_export.plan.bitplan import BitPlan, BitPlanError
     from moe_export.plan.reader import StreamReader
@@ -272,7 +273,7 @@ def quantize_checkpoint(model_dir, plan, output, quantizer: str = "rtn", quantiz
     model_type = cfg.get("model_type", "")
     policy = plan.non_expert_policy()
     roles = (lambda n: "other") if policy.all_float and not plan.tensors else _role_lookup(cfg)
-    dtype = _dtype(cfg)
+    dtype = checkpoint_dtype(cfg)
     sym = plan.quantizer.symmetric
 
     _fixed_mmap_threshold()
@@ -397,11 +398,6 @@ def _finish(src: Path, out: Path, units, plan, quantizer, options, fp) -> None:
                      "quantizer": quantizer, "quantizer_options": options, "fingerprint": fp},
         "weight_map": dict(sorted(weight_map.items())),
     })
-
-
-def _dtype(cfg: dict) -> torch.dtype:
-    name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
 
 
 def _role_lookup(cfg: dict) -> Callable[[str], str]:

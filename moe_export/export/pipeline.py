@@ -62,6 +62,8 @@ def export_artifacts(
     MatMulNBits ``accuracy_level``); ``pte_modes``: ``native`` (the moe_export kernels), ``packed``, ``xnnpack``,
     ``xnnpack-int``. Modes with int8
     activation arithmetic are checked against an SQNR floor (``parity.APPROX_MIN_SQNR_DB``). ``prompt``: token ids for the parity checks (default: random ids).
+    A bfloat16/float16 ``qmodel`` is exported computing in float32 (``export.prepare.to_float32_``), and its parity is
+    checked against the same model computing in float32; the report's ``dtype`` says so.
     ``source``: the quantized folder ``qmodel`` was loaded from; its
     tokenizer files are copied beside the artifacts and the report names it, so `moe-export eval ARTIFACT` can
     score text.
@@ -70,7 +72,7 @@ def export_artifacts(
     from moe_export.export.onnx import ONNX_MODES, export_onnx, onnx_initializer_types, onnx_metadata, onnx_ops
     from moe_export.eval import logits_fn_for
     from moe_export.export.parity import APPROX_MIN_SQNR_DB, ParityError, check_parity, compare
-    from moe_export.export.prepare import prepare_for_export, theoretical_size
+    from moe_export.export.prepare import float32_copy, prepare_for_export, theoretical_size
     from moe_export.export.runners import decode_latency_ms, open_runner
     from moe_export.export.wrapper import DecoderStep
 
@@ -86,6 +88,10 @@ def export_artifacts(
             raise ValueError(f"unknown onnx mode {m!r}; choose from {', '.join(ONNX_MODES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    source_dtype = qmodel.dtype
+    # the artifacts compute in float32 (export.prepare.HALF_DTYPES): their parity is checked against the same
+    # quantized model computing in float32, so a bfloat16 checkpoint keeps the tight tolerance
+    qmodel = float32_copy(qmodel)
     prepared = prepare_for_export(qmodel)
     theory = theoretical_size(prepared)
     step = DecoderStep(prepared, max_seq_len)
@@ -147,6 +153,8 @@ def export_artifacts(
             row["decode_ms"] = round(decode_latency_ms(runner), 3)
         rows.append(row)
     report = {"theoretical": theory, "max_seq_len": max_seq_len, "artifacts": rows}
+    if source_dtype != torch.float32:
+        report["dtype"] = {"checkpoint": str(source_dtype).removeprefix("torch."), "artifacts": "float32"}
     if source is not None:
         from moe_export.checkpoint import copy_tokenizer
 

@@ -51,12 +51,49 @@ class PackedEmbedding(nn.Module):
         return rows.reshape(*ids.shape, self.weight_q.k).to(self.dtype)
 
 
+# The exported step computes in float32 whatever the checkpoint's dtype: onnxruntime's CPU provider has no
+# bfloat16 kernels (a bfloat16 step fails at session start: NOT_IMPLEMENTED for Sub), numpy (its Python feed) has
+# no bfloat16, and ExecuTorch's portable bfloat16 kernels are scalar loops. Upcasting is exact, and the packed
+# experts keep their bytes (uint8 codes, float16 scales and zeros), so only the float weights grow.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def to_float32_(model: nn.Module) -> nn.Module:
+    """Upcast the bfloat16/float16 weights and buffers of ``model`` to float32 in place (tied weights stay tied);
+    a quantized weight keeps its stored parts and computes in float32; the export buffers of packed weights
+    (:class:`MixedWidthWeight`: float16 scales) are left as they are. Returns ``model``."""
+    done: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        if isinstance(mod, MixedWidthWeight):
+            continue
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is None or t.dtype not in HALF_DTYPES:
+                    continue
+                if id(t) not in done:
+                    up = t.detach().float()
+                    done[id(t)] = nn.Parameter(up, requires_grad=False) if isinstance(t, nn.Parameter) else up
+                table[name] = done[id(t)]
+    if getattr(model, "config", None) is not None and getattr(model.config, "dtype", None) in HALF_DTYPES:
+        model.config.dtype = torch.float32
+    return model
+
+
+def float32_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when it computes in float32, else a float32 copy (:func:`to_float32_`): the model the
+    exported step reproduces, and what its parity is checked against."""
+    if not any(t.dtype in HALF_DTYPES for t in model.parameters()):
+        return model
+    return to_float32_(copy.deepcopy(model))
+
+
 def prepare_for_export(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every packed weight as exportable buffers; float models are returned as a
-    copy switched to the ``batched_mm`` experts implementation (static shapes)."""
+    """A copy of ``model`` with every packed weight as exportable buffers, computing in float32 (:data:`HALF_DTYPES`
+    models are upcast); float models are returned as a copy switched to the ``batched_mm`` experts implementation
+    (static shapes)."""
     from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 
-    model = copy.deepcopy(model).eval()
+    model = to_float32_(copy.deepcopy(model).eval())
     for name, block in moe_blocks(model):
         ex = block.experts
         if isinstance(ex, PackedMixedExperts):

@@ -11,8 +11,8 @@ formulation        when                                                         
 =================  ====================================================================  ==========================
 ``cuda_gather``    CUDA, Triton installed, pairs <= ``CUDA_DECODE_MAX_PAIRS``             one Triton GEMV per pair
 ``cuda_grouped``   CUDA, Triton installed, more pairs                                     sort by expert, grouped GEMM
-``cpu_fused``      CPU float32 SwiGLU layer, C++ ops on and built, not exporting;         whole layer in one C++ op
-                   compiled at any pairs, eager up to ``CPU_FUSED_EAGER_MAX_PAIRS``
+``cpu_fused``      CPU float32/bf16/fp16 SwiGLU layer, C++ ops on and built, not          whole layer in one C++ op
+                   exporting; compiled at any pairs, eager up to ``CPU_FUSED_EAGER_MAX_PAIRS``
 ``routed_gather``  CPU, C++ ops on, not exporting, pairs <= ``CPU_KERNEL_MAX_PAIRS``      C++ mat-vec per width group
                    (or compiled, pairs <= ``GATHER_MAX_PAIRS``: inductor ``packed_matvec``)
 ``routed_loop``    eager otherwise                                                        dequantize each routed expert
@@ -20,7 +20,7 @@ formulation        when                                                         
 =================  ====================================================================  ==========================
 
 Packed 2-D linears (:func:`select_linear`): the C++ ``cpu_packed_linear`` up to ``CPU_LINEAR_MAX_ROWS`` rows
-(float32 CPU, not exporting), the inductor ``packed_matvec`` when compiling up to ``COMPILED_MATVEC_MAX_ROWS``,
+(float32/bf16/fp16 CPU, not exporting), the inductor ``packed_matvec`` when compiling up to ``COMPILED_MATVEC_MAX_ROWS``,
 else dequantize + one float matmul. Exported graphs use ``export.experts.PackedMixedExperts`` (a module swap by
 ``export.prepare``), which never reaches this table.
 
@@ -31,7 +31,9 @@ The formulations:
   bit-exact with a float model holding the dequantized weights (what calibration and GPTQ checks compare).
 * ``fused_cpu_forward``: the whole routed FFN of the layer in one C++ dispatcher op (``moe_export::cpu_moe_ffn``):
   gate_up mat-vec, SiLU(gate) * up, down mat-vec and the routing-weighted sum for every pair, every width
-  group, reading the packed bytes in place. One call per layer instead of two per width plus the glue.
+  group, reading the packed bytes in place. One call per layer instead of two per width plus the glue. The C++
+  ops compute in float32: bfloat16/float16 activations are converted once per call around the op
+  (:func:`_in_float32`).
 * ``routed_gather``: per width group, the routed experts' rows: with the C++ op
   ``moe_export::cpu_mixed_width_gemv`` (reads the packed rows in place, unpacks in registers) where it runs,
   else gather the packed bytes (a dummy slot where the pair's expert has another width), ``packed_matvec``
@@ -79,8 +81,28 @@ COMPILED_MATVEC_MAX_ROWS = 4
 # ------------------------------------------------------------------------------------------ the table
 
 
+# Activation dtypes the fused C++ ops serve: they compute in float32, and a bfloat16/float16 layer converts its
+# activations once per call (``_in_float32``). Measured at decode (one token, top-2, 1 thread, 3/2-bit experts,
+# group 128, a shared 2-core box): the two conversions take 3-8 us, the fused call 50-100 us at H=256, I=256
+# (routed_loop 600-800 us in bf16/fp16) and 1.2-2.8 ms at H=1024, I=2816.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _cpu_ops_take(x: torch.Tensor) -> bool:
     return cpu_ops.runs_on(x)
+
+
+def _fused_take(x: torch.Tensor) -> bool:
+    """Whether the fused C++ ops (``cpu_moe_ffn``, ``cpu_packed_linear``) may take ``x``: a CPU activation of a
+    dtype in :data:`FUSED_DTYPES`, the ops enabled and built, not exporting."""
+    return x.dtype in FUSED_DTYPES and cpu_ops.runs_on(x) and cpu_ops.fused_ready()
+
+
+def _in_float32(op, x: torch.Tensor, *args) -> torch.Tensor:
+    """``op(x, *args)`` for a float32-only C++ op: ``x`` converted once before it, the result back after."""
+    if x.dtype == torch.float32:
+        return op(x, *args)
+    return op(x.float(), *args).to(x.dtype)
 
 
 def select_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> str:
@@ -89,7 +111,7 @@ def select_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor)
     compiling = torch.compiler.is_compiling()
     if hidden_states.is_cuda and HAS_TRITON:
         return "cuda_gather" if pairs <= CUDA_DECODE_MAX_PAIRS else "cuda_grouped"
-    if (pairs <= CPU_FUSED_EAGER_MAX_PAIRS or compiling) and _fusable(self) and cpu_ops.fused_runs_on(hidden_states):
+    if (pairs <= CPU_FUSED_EAGER_MAX_PAIRS or compiling) and _fusable(self) and _fused_take(hidden_states):
         return "cpu_fused"
     if pairs <= CPU_KERNEL_MAX_PAIRS and _cpu_ops_take(hidden_states):
         return "routed_gather"
@@ -103,7 +125,7 @@ def select_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor)
 def select_linear(x: torch.Tensor, bits: int, k: int) -> str:
     """The formulation of a packed 2-D linear: ``cpu_linear``, ``matvec`` or ``dequantize``."""
     rows = x.numel() // k
-    if rows <= CPU_LINEAR_MAX_ROWS and bits in cpu_ops.FUSED_WIDTHS and cpu_ops.fused_runs_on(x):
+    if rows <= CPU_LINEAR_MAX_ROWS and bits in cpu_ops.FUSED_WIDTHS and _fused_take(x):
         return "cpu_linear"
     if rows <= COMPILED_MATVEC_MAX_ROWS and torch.compiler.is_compiling():
         return "matvec"
@@ -122,7 +144,7 @@ def _fusable(self) -> bool:
     return (not self.has_bias and isinstance(self.act_fn, (SiLUActivation, torch.nn.SiLU))
             and getattr(type(self), "_apply_gate", None) is _default_apply_gate
             and not up.transposed and not down.transposed and up.bit_widths == down.bit_widths
-            and up.dtype == torch.float32 and set(up.widths) <= set(cpu_ops.FUSED_WIDTHS))
+            and up.dtype in FUSED_DTYPES and set(up.widths) <= set(cpu_ops.FUSED_WIDTHS))
 
 
 # ------------------------------------------------------------------------------------------ shared pieces
@@ -161,8 +183,9 @@ def fused_cpu_forward(self, hidden_states, top_k_index, top_k_weights):
     """The routed experts of one layer in one ``moe_export::cpu_moe_ffn`` call -> ``[T, H]``."""
     up, down = self.gate_up_proj, self.down_proj
     widths = up.widths
-    return torch.ops.moe_export.cpu_moe_ffn(
-        hidden_states, top_k_index, top_k_weights, list(up.bit_widths), list(up.slots), list(widths),
+    return _in_float32(
+        torch.ops.moe_export.cpu_moe_ffn, hidden_states, top_k_index, top_k_weights, list(up.bit_widths),
+        list(up.slots), list(widths),
         [getattr(up, f"packed_{b}") for b in widths], [getattr(up, f"scale_{b}") for b in widths],
         [getattr(up, f"zero_{b}") for b in widths], [getattr(down, f"packed_{b}") for b in widths],
         [getattr(down, f"scale_{b}") for b in widths], [getattr(down, f"zero_{b}") for b in widths],
@@ -324,7 +347,7 @@ def packed_linear(
     """``x @ W.T + bias`` for one packed 2-D weight (``PackedLinearWeight``'s linear)."""
     how = select_linear(x, bits, k)
     if how == "cpu_linear":
-        out = torch.ops.moe_export.cpu_packed_linear(x, packed, scale, zero, bits, cpu_ops.ACCURACY)
+        out = _in_float32(torch.ops.moe_export.cpu_packed_linear, x, packed, scale, zero, bits, cpu_ops.ACCURACY)
     elif how == "matvec":
         rows = x.numel() // k
         out = packed_matvec(

@@ -154,6 +154,22 @@ def _(func, types, args, kwargs):
     return _linear(x, w, bias)
 
 
+def _to_copy(t, args, kwargs):
+    """``t.to(device=..., dtype=...)`` for either subclass: the stored parts move to ``device``; ``dtype`` is the
+    compute dtype only (what dequantize and the matmuls return). The packed codes stay uint8 and the scales and
+    zeros float16, so a quantized bfloat16 model's ``.float()`` computes in float32 from the same bytes."""
+    to = t._get_to_kwargs(*args, **kwargs)
+    names, attrs = t.__tensor_flatten__()
+    parts = {n: getattr(t, n).to(to["device"], non_blocking=to["non_blocking"]) for n in names}
+    attrs = {**attrs, "dtype": to["dtype"]}
+    return type(t).__tensor_unflatten__(parts, attrs, None, None)
+
+
+@PackedLinearWeight.implements([aten._to_copy.default])
+def _(func, types, args, kwargs):
+    return _to_copy(args[0], args[1:], kwargs)
+
+
 @PackedLinearWeight.implements([aten.t.default])
 def _(func, types, args, kwargs):
     return args[0]._flip()
@@ -364,6 +380,11 @@ class MixedWidthExpertsTensor(_PackedTensor):
 
 def _plain(t):
     return t.dequantize() if isinstance(t, (MixedWidthExpertsTensor, PackedLinearWeight)) else t
+
+
+@MixedWidthExpertsTensor.implements([aten._to_copy.default])
+def _(func, types, args, kwargs):
+    return _to_copy(args[0], args[1:], kwargs)
 
 
 @MixedWidthExpertsTensor.implements([aten.select.int])
