@@ -41,6 +41,14 @@ _TINY: dict[str, tuple[str, dict[str, Any]]] = {
         num_key_value_heads=2, num_experts=_E, num_experts_per_tok=2, norm_topk_prob=True,
         decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=512, tie_word_embeddings=False,
     )),
+    # Layer 0 is a dense MLP (first_k_dense_replace=1), layer 1 is MoE with two shared experts (V2-Lite's layout).
+    "DeepseekV2ForCausalLM": ("DeepseekV2Config", dict(
+        vocab_size=_V, hidden_size=_H, intermediate_size=96, moe_intermediate_size=_I, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=_E,
+        n_shared_experts=2, num_experts_per_tok=2, n_group=1, topk_group=1, topk_method="greedy", kv_lora_rank=16,
+        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.0,
+        norm_topk_prob=False, max_position_embeddings=512, tie_word_embeddings=False,
+    )),
     # Layer 0 is a dense MLP (first_k_dense_replace=1), layers 1-2 are MoE with one shared expert.
     "DeepseekV3ForCausalLM": ("DeepseekV3Config", dict(
         vocab_size=_V, hidden_size=_H, intermediate_size=96, moe_intermediate_size=_I, num_hidden_layers=3,
@@ -62,7 +70,8 @@ TINY_ARCHITECTURES: tuple[str, ...] = tuple(_TINY)
 
 # Architecture-neutral override names -> each config's own field(s).
 _ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
-    "num_experts": {"MixtralForCausalLM": ("num_local_experts",), "DeepseekV3ForCausalLM": ("n_routed_experts",)},
+    "num_experts": {"MixtralForCausalLM": ("num_local_experts",), "DeepseekV2ForCausalLM": ("n_routed_experts",),
+                    "DeepseekV3ForCausalLM": ("n_routed_experts",)},
     "top_k": {"SwitchTransformersForConditionalGeneration": ()},  # Switch is always top-1
     "expert_intermediate_size": {
         "MixtralForCausalLM": ("intermediate_size",), "OlmoeForCausalLM": ("intermediate_size",),

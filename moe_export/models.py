@@ -6,7 +6,7 @@
     layer.expert_weight("down_proj", e)        # [H, I] (out, in) view of expert e's down projection
 
 Two expert layouts exist in transformers 5.23:
-  fused    (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V3): `experts.gate_up_proj` [E, 2I, H] (gate rows
+  fused    (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2/V3): `experts.gate_up_proj` [E, 2I, H] (gate rows
            first, then up rows) and `experts.down_proj` [E, H, I], one parameter for all experts;
   modular  (SwitchTransformers): `experts.expert_{e}.wi` / `.wo` nn.Linear per expert, no gate.
 Every tensor handed out is a view (`.detach()` of the parameter or a slice of it): writing through it
@@ -17,7 +17,7 @@ alone. `save_pretrained` in transformers 5.23 writes the *original* per-expert f
 (`save_original_format=True` reverts the load-time fusion):
   Mixtral          model.layers.N.block_sparse_moe.gate.weight, ...block_sparse_moe.experts.{e}.w1|w3|w2.weight
                    (w1 = gate, w3 = up, w2 = down; the model-side name is model.layers.N.mlp)
-  Qwen*/OLMoE/DSv3 model.layers.N.mlp.gate.weight, ...mlp.experts.{e}.gate_proj|up_proj|down_proj.weight
+  Qwen*/OLMoE/DSv* model.layers.N.mlp.gate.weight, ...mlp.experts.{e}.gate_proj|up_proj|down_proj.weight
   Switch           {encoder,decoder}.block.N.layer.L.mlp.router.classifier.weight, ...experts.expert_{e}.wi|wo.weight
 Checkpoints saved with `save_original_format=False` keep the fused 3-D keys (`mlp.experts.gate_up_proj`);
 both are read.
@@ -38,6 +38,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3MoeForCausalLM",
     "OlmoeForCausalLM",
     "Qwen2MoeForCausalLM",
+    "DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM",
     "SwitchTransformersForConditionalGeneration",
 )
@@ -48,6 +49,7 @@ _MODEL_TYPES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "switch_transformers": "SwitchTransformersForConditionalGeneration",
 }
@@ -58,6 +60,7 @@ _FUSED_BLOCKS = {
     "Qwen3MoeSparseMoeBlock": ("gate", ()),
     "OlmoeSparseMoeBlock": ("gate", ()),
     "Qwen2MoeSparseMoeBlock": ("gate", ("shared_expert",)),
+    "DeepseekV2Moe": ("gate", ("shared_experts",)),
     "DeepseekV3MoE": ("gate", ("shared_experts",)),
 }
 _SWITCH_BLOCKS = {"SwitchTransformersSparseMLP"}

@@ -417,7 +417,8 @@ def _role_lookup(cfg: dict) -> Callable[[str], str]:
 # ------------------------------------------------------------------- whether the CLI streams
 
 
-def _mem_available() -> int:
+def mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (unbounded where it cannot be read)."""
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
@@ -427,14 +428,21 @@ def _mem_available() -> int:
     return 1 << 62
 
 
+def fits_in_memory(src, budget: int | None = None) -> bool:
+    """Whether the in-memory path can quantize checkpoint ``src`` within ``budget`` bytes (default: the available
+    memory): it holds the float model and its quantized copy, so the checkpoint must be at most half of it."""
+    from moe_export.size import safetensors_bytes
+
+    return safetensors_bytes(src) <= (mem_available() if budget is None else budget) // 2
+
+
 def should_stream(src, quantizer: str, flag: bool | None) -> bool:
     """``--streaming`` / ``--no-streaming`` decide; by default stream data-free runs launched by torchrun or
-    whose checkpoint is more than half of the available memory (the in-memory path holds it in float32)."""
+    whose checkpoint does not fit in memory (:func:`fits_in_memory`)."""
     from moe_export.distributed import launched_by_torchrun
-    from moe_export.size import safetensors_bytes
 
     if flag is not None:
         return flag
     if launched_by_torchrun():
         return True  # the in-memory path has no layer split; quantize_checkpoint names the quantizer if it cannot stream
-    return quantizer in DATA_FREE and safetensors_bytes(src) > _mem_available() // 2
+    return quantizer in DATA_FREE and not fits_in_memory(src)

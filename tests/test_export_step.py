@@ -12,7 +12,9 @@ from moe_export.export.runners import EagerStepRunner, greedy_generate
 from moe_export.export.wrapper import DecoderStep
 from moe_export.model_configs import tiny_random_model
 
-ARCHS = ["MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"]
+# Qwen2-MoE (shared expert behind a sigmoid gate) and DeepSeek-V3 (shared experts, grouped routing, MLA latent cache)
+ARCHS = ["MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM",
+         "DeepseekV3ForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

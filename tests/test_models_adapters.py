@@ -18,6 +18,7 @@ EXPECTED = {
     "Qwen3MoeForCausalLM": (["model.layers.0.mlp", "model.layers.1.mlp"], None),
     "OlmoeForCausalLM": (["model.layers.0.mlp", "model.layers.1.mlp"], None),
     "Qwen2MoeForCausalLM": (["model.layers.0.mlp", "model.layers.1.mlp"], "shared_expert"),
+    "DeepseekV2ForCausalLM": (["model.layers.1.mlp"], "shared_experts"),
     "DeepseekV3ForCausalLM": (["model.layers.1.mlp", "model.layers.2.mlp"], "shared_experts"),
     "SwitchTransformersForConditionalGeneration": (["encoder.block.1.layer.1.mlp", "decoder.block.1.layer.2.mlp"], None),
 }

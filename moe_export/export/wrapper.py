@@ -19,24 +19,29 @@ import itertools
 import torch
 import torch.nn as nn
 
-SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM",
+                           "DeepseekV3ForCausalLM")
 
 
 class _StepCache:
     """Duck-types the ``update`` method HF attention calls on ``past_key_values``."""
 
-    def __init__(self, k_cache, v_cache, write, keep):
+    def __init__(self, k_cache, v_cache, write, keep, v_dim):
         self.k_cache, self.v_cache = k_cache, v_cache  # [L, 1, Hkv, S, D]
         self.write, self.keep = write, keep  # [T, S] one-hot of the new positions, [S, 1] = 1 - any(write)
+        self.v_dim = v_dim  # values narrower than keys (DeepSeek's MLA latents) sit zero-padded to D in the v cache
         self.k_out: list[torch.Tensor] = []
         self.v_out: list[torch.Tensor] = []
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # [1, Hkv, T, D] each
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # [1, Hkv, T, D], [1, Hkv, T, Dv]
         k = self.k_cache[layer_idx] * self.keep + torch.matmul(self.write.transpose(0, 1), key_states)  # [1, Hkv, S, D]
+        pad = key_states.shape[-1] - value_states.shape[-1]
+        if pad:
+            value_states = torch.nn.functional.pad(value_states, (0, pad))  # [1, Hkv, T, D]
         v = self.v_cache[layer_idx] * self.keep + torch.matmul(self.write.transpose(0, 1), value_states)
         self.k_out.append(k)
         self.v_out.append(v)
-        return k, v
+        return k, (v[..., : self.v_dim] if pad else v)
 
 
 class DecoderStep(nn.Module):
@@ -47,6 +52,8 @@ class DecoderStep(nn.Module):
             raise ValueError(f"export supports {', '.join(SUPPORTED_ARCHITECTURES)}; got {arch}")
         cfg = model.config
         window = getattr(cfg, "sliding_window", None)
+        if "sliding_attention" not in (getattr(cfg, "layer_types", None) or ("sliding_attention",)):
+            window = None  # no layer slides (Qwen2-MoE records sliding_window=0 when use_sliding_window is off)
         if window is not None and window < max_seq_len:
             raise ValueError(f"sliding_window={window} < max_seq_len={max_seq_len}: use max_seq_len <= {window}")
         # The attention modules read the implementation from the config they share; eager attention is plain
@@ -60,8 +67,14 @@ class DecoderStep(nn.Module):
         self.model = model
         self.max_seq_len = max_seq_len
         self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if getattr(cfg, "kv_lora_rank", None):
+            # DeepSeek's MLA caches its compressed latents, one "head": the kv latent [kv_lora_rank] as keys and the
+            # rotary key part [qk_rope_head_dim] as values (zero-padded to kv_lora_rank in the v cache)
+            self.num_kv_heads, self.head_dim, self.v_head_dim = 1, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        else:
+            self.num_kv_heads = cfg.num_key_value_heads
+            self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            self.v_head_dim = self.head_dim
         self.vocab_size = cfg.vocab_size
         self._rope = self._rope_table(model.model.rotary_emb, max_seq_len)
         self.eval()
@@ -101,7 +114,7 @@ class DecoderStep(nn.Module):
         keep = (1.0 - write.sum(0)).unsqueeze(-1)  # [S, 1]
         visible = slots.unsqueeze(0) <= positions.unsqueeze(1)  # [T, S]
         mask = torch.where(visible, 0.0, torch.finfo(k_cache.dtype).min)[None, None]  # [1, 1, T, S]
-        cache = _StepCache(k_cache, v_cache, write, keep)
+        cache = _StepCache(k_cache, v_cache, write, keep, self.v_head_dim)
 
         h = inner.embed_tokens(tokens)  # [1, T, H]
         position_ids = positions.unsqueeze(0)  # [1, T]

@@ -29,6 +29,19 @@ KNOWN_QUANTIZERS = ("rtn", "hqq", "gptq")
 KNOWN_TARGETS = ("pte", "onnx")
 
 
+# Every field a run honours, per section; anything else is an error when the recipe is loaded (a misspelt or
+# unsupported field would otherwise be ignored silently). ``expected_memory`` is what the recipe states about the
+# run (footprint, peak RSS, speed): read by people and checked by the tests, not by the run.
+FIELDS = {
+    "": ("format", "version", "name", "description", "model", "plan", "quantizer", "non_expert", "export",
+         "expected_memory"),
+    "model": ("zoo", "path", "id", "architecture", "config"),
+    "plan": ("method", "levels", "avg_bits", "zeta", "reference", "calib_tokens"),
+    "quantizer": ("name", "group_size", "symmetric", "calib_tokens"),
+    "export": ("targets", "pte_modes", "onnx_modes"),
+}
+
+
 class RecipeError(ValueError):
     pass
 
@@ -74,6 +87,15 @@ class Recipe:
         for key in ("name", "model", "plan", "quantizer"):
             if key not in doc:
                 fail(f"missing required field {key!r}")
+        for section, known in FIELDS.items():
+            node = doc if not section else doc.get(section, {})
+            if not isinstance(node, dict):
+                fail(f"{section} must be an object, got {type(node).__name__}")
+            unknown = sorted(set(node) - set(known))
+            if unknown:
+                where = f"{section}." if section else ""
+                fail(f"unknown field(s) {', '.join(where + k for k in unknown)}: a run cannot honour them; "
+                     f"{section or 'a recipe'} takes {', '.join(known)}")
         model = doc["model"]
         if not any(k in model for k in ("zoo", "path", "id")):
             fail("model needs one of 'zoo' (a zoo entry), 'path' (a local folder) or 'id' (a hub id with 'architecture')")
@@ -89,9 +111,21 @@ class Recipe:
             fail("plan.avg_bits is required")
         if not min(levels) <= float(plan["avg_bits"]) <= max(levels):
             fail(f"plan.avg_bits {plan['avg_bits']} lies outside the levels {levels}")
+        from moe_export.export.executorch import PTE_MODES
+        from moe_export.export.onnx import ONNX_MODES
+        from moe_export.plan.methods import CALIBRATED
+
+        if "calib_tokens" in plan and plan.get("method", "router+maxvar") not in CALIBRATED:
+            fail(f"plan.calib_tokens is for the calibrated methods ({', '.join(CALIBRATED)}); "
+                 f"{plan.get('method', 'router+maxvar')} reads no calibration text")
+        ref = plan.get("reference")
+        if ref is not None and not isinstance(ref, str):
+            fail(f"plan.reference must be a local folder path or null, got {ref!r}")
         q = doc["quantizer"]
         if q.get("name") not in KNOWN_QUANTIZERS:
             fail(f"quantizer.name {q.get('name')!r} is not one of {', '.join(KNOWN_QUANTIZERS)}")
+        if "calib_tokens" in q and q["name"] != "gptq":
+            fail(f"quantizer.calib_tokens is for gptq; {q['name']} reads no calibration text")
         g = q.get("group_size")
         if g is not None and (not isinstance(g, int) or g <= 0):
             fail(f"quantizer.group_size must be a positive integer or null (whole row), got {g!r}")
@@ -99,6 +133,10 @@ class Recipe:
         bad = [t for t in targets if t not in KNOWN_TARGETS]
         if bad:
             fail(f"export.targets {bad} not among {', '.join(KNOWN_TARGETS)}")
+        for key, known in (("pte_modes", PTE_MODES), ("onnx_modes", ONNX_MODES)):
+            bad = [m for m in doc.get("export", {}).get(key, []) if m not in known]
+            if bad:
+                fail(f"export.{key} {bad} not among {', '.join(known)}")
         try:
             non_expert = NonExpertPolicy.from_dict(doc.get("non_expert", {}))
         except BitPlanError as err:
@@ -131,7 +169,7 @@ class Recipe:
         model_type = {
             "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe",
             "SwitchTransformersForConditionalGeneration": "switch_transformers", "Qwen2MoeForCausalLM": "qwen2_moe",
-            "DeepseekV3ForCausalLM": "deepseek_v3",
+            "DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3",
         }.get(arch)
         if model_type is None:
             raise RecipeError(f"{self.source}: architecture {arch!r} has no config class mapping here")
@@ -146,6 +184,51 @@ class Recipe:
         cls = getattr(transformers, self.model["architecture"])
         with torch.device("meta"):
             return cls(config)
+
+
+def run_reference(recipe: Recipe, default):
+    """The router-norm reference a run plans against: ``plan.reference`` (a local folder) if the recipe names one,
+    else ``default`` (a zoo build's pre-trained checkpoint, or None: the final-norm proxy)."""
+    ref = recipe.plan.get("reference")
+    if ref is None:
+        return default
+    path = Path(ref).expanduser()
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"{recipe.source}: plan.reference {ref!r} is not a local checkpoint folder (no config.json); "
+                          "download the reference checkpoint and give its folder, or set plan.reference to null")
+    return path
+
+
+def check_runnable(recipe: Recipe, folder: Path, streamed: bool, budget: int | None) -> None:
+    """Fail before any weight is read when this run cannot do what ``recipe`` asks of the checkpoint ``folder``:
+    calibrated planning or GPTQ on a model that must stream (``streamed``: over half the memory ``budget``), either
+    without a tokenizer to make calibration text with, or an architecture other than the recipe's."""
+    import json
+
+    from moe_export.plan.methods import CALIBRATED
+    from moe_export.streaming import DATA_FREE
+
+    method, quantizer = recipe.plan.get("method", "router+maxvar"), recipe.quantizer["name"]
+    arch = (json.loads((folder / "config.json").read_text()).get("architectures") or [None])[0]
+    if recipe.model.get("architecture") not in (None, arch):
+        raise RecipeError(f"{recipe.source}: the recipe is for {recipe.model['architecture']} but {folder} holds {arch}")
+    if streamed:
+        from moe_export.size import safetensors_bytes
+        from moe_export.streaming import mem_available
+
+        why = (f"{folder} ({safetensors_bytes(folder) / 2**30:.2f} GiB) is over half the memory budget "
+               f"({(budget if budget is not None else mem_available()) / 2**30:.2f} GiB), so it is quantized one layer "
+               "at a time")
+        if method in CALIBRATED:
+            raise RecipeError(f"{recipe.source}: plan.method {method} needs the whole model in memory for its routing "
+                              f"statistics, but {why}; use a data-free method or a larger --memory-budget")
+        if quantizer not in DATA_FREE:
+            raise RecipeError(f"{recipe.source}: quantizer {quantizer} needs the whole model in memory for calibration, "
+                              f"but {why}; use {' or '.join(DATA_FREE)} or a larger --memory-budget")
+    needs_text = [f"plan.method {method}"] * (method in CALIBRATED) + [f"quantizer {quantizer}"] * (quantizer == "gptq")
+    if needs_text and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise RecipeError(f"{recipe.source}: {' and '.join(needs_text)} need calibration text, and {folder} has no "
+                          "tokenizer to make it with; copy the model's tokenizer files into it")
 
 
 def _shipped():
