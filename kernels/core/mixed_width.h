@@ -877,22 +877,41 @@ MOE_T_AVX512 inline float int8_row_512(const uint8_t* prow, const uint16_t* srow
       idot = pairsum512(pairsum512(p0, p1), pairsum512(p2, p3));
     } else {  // g % 64 == 0: vector c is group g0 + c
       const int64_t steps = g / 64;
+      const int live = int(std::min<int64_t>(16, G - g0));
       for (int c = 0; c < 16; ++c) {
         const int64_t gi = g0 + c;
-        __m512i a = _mm512_setzero_si512();
-        if (gi < G)
-          for (int64_t u = 0; u < steps; ++u)
-            a = _mm512_dpbusd_epi32(a,
-                                    UNPACKED ? _mm512_loadu_si512(prow + gi * g + u * 64)
-                                             : codes64<B>(prow + gi * gb + u * 8 * B, full, perm, ctrl, mask),
-                                    _mm512_loadu_si512(xq.q + gi * g + u * 64));
-        v[c] = a;
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();  // two chains hide vpdpbusd latency
+        if (c < live) {
+          const uint8_t* pg = UNPACKED ? prow + gi * g : prow + gi * gb;
+          const int8_t* xg = xq.q + gi * g;
+          int64_t u = 0;
+          for (; u + 2 <= steps; u += 2) {
+            a0 = _mm512_dpbusd_epi32(a0,
+                                     UNPACKED ? _mm512_loadu_si512(pg + u * 64)
+                                              : codes64<B>(pg + u * 8 * B, full, perm, ctrl, mask),
+                                     _mm512_loadu_si512(xg + u * 64));
+            a1 = _mm512_dpbusd_epi32(a1,
+                                     UNPACKED ? _mm512_loadu_si512(pg + (u + 1) * 64)
+                                              : codes64<B>(pg + (u + 1) * 8 * B, full, perm, ctrl, mask),
+                                     _mm512_loadu_si512(xg + (u + 1) * 64));
+          }
+          if (u < steps)
+            a0 = _mm512_dpbusd_epi32(a0,
+                                     UNPACKED ? _mm512_loadu_si512(pg + u * 64)
+                                              : codes64<B>(pg + u * 8 * B, full, perm, ctrl, mask),
+                                     _mm512_loadu_si512(xg + u * 64));
+        }
+        v[c] = _mm512_add_epi32(a0, a1);
       }
-      __m512i q[8];
-      for (int i = 0; i < 8; ++i) q[i] = pairsum512(v[2 * i], v[2 * i + 1]);
-      const __m512i r0 = pairsum512(q[0], q[1]), r1 = pairsum512(q[2], q[3]);
-      const __m512i r2 = pairsum512(q[4], q[5]), r3 = pairsum512(q[6], q[7]);
-      idot = pairsum512(pairsum512(r0, r1), pairsum512(r2, r3));
+      if (live == 1) {  // one group (per-row scales): one horizontal sum instead of the tree
+        idot = _mm512_maskz_set1_epi32(__mmask16(1), _mm512_reduce_add_epi32(v[0]));
+      } else {
+        __m512i q[8];
+        for (int i = 0; i < 8; ++i) q[i] = pairsum512(v[2 * i], v[2 * i + 1]);
+        const __m512i r0 = pairsum512(q[0], q[1]), r1 = pairsum512(q[2], q[3]);
+        const __m512i r2 = pairsum512(q[4], q[5]), r3 = pairsum512(q[6], q[7]);
+        idot = pairsum512(pairsum512(r0, r1), pairsum512(r2, r3));
+      }
     }
     const int64_t ng = std::min<int64_t>(16, G - g0);
     const __mmask16 m = ng == 16 ? __mmask16(0xffff) : __mmask16((1u << ng) - 1);
