@@ -172,6 +172,7 @@ def test_cli_budget_plan_then_quantize_stays_within_one_percent(tiny_zoo_dir, tm
     assert plan.provenance["method"] == "budget" and plan.budget["bits_per_weight"] == 2.7
     r = runner.invoke(main, ["quantize", str(tiny_zoo_dir), "--plan", str(plan_path), "-o", str(tmp_path / "q"), "-q"])
     assert r.exit_code == 0, r.output
+    assert "bits/weight whole model, budget 2.7)" in r.output  # not the derived expert mean of a per-layer plan
     from moe_export.hf import load_quantized
 
     q = load_quantized(tmp_path / "q")

@@ -29,8 +29,11 @@ def _made_for_another_model(err, plan_path: Path, model_dir: Path, src: Path) ->
     arch = (json.loads((src / "config.json").read_text()).get("architectures") or ["?"])[0]
     made_for = " ".join(x for x in (model.get("architecture"), repr(model["name"]) if model.get("name") else "") if x)
     g = plan.quantizer.group_size
-    replan = (f"moe-export plan {model_dir} --avg-bits {plan.target_avg_bits:g} --levels {','.join(map(str, plan.levels))} "
-              f"--group-size {'none' if g is None else g} -o NEW_PLAN.json")
+    if plan.budget is not None:  # a whole-model plan: re-plan the same budget, not its derived expert mean
+        replan = f"moe-export plan {model_dir} --budget {plan.budget['bits_per_weight']:g}bpw -o NEW_PLAN.json"
+    else:
+        replan = (f"moe-export plan {model_dir} --avg-bits {plan.target_avg_bits:g} --levels "
+                  f"{','.join(map(str, plan.levels))} --group-size {'none' if g is None else g} -o NEW_PLAN.json")
     return (f"{plan_path} was made for another checkpoint: {made_for or 'a model'} with router hash "
             f"{model['router_sha256'][:12]}..., while {src} is {arch} with router hash {err.got[:12]}...; "
             f"re-plan this checkpoint with `{replan}`, or, to apply the plan to these weights anyway, set "
@@ -103,8 +106,11 @@ def command(model_dir: Path, plan_path: Path, quantizer, calib_tokens, output: P
     except (CheckpointError, OutputFolderError) as err:
         raise click.ClickException(str(err)) from None
     got, want = safetensors_bytes(output), theoretical_model_bytes(model)
+    widths = (f"{plan.mean_bits():.3f} mean expert bits" if plan.budget is None else
+              f"{8 * want / plan.budget['parameters']:.3f} bits/weight whole model, budget "
+              f"{plan.budget['bits_per_weight']:g}")
     click.echo(
-        f"quantized {src} with {name} ({plan.mean_bits():.3f} mean expert bits) -> {output} in "
+        f"quantized {src} with {name} ({widths}) -> {output} in "
         f"{time.perf_counter() - t0:.1f}s\n"
         f"  experts in memory {expert_bytes(model) / 1e6:.3f} MB (theoretical {theoretical_expert_bytes(model, plan) / 1e6:.3f} MB); "
         f"file {got / 1e6:.3f} MB (theoretical {want / 1e6:.3f} MB, {100 * (got / want - 1):+.2f}%)"
