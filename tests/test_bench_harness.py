@@ -158,6 +158,20 @@ def test_run_bench_eager_only_writes_json_and_markdown(tmp_path):
     # the machine's load is recorded beside the times, since other jobs inflate them
     assert data["settings"]["load_avg_start"] >= 0 and data["settings"]["load_avg_end"] >= 0
     assert f"on {data['settings']['cpus']} CPUs" in md
+    # llama-bench's protocol at 1 and 2 threads: 64 greedy steps from an empty cache, 128-token prefill
+    tp = data["throughput"]
+    assert tp["decode_steps"] == 64 and tp["prefill_tokens"] == 128 and set(tp["threads"]) == {"1", "2"}
+    for t, rows in tp["threads"].items():
+        assert set(rows) == {"float eager", "quantized eager"}
+        for r in rows.values():
+            assert r["decode_tok_s"] == pytest.approx(64 / r["decode_s"]) and r["prefill_tok_s"] > 0
+            assert 0 < r["pct_of_dram_limit"] and 0 < r["pct_of_cache_limit"]
+        assert tp["roofline"][t]["GBps"] > 0
+    assert "## Throughput (llama-bench protocol)" in md and "| quantized eager | 2 |" in md
+    assert data["settings"]["kernel_path"] and f"CPU kernels {data['settings']['kernel_path']}" in md
+    llc = data["roofline"]["llc_bytes"]
+    assert llc is None or llc > 1 << 20
+    assert "Last-level cache" in md
 
 
 @pytest.mark.slow
@@ -230,3 +244,27 @@ def test_fast_export_forms_take_the_quantized_non_expert_linears():
         # 2/3-bit experts fit int4; asymmetric 4-bit attention and the 8-bit lm_head fall back to float linears
         assert counts == {"int4": 3 * model.config.num_local_experts, "float": n_packed}
         assert sqnr(ref, xi(ids, torch.tensor([0]), k, v)[0]) > 30  # int8 dynamic activations
+
+
+def test_slices_have_the_real_layer_shapes():
+    """mixtral-slice and qwen3-slice: the layer shapes the benchmark targets are stated for (configs only: the
+    weights are GBs)."""
+    from moe_export.bench.models import SLICES, describe_slice
+    from moe_export.model_configs import tiny_config
+
+    mix = tiny_config(SLICES["mixtral-slice"][0], **SLICES["mixtral-slice"][1])
+    assert (mix.hidden_size, mix.intermediate_size, mix.num_local_experts, mix.num_experts_per_tok,
+            mix.num_hidden_layers, mix.vocab_size) == (1024, 2816, 8, 2, 4, 8192)
+    qw = tiny_config(SLICES["qwen3-slice"][0], **SLICES["qwen3-slice"][1])
+    assert (qw.hidden_size, qw.moe_intermediate_size, qw.num_experts, qw.num_experts_per_tok, qw.num_hidden_layers,
+            qw.mlp_only_layers) == (2048, 768, 128, 8, 2, [])
+    assert "128 experts top-8" in describe_slice("qwen3-slice")
+
+
+def test_cycled_plan_gives_each_expert_its_width():
+    from moe_export.bench.models import cycled_plan
+    from moe_export.model_configs import tiny_random_model
+
+    plan = cycled_plan(tiny_random_model("MixtralForCausalLM", num_layers=1), [3, 2], group_size=32)
+    assert plan.layers[0].bits == [3, 2] * 4 and plan.levels == [3, 2] and plan.quantizer.symmetric
+    assert plan.mean_bits() == 2.5

@@ -55,10 +55,10 @@ def main():
     ap.add_argument("--out", default="/tmp/native-slice")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from bench_qmoe_layer import mixtral_slice_config, quantized_mixtral  # tools/ is the script's folder on sys.path
-    from transformers import MixtralForCausalLM
 
     from moe_export.bench import latency as lat
+    from moe_export.bench.models import SLICES, quantized_random, slice_model
+    from moe_export.model_configs import tiny_config
     from moe_export.bench.run import _compiled, _runner_fn, _step_fn
     from moe_export.checkpoint import save_quantized
     from moe_export.export.executorch import pte_ops
@@ -69,11 +69,12 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = mixtral_slice_config()
+    arch, shape = SLICES["mixtral-slice"]
+    cfg = tiny_config(arch, **shape)
     with torch.device("meta"):
-        float_bytes = 4 * sum(p.numel() for p in MixtralForCausalLM(cfg).parameters())
+        float_bytes = 4 * sum(p.numel() for p in slice_model("mixtral-slice").parameters())
     res = {"float_bytes": float_bytes, "widths": args.widths, "kernel_path": et_native.kernel_path()}
-    q = quantized_mixtral(cfg, [int(w) for w in args.widths.split(",")])
+    q = quantized_random(slice_model("mixtral-slice"), [int(w) for w in args.widths.split(",")])
     qdir = save_quantized(q, out / "q")
     res["checkpoint_bytes"] = safetensors_bytes(qdir)
     native = out / "slice-native.pte"

@@ -12,36 +12,6 @@ import numpy as np
 import torch
 
 
-def mixtral_slice_config():
-    """The Mixtral-shaped slice of the decode benchmarks: hidden 1024, intermediate 2816, 8 experts top-2, 4 layers,
-    vocab 8192."""
-    from transformers import MixtralConfig
-
-    return MixtralConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                         num_attention_heads=16, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                         max_position_embeddings=256, architectures=["MixtralForCausalLM"])
-
-
-def quantized_mixtral(cfg, widths: list[int]):
-    """A random-weight Mixtral of ``cfg`` quantized in memory, expert e of every layer at ``widths[e % len]``
-    (symmetric RTN, group 32): the speed shapes of the QMoE benchmarks."""
-    from transformers import MixtralForCausalLM
-
-    from moe_export.api import MoEQuantConfig, quantize_
-    from moe_export.models import find_moe_layers
-    from moe_export.plan.bitplan import BitPlan
-
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(cfg).eval()
-    plan = BitPlan.uniform(find_moe_layers(model), 4, group_size=32)
-    for lp in plan.layers:
-        lp.bits = [widths[e % len(widths)] for e in range(lp.num_experts)]
-    plan.levels = sorted(set(widths), reverse=True)
-    plan.target_avg_bits = plan.mean_bits()
-    plan.quantizer.symmetric = True
-    return quantize_(model, MoEQuantConfig(plan), progress=False)  # in place: no float copy kept
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=1024)
@@ -52,15 +22,15 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     import onnxruntime as ort
-    from transformers import MixtralConfig
 
+    from moe_export.bench.models import quantized_random
     from moe_export.export.qmoe import moe_layer_model
+    from moe_export.model_configs import tiny_random_model
 
-    cfg = MixtralConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.inter, num_hidden_layers=1,
-                        num_attention_heads=8, num_key_value_heads=8, num_local_experts=args.experts,
-                        num_experts_per_tok=2)
     widths = [int(w) for w in args.widths.split(",")]
-    q = quantized_mixtral(cfg, widths)
+    q = quantized_random(tiny_random_model("MixtralForCausalLM", vocab_size=256, hidden_size=args.hidden,
+                                           expert_intermediate_size=args.inter, num_layers=1, num_attention_heads=8,
+                                           num_key_value_heads=8, num_experts=args.experts, top_k=2), widths)
     block = q.model.layers[0].mlp
     ex = block.experts
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

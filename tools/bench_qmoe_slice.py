@@ -23,8 +23,7 @@ def main():
     ap.add_argument("--out", default="/tmp/slice")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from bench_qmoe_layer import mixtral_slice_config, quantized_mixtral  # tools/ is the script's folder on sys.path
-
+    from moe_export.bench.models import quantized_random, slice_model
     from moe_export.export.onnx import export_onnx
     from moe_export.export.prepare import prepare_for_export
     from moe_export.export.runners import OnnxRunner
@@ -32,8 +31,7 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = mixtral_slice_config()
-    q = quantized_mixtral(cfg, [int(w) for w in args.widths.split(",")])
+    q = quantized_random(slice_model("mixtral-slice"), [int(w) for w in args.widths.split(",")])
     step = DecoderStep(prepare_for_export(q), 128)
     paths = {}
     for mode in args.modes.split(","):

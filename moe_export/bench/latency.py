@@ -81,3 +81,18 @@ def with_ratios(rows: dict[str, dict], baseline: str) -> dict[str, dict]:
         if base and "ms" in r:
             r["speedup_vs_baseline"] = base / r["ms"]
     return rows
+
+
+def greedy_run(call, cache_shape, steps: int = 64, first_token: int = 1):
+    """A callable running ``steps`` greedy decode steps from an empty cache (llama-bench ``-p 0 -n steps``):
+    ``call(tokens [1, 1], pos [1], k, v) -> (logits [1, 1, V], k, v)`` is a decoder step (module or runner);
+    each step feeds the argmax of the last one. Its wall time / ``steps`` is the decode time a token."""
+
+    def run():
+        k, v = torch.zeros(cache_shape), torch.zeros(cache_shape)
+        tok = torch.tensor([[first_token]], dtype=torch.long)
+        for pos in range(steps):
+            logits, k, v = call(tok, torch.tensor([pos], dtype=torch.long), k, v)
+            tok = logits[:, -1:].argmax(-1)  # [1, 1]
+
+    return run

@@ -104,3 +104,24 @@ def cache_resident_GBps(nbytes: float, reps: int = 50) -> float:
             a.sum()
         best = min(best, (time.perf_counter() - t0) / reps)
     return n * 4 / best / 1e9
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of this CPU's last-level cache, read from sysfs (``/sys/devices/system/cpu/cpu0/cache``); None when
+    the machine does not say. A decode step whose weights fit stays cache-resident between steps."""
+    from pathlib import Path
+
+    best = None
+    for idx in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((idx / "level").read_text())
+            if (idx / "type").read_text().strip() == "Instruction":
+                continue
+            size = (idx / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
+        nbytes = int(size.rstrip("KMGkmg")) * mult
+        if best is None or level > best[0]:
+            best = (level, nbytes)
+    return None if best is None else best[1]

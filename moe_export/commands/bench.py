@@ -10,7 +10,8 @@ import click
                                   "Writes OUTDIR/results.json and results.md.")
 @click.option("--quick", is_flag=True, help="Fewer runs and variants (a few minutes).")
 @click.option("--model", default="tiny", show_default=True,
-              help="Zoo entry (tiny, small-mixtral; a random model of its shape if not built) or a checkpoint folder.")
+              help="Zoo entry (tiny, small-mixtral; a random model of its shape if not built), a slice of a real model's "
+                   "shape with random weights (mixtral-slice, qwen3-slice), or a checkpoint folder.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: runs/bench-MODEL].")
 @click.option("--reps", type=int, default=None, help="Interleaved rounds per variant, 3 timed calls each [default: 10 quick, 30 full].")
@@ -19,15 +20,17 @@ import click
 @click.option("--non-expert", default=None,
               help="Widths of non-expert weights, ROLE=float|BITS[:GROUP|row][:sym|asym] comma-separated, or 'float' "
                    "[default: attention=4,lm_head=8:row:sym].")
-@click.option("--pte-modes", default=None, help="Quantized .pte modes, comma-separated [default: native quick; "
-                                                 "native,packed,xnnpack,xnnpack-int full].")
-@click.option("--onnx-modes", default=None, help="Quantized .onnx modes, comma-separated [default: packed,fast].")
-@click.option("--no-peers", is_flag=True, help="Skip the torchao / onnxruntime peers.")
+@click.option("--pte-modes", default=None, help="Quantized .pte modes, comma-separated [default: native quick and on "
+                                                 "slices; native,packed,xnnpack,xnnpack-int full].")
+@click.option("--onnx-modes", default=None, help="Quantized .onnx modes, comma-separated [default: packed,fast; slices: fast].")
+@click.option("--threads", default="1,2", show_default=True,
+              help="Thread counts of the throughput phase (64 greedy decode steps, 128-token prefill); 'none' skips it.")
+@click.option("--no-peers", is_flag=True, help="Skip the torchao / onnxruntime peers (slices skip them by default).")
 @click.option("--no-rss", is_flag=True, help="Skip the peak-RSS subprocesses.")
-@click.option("--no-offline", is_flag=True, help="Skip plan/quantizer timings.")
+@click.option("--no-offline", is_flag=True, help="Skip plan/quantizer timings (slices skip them by default).")
 @click.option("--docs", type=click.Path(dir_okay=False), default=None, help="Also write the markdown here (docs/benchmarks.md).")
-def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes, onnx_modes, no_peers, no_rss, no_offline,
-            docs):
+def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes, onnx_modes, threads, no_peers, no_rss,
+            no_offline, docs):
     from moe_export.bench.run import DEFAULT_NON_EXPERT, run_bench
     from moe_export.plan.bitplan import NonExpertPolicy
     from moe_export.export.executorch import PTE_MODES
@@ -39,6 +42,13 @@ def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes
         lv = [int(b) for b in levels.split(",") if b.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated bit widths such as 3,2; got {levels!r}", param_hint="--levels")
+    try:
+        n_threads = () if threads.strip().lower() == "none" else tuple(int(t) for t in threads.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated thread counts such as 1,2 (or none); got {threads!r}",
+                                 param_hint="--threads")
+    if any(t < 1 for t in n_threads):
+        raise click.BadParameter(f"thread counts must be >= 1, got {threads!r}", param_hint="--threads")
     non_expert = DEFAULT_NON_EXPERT if non_expert is None else non_expert
     try:
         NonExpertPolicy.parse(non_expert, 128)
@@ -55,7 +65,8 @@ def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes
         modes[opt] = ms
     try:
         run_bench(model, out_dir, quick=quick, reps=reps, avg_bits=avg_bits, levels=lv, non_expert=non_expert,
-                  pte_modes=modes.get("--pte-modes"), onnx_modes=modes.get("--onnx-modes"), peers=not no_peers,
-                  offline=not no_offline, rss=not no_rss, docs=docs, echo=click.echo)
+                  pte_modes=modes.get("--pte-modes"), onnx_modes=modes.get("--onnx-modes"),
+                  peers=False if no_peers else None, offline=False if no_offline else None, rss=not no_rss, docs=docs,
+                  threads=n_threads, echo=click.echo)
     except FileNotFoundError as err:
         raise click.BadParameter(str(err), param_hint="--model")
