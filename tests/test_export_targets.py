@@ -204,8 +204,8 @@ def test_cli_export_onnx(tmp_path):
     fmodel = tiny_random_model("MixtralForCausalLM", seed=0, num_hidden_layers=1).eval()
     qmodel, plan = _quantize(fmodel, [[2, 4, 2, 4, 4, 2, 8, 2]])
     qdir = save_quantized(qmodel, tmp_path / "q", plan=plan)
-    res = CliRunner().invoke(main, ["export", str(qdir), "--to", "onnx", "-o", str(tmp_path / "out"), "--max-seq-len",
-                                    "48", "--no-latency", "-q"])
+    res = CliRunner().invoke(main, ["export", str(qdir), "--to", "onnx", "--onnx-mode", "packed", "-o",
+                                    str(tmp_path / "out"), "--max-seq-len", "48", "--no-latency", "-q"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "export_report.json").read_text())
     (row,) = report["artifacts"]

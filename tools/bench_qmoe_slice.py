@@ -1,5 +1,5 @@
 """Decode on the Mixtral-shaped slice (hidden 1024, intermediate 2816, 8 experts top-2, 4 layers, vocab 8192; random
-weights): .onnx qmoe against .onnx fast (MatMulNBits), same quantized model, one thread, interleaved steps.
+weights): .onnx native against .onnx fast (MatMulNBits), same quantized model, one thread, interleaved steps.
 
     python tools/bench_qmoe_slice.py [--widths 3,2] [--steps 64] [--out /tmp/slice]
 """
@@ -19,7 +19,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", default="3,2")
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--modes", default="qmoe,fast")
+    ap.add_argument("--modes", default="native,fast")
     ap.add_argument("--out", default="/tmp/slice")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -22,7 +22,7 @@ import click
                    "[default: attention=4,lm_head=8:row:sym].")
 @click.option("--pte-modes", default=None, help="Quantized .pte modes, comma-separated [default: native quick and on "
                                                  "slices; native,packed,xnnpack,xnnpack-int full].")
-@click.option("--onnx-modes", default=None, help="Quantized .onnx modes, comma-separated [default: packed,fast; slices: fast].")
+@click.option("--onnx-modes", default=None, help="Quantized .onnx modes, comma-separated [default: packed,fast,native; slices: fast,native].")
 @click.option("--threads", default="1,2", show_default=True,
               help="Thread counts of the throughput phase (64 greedy decode steps, 128-token prefill); 'none' skips it.")
 @click.option("--no-peers", is_flag=True, help="Skip the torchao / onnxruntime peers (slices skip them by default).")

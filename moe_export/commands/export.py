@@ -1,5 +1,5 @@
-"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode native,packed,xnnpack,xnnpack-int] [--onnx-mode packed,fast,qmoe]
-[--float MODEL_DIR]``."""
+"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode native,packed,xnnpack,xnnpack-int] [--onnx-mode native,packed,fast]
+[--onnx-accuracy fast|exact] [--float MODEL_DIR]``."""
 
 from __future__ import annotations
 
@@ -20,26 +20,29 @@ import click
                    "packed (portable kernels, every expert at its width), xnnpack "
                    "(same packed experts, XNNPACK delegate for the float ops) and/or xnnpack-int (int4-exact experts "
                    "on XNNPACK's int8-activation int4 kernel: fast, larger file, ~40-50 dB vs eager).")
-@click.option("--onnx-mode", "onnx_modes", default="packed", show_default=True,
-              help="Comma-separated: packed (gathered packed experts: smallest), fast (every expert projection "
-                   "a com.microsoft::MatMulNBits; int3 stored as 4-bit) and/or qmoe (one com.microsoft::QMoE node per "
-                   "width group: only routed experts run; 1/3-bit stored as 2/4-bit; integer zero points only).")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
-              help="accuracy_level of --onnx-mode fast and qmoe: 4 = int8 activation compute (fast), 0 = float "
-                   "(exact for 4-bit containers).")
+@click.option("--onnx-mode", "onnx_modes", default="native", show_default=True,
+              help="Comma-separated: native (onnxruntime's quantized ops: one com.microsoft::QMoE node per expert "
+                   "width group, only routed experts run; MatMulNBits linears; GatherBlockQuantized embeddings; 1/3/5-7 "
+                   "bits stored as 2/4/8; integer zero points only), packed (gathered packed experts, exact at every "
+                   "width, any zero points: smallest) and/or fast (every expert projection a com.microsoft::MatMulNBits "
+                   "under an If).")
+@click.option("--onnx-accuracy", type=click.Choice(["fast", "exact"]), default="fast", show_default=True,
+              help="Arithmetic of the native and fast .onnx: fast = int8 activations (accuracy_level 4; ~40 dB vs eager, "
+                   "10-20x faster 4-bit experts on AMD Zen 4), exact = float activations (accuracy_level 0: float "
+                   "rounding for 4-bit containers; 2- and 8-bit containers stay int8 in onnxruntime).")
 @click.option("--float", "float_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="The float model the checkpoint was quantized from: adds SQNR vs float and float artifacts for latency.")
 @click.option("--max-seq-len", type=int, default=128, show_default=True, help="KV cache length baked into the artifacts.")
 @click.option("--no-check", is_flag=True, help="Skip the parity checks.")
 @click.option("--no-latency", is_flag=True, help="Skip the decode latency measurement.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def command(qdir: Path, targets: str, output: Path, pte_modes: str, onnx_modes: str, accuracy_level: int, float_dir, max_seq_len: int, no_check: bool,
-            no_latency: bool, quiet: bool):
+def command(qdir: Path, targets: str, output: Path, pte_modes: str, onnx_modes: str, onnx_accuracy: str, float_dir,
+            max_seq_len: int, no_check: bool, no_latency: bool, quiet: bool):
     import torch
 
     from moe_export.hf import load_quantized
     from moe_export.export.executorch import PTE_MODES
-    from moe_export.export.onnx import ONNX_MODES
+    from moe_export.export.onnx import ACCURACY_LEVELS, ONNX_MODES
     from moe_export.export.parity import ParityError
     from moe_export.export.pipeline import TARGETS, export_artifacts, format_report
     from moe_export.io import CheckpointError
@@ -72,7 +75,7 @@ def command(qdir: Path, targets: str, output: Path, pte_modes: str, onnx_modes: 
     try:
         with output_lock(output):
             report = export_artifacts(qmodel, output, targets=tlist, pte_modes=mlist, onnx_modes=olist,
-                                      accuracy_level=accuracy_level, float_model=fmodel,
+                                      accuracy_level=ACCURACY_LEVELS[onnx_accuracy], float_model=fmodel,
                                       max_seq_len=max_seq_len, check=not no_check, latency=not no_latency,
                                       progress=not quiet, source=qdir)
     except ParityError as err:

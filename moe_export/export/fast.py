@@ -6,7 +6,8 @@ experts in both modes.
 
 * ONNX ``fast``: every expert projection is one ``com.microsoft::MatMulNBits`` (2/4/8-bit codes, block =
   group size). int3 has no MatMulNBits kernel: 3-bit codes go in 4-bit containers (same values, 4 bits a
-  weight), 1-bit in 2-bit containers; fractional (HQQ) zeros become float zero points.
+  weight), 1-bit in 2-bit containers, 5-7 bits in 8-bit ones (``qmoe.CONTAINER``); fractional (HQQ) zeros become
+  float zero points.
 * ExecuTorch ``xnnpack-int``: experts whose codes fit symmetric int4 exactly (``q - zero`` in [-7, 7]: every
   1-3 bit expert with integer zeros, 4-bit experts that happen to) become torchao
   ``IntxUnpackedToInt8Tensor`` linears with int8 dynamic activations, which XNNPACK runs group-wise;
@@ -27,9 +28,8 @@ import torch.nn as nn
 
 from moe_export.export.experts import MixedWidthWeight, PackedMixedExperts
 from moe_export.export.ops import define_ops
+from moe_export.export.qmoe import CONTAINER
 from moe_export.runtime.layout import dequantize_rows, pack, pack_codes, symmetric_zero, unpack_codes, unpack_lut
-
-CONTAINER_BITS = {1: 2, 2: 2, 3: 4, 4: 4, 8: 8}  # stored width -> MatMulNBits width
 
 
 class NBitsLinear(nn.Module):
@@ -38,7 +38,7 @@ class NBitsLinear(nn.Module):
     def __init__(self, packed, scale, zero, bits: int, k: int, accuracy_level: int):
         super().__init__()
         define_ops()  # forward calls moe_export::matmul_nbits
-        c = CONTAINER_BITS[bits]
+        c = CONTAINER[bits]  # the codes as stored; the zero point says where the width's zero sits
         n, g_count = scale.shape
         g = k // g_count
         codes = unpack_codes(packed, unpack_lut(bits), bits, k).to(torch.uint8)  # [N, K]
@@ -142,11 +142,8 @@ class _Biased(nn.Module):
 
 
 def _replace_experts(model: nn.Module, build, make_linear=None) -> nn.Module:
-    """A copy with every packed expert stack replaced by ``build(experts)`` and, given ``make_linear(packed,
-    scale, zero, bits, k)``, every packed non-expert linear (quantized attention, lm_head, ...) by its result:
-    left as in-graph unpacks, those would dequantize their whole weight on every step."""
-    from moe_export.export.prepare import PackedLinear
-
+    """A copy with every packed expert stack replaced by ``build(experts)`` and, given ``make_linear``, every packed
+    non-expert linear (:func:`replace_packed_linears`)."""
     model = copy.deepcopy(model)
     n = 0
     for mod in list(model.modules()):
@@ -158,15 +155,35 @@ def _replace_experts(model: nn.Module, build, make_linear=None) -> nn.Module:
         raise ValueError("no packed mixed-width experts in the model: fast export modes need a quantized model "
                          "(prepare_for_export of a moe_export.api.quantize_ model)")
     if make_linear is not None:
-        for name, mod in list(model.named_modules()):
-            if isinstance(mod, PackedLinear):
-                p, sc, z, b = _expert_qparams(mod.weight_q, 0)
-                new = make_linear(p, sc, z, b, mod.weight_q.k)
-                if mod.bias is not None:
-                    new = _Biased(new, mod.bias)
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, attr, new)
+        replace_packed_linears(model, make_linear)
     return model
+
+
+def replace_packed_linears(model: nn.Module, make_linear) -> dict[int, int]:
+    """Every packed non-expert linear (quantized attention, lm_head, ...) of ``model`` replaced in place by
+    ``make_linear(packed, scale, zero, bits, k)``: left as in-graph unpacks, those would dequantize their whole
+    weight on every step. Returns how many linears of each stored width were replaced."""
+    from moe_export.export.prepare import PackedLinear
+
+    counts: dict[int, int] = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, PackedLinear):
+            p, sc, z, b = _expert_qparams(mod.weight_q, 0)
+            new = make_linear(p, sc, z, b, mod.weight_q.k)
+            if mod.bias is not None:
+                new = _Biased(new, mod.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, new)
+            counts[b] = counts.get(b, 0) + 1
+    return counts
+
+
+def nbits_linear(p, s, z, b: int, k: int, accuracy_level: int) -> nn.Module:
+    """One packed projection on MatMulNBits (any width 1-8, in its container); 8-bit codes with fractional (HQQ)
+    zeros, which onnxruntime's MatMulNBits rejects, as an exact float linear."""
+    if CONTAINER[b] == 8 and z is not None and not torch.equal(z.float(), z.float().round()):
+        return _float_linear(p, s, z, b, k)
+    return NBitsLinear(p, s, z, b, k, accuracy_level)
 
 
 def to_nbits_experts(model: nn.Module, accuracy_level: int = 4, skip_unrouted: bool = True) -> nn.Module:
@@ -176,12 +193,7 @@ def to_nbits_experts(model: nn.Module, accuracy_level: int = 4, skip_unrouted: b
     runs only the k routed experts (measured 0.43 vs 0.92 ms a token, 16 experts, one layer; same logits)."""
 
     def make(p, s, z, b, k):
-        if b not in CONTAINER_BITS:
-            raise ValueError(f"{b}-bit experts have no MatMulNBits container (supported: 1, 2, 3, 4, 8 bits)")
-        if b == 8 and z is not None and not torch.equal(z.float(), z.float().round()):
-            # onnxruntime's MatMulNBits rejects 8-bit codes with float zero points (HQQ): exact float fallback
-            return _float_linear(p, s, z, b, k)
-        return NBitsLinear(p, s, z, b, k, accuracy_level)
+        return nbits_linear(p, s, z, b, k, accuracy_level)
 
     def build(ex: PackedMixedExperts) -> DenseExperts:
         dense = _split_experts(ex, make, fused=True)

@@ -129,7 +129,10 @@ def _coded_copy(step: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, list[
     return step, coded
 
 
-ONNX_MODES = ("packed", "fast", "qmoe")
+ONNX_MODES = ("native", "packed", "fast")
+# --onnx-accuracy: accuracy_level of QMoE and MatMulNBits. "fast" (4, int8 activations) is the default: on AMD EPYC
+# Zen 4 the exact 4-bit path (0) measured 10-18 ms against 0.9 ms a Mixtral-shaped layer (docs/benchmarks.md)
+ACCURACY_LEVELS = {"exact": 0, "fast": 4}
 
 
 def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: int = 128, quantized_ops: bool = True,
@@ -138,8 +141,11 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
 
     ``mode="packed"``: routed experts gathered from packed tables (smallest file); ``quantized_ops=False`` keeps
     the in-graph unpack for every width (no contrib ops: any ONNX runtime).
-    ``mode="qmoe"``: every MoE block is one ``com.microsoft::QMoE`` node per width group (:mod:`moe_export.export.qmoe`):
-    only the routed experts run, straight from their packed codes; ``accuracy_level`` is QMoE's attribute.
+    ``mode="native"``: onnxruntime's own quantized ops: every MoE block is one ``com.microsoft::QMoE`` node per
+    width group (:mod:`moe_export.export.qmoe`; only the routed experts run, straight from their packed codes),
+    packed non-expert linears ``com.microsoft::MatMulNBits``, a packed embedding table
+    ``com.microsoft::GatherBlockQuantized``; widths the ops lack go into the next container (1 -> 2, 3 -> 4,
+    5..7 -> 8 bits; metadata ``moe_export.note``); ``accuracy_level`` (``ACCURACY_LEVELS``) is the ops' attribute.
     ``mode="fast"``: every expert projection is a ``com.microsoft::MatMulNBits`` with dense routing
     (:mod:`moe_export.export.fast`); int3 experts stored in 4-bit containers. ``accuracy_level`` is
     MatMulNBits' attribute: 4 = int8 activation compute (fast, ~40 dB vs eager), 0 = float compute (exact).
@@ -170,15 +176,9 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
         if widened:  # MatMulNBits has no 1/3-bit kernel: those experts hold the same codes in wider containers
             meta["moe_export.note"] = "; ".join(f"int{b} experts stored as {c}-bit MatMulNBits codes (same values, "
                                                 f"{c} bits a weight)" for b, c in widened.items())
-    elif mode == "qmoe":
-        from moe_export.export import qmoe
-
-        qmoe.register_schema()
-        step, qmoe_layers = qmoe.to_qmoe_blocks(step)
-        table = qmoe.translation_table()
-        meta["moe_export.accuracy_level"] = str(accuracy_level)
-        widths = sorted({b for spec in qmoe_layers.values() for b in spec["gate_up"].widths})
-        meta["moe_export.containers"] = json.dumps({str(b): qmoe.CONTAINER[b] for b in widths})
+    elif mode == "native":
+        step, qmoe_layers, table, native_meta = _native_step(step, accuracy_level)
+        meta.update(native_meta)
     elif quantized_ops:
         _register_ort_schemas()
         step, _ = _coded_copy(step)
@@ -191,7 +191,9 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
             optimize=True, verbose=False,
         )
     proto = prog.model_proto
-    if mode == "qmoe":
+    if mode == "native":
+        from moe_export.export import qmoe
+
         qmoe.splice(proto, qmoe_layers, accuracy_level)
     _strip_debug_info(proto.graph)
     proto.ir_version = min(proto.ir_version, IR_VERSION)
@@ -203,6 +205,41 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
     with atomic_path(path) as tmp:
         onnx.save_model(proto, str(tmp))
     return path
+
+
+def _native_step(step: torch.nn.Module, accuracy_level: int):
+    """The step of ``mode="native"``: MoE blocks as QMoE placeholders, packed linears as MatMulNBits, packed
+    embeddings in GatherBlockQuantized containers; the translation table and the metadata saying what went where."""
+    from moe_export.export import qmoe
+    from moe_export.export.fast import nbits_linear, replace_packed_linears
+    from moe_export.export.prepare import PackedEmbedding
+
+    _register_ort_schemas()
+    qmoe.register_schema()
+    step, layers = qmoe.to_qmoe_blocks(step)  # a copy
+    linears = replace_packed_linears(step, lambda p, s, z, b, k: nbits_linear(p, s, z, b, k, accuracy_level))
+    tables = {}
+    for name, mod in step.named_modules():
+        if isinstance(mod, PackedEmbedding):
+            groups = mod.weight_q.width_groups()
+            (b,) = groups.widths
+            mod.weight_q = type(mod.weight_q)(qmoe.container_groups(groups))
+            coded = mod.weight_q.use_zero_codes()  # GatherBlockQuantized where the group size allows it
+            tables[b] = "GatherBlockQuantized" if coded else "in-graph unpack"
+    table = {**_translation_table(), **qmoe.translation_table()}
+    experts = sorted({b for spec in layers.values() for b in spec["gate_up"].widths})
+    meta = {"moe_export.accuracy_level": str(accuracy_level),
+            "moe_export.containers": json.dumps({str(b): qmoe.CONTAINER[b] for b in experts}),
+            "moe_export.linear_containers": json.dumps({str(b): qmoe.CONTAINER[b] for b in sorted(linears)}),
+            "moe_export.embedding_containers": json.dumps({str(b): qmoe.CONTAINER[b] for b in sorted(tables)})}
+    mapped = [f"int{b} experts as {qmoe.CONTAINER[b]}-bit QMoE codes" for b in experts if qmoe.CONTAINER[b] != b]
+    mapped += [f"int{b} linears as {qmoe.CONTAINER[b]}-bit MatMulNBits codes" for b in sorted(linears)
+               if qmoe.CONTAINER[b] != b]
+    mapped += [f"int{b} embedding as {qmoe.CONTAINER[b]}-bit codes ({how})" for b, how in tables.items()
+               if qmoe.CONTAINER[b] != b or how != "GatherBlockQuantized"]
+    if mapped:  # the same values in wider codes: more bytes than the theoretical size
+        meta["moe_export.note"] = "; ".join(mapped)
+    return step, layers, table, meta
 
 
 def _strip_debug_info(graph) -> None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -29,11 +30,19 @@ def _artifact_name(target: str, mode: str | None) -> str:
     return f"model-{mode}.pte"
 
 
-def _approximate(target: str, mode: str | None, accuracy_level: int) -> bool:
+def _approximate(target: str, mode: str | None, accuracy_level: int, metadata: dict | None = None) -> bool:
     """Modes whose kernels quantize activations to int8: parity is an SQNR floor, not a tight max error."""
-    # QMoE: 2-bit (LUT) and 8-bit block-wise groups compute with int8 activations on onnxruntime's CPU EP
-    return ((target == "pte" and mode in ("xnnpack-int", "native-int8")) or (target == "onnx" and mode == "fast" and accuracy_level != 0)
-            or (target == "onnx" and mode == "qmoe"))
+    if target == "onnx" and mode == "native":
+        # QMoE / MatMulNBits: 2-bit (LUT) and 8-bit block-wise containers compute with int8 activations on
+        # onnxruntime's CPU EP at every accuracy level; 4-bit is fp32 at level 0
+        from moe_export.export.qmoe import APPROXIMATE_CONTAINERS
+
+        meta = metadata or {}
+        used = [c for key in ("moe_export.containers", "moe_export.linear_containers")
+                for c in json.loads(meta.get(key, "{}")).values()]
+        return accuracy_level != 0 or any(c in APPROXIMATE_CONTAINERS for c in used)
+    return ((target == "pte" and mode in ("xnnpack-int", "native-int8"))
+            or (target == "onnx" and mode == "fast" and accuracy_level != 0))
 
 
 def export_artifacts(
@@ -142,7 +151,7 @@ def export_artifacts(
             rep = compare(runner, eager_fn, check_ids, float_fn, gen_model=qmodel, gen_prompt=prompt, new_tokens=new_tokens)
             row["parity"] = rep.to_dict()
             try:
-                approx = _approximate(base, mode, accuracy_level)
+                approx = _approximate(base, mode, accuracy_level, row.get("metadata"))
                 row["parity_rule"] = f"SQNR vs eager >= {APPROX_MIN_SQNR_DB} dB" if approx else "max abs err, 1e-4 relative"
                 check_parity(rep, min_sqnr_db=APPROX_MIN_SQNR_DB if approx else None)
                 row["parity_ok"] = True

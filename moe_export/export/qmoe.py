@@ -10,12 +10,16 @@ were checked by running onnxruntime 1.32 (README of ``shared/probes/ort-qmoe``; 
 
 Codes go in unchanged where the stored layout is QMoE's (2, 4, 8 bits: LSB-first along K, like MatMulNBits);
 other widths go into the next container exactly (1 -> 2 bits, 3 -> 4, 5..7 -> 8) by moving codes so that the
-container's implied zero point reproduces ours. Scales are our float16 values as float32 (exact). Asymmetric
-grids need integer zero points (RTN and GPTQ at 2+ bits); fractional zeros (HQQ, 1-bit asymmetric) have no
-QMoE form and are refused.
+container's implied zero point reproduces ours. 3-bit codes could stay 3-bit (QMoE's INT3 profile), but it takes
+float16 activations only and measured 16-19 ms against 0.9 ms for the 4-bit container at accuracy level 4 on one
+Mixtral-shaped layer (AMD EPYC Zen 4, 1 thread), at 65 dB instead of exact: 3-bit goes into 4-bit codes. Scales
+are our float16 values (the CPU EP takes float16 scales with float32 activations; same outputs as float32 scales).
+Asymmetric grids need integer zero points (RTN and GPTQ at 2+ bits); fractional zeros (HQQ, 1-bit asymmetric)
+have no QMoE form and are refused.
 
-Arithmetic per width on the CPU EP (measured in the probe): 4-bit runs fp32 activations (exact to summation
-order); 2-bit at block >= 32 runs a LUT kernel and 8-bit block-wise runs int8 activations, about 1e-2 off.
+Arithmetic per width on the CPU EP (measured in the probe): 4-bit at accuracy level 0 runs fp32 activations
+(exact to summation order) and at level 4 int8 activations (~39 dB, 10-20x faster on AMD Zen 4); 2-bit at block
+>= 32 runs a LUT kernel and 8-bit block-wise int8 activations at any level (about 1e-2 off, 36-39 dB).
 """
 
 from __future__ import annotations
@@ -34,36 +38,67 @@ def _sym_zero(bits: int) -> float:
     return 0.5 if bits == 1 else float(2 ** (bits - 1))
 
 
+def container_codes(bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, k: int):
+    """``(c, q, s, z)``: one width group's codes moved into the ``c = CONTAINER[bits]``-bit container exactly.
+
+    ``q`` int32 ``[.., N, K]`` codes in [0, 2^c); ``s`` the scales, float16 as stored where that is exact (always,
+    except a 1-bit group whose halved scale would lose a bit), else float32; ``z`` None (symmetric: the container's
+    implied zero point 2^(c-1) reproduces ours) or the integer zero codes ``[.., N, G]`` uint8, unpacked.
+    """
+    c = CONTAINER[bits]
+    q = unpack(packed, bits, k).to(torch.int32)  # [.., N, K]
+    s = scale
+    z = None
+    if zero is None:
+        # implied zero point of a c-bit container: 2^(c-1); ours is _sym_zero(bits): move the codes onto it
+        if bits == 1:  # (q - 1/2) s == (2q + 1 - 2) (s / 2)
+            q, s = 2 * q + 1, scale.float() / 2
+            if torch.equal(s.half().float(), s):
+                s = s.half()
+        else:
+            q = q + (2 ** (c - 1) - 2 ** (bits - 1))
+    else:
+        zf = zero.float()
+        if not torch.equal(zf, zf.round()) or zf.min() < 0 or zf.max() > 2**bits - 1:
+            raise ValueError(f"{bits}-bit group has fractional or out-of-range zero points (HQQ, or a 1-bit asymmetric "
+                             "grid, which binarises around the mean); QMoE takes integer zero codes only: use a "
+                             "symmetric grid or rtn/gptq at 2+ bits, or export with the packed ONNX mode")
+        z = zf.to(torch.uint8)
+    return c, q, s, z
+
+
 def qmoe_weights(bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, k: int,
                  rows: torch.Tensor | None = None) -> dict[str, np.ndarray | int]:
     """One width group of one projection in QMoE form.
 
     ``packed`` ``[E_b, N, K*b/8]``, ``scale``/``zero`` ``[E_b, N, G]`` (our layout); ``rows``: a row permutation
     (the SwiGLU interleave of gate/up). Returns ``bits`` (container), ``w`` ``[E_b, N, K*c/8]`` uint8, ``s``
-    ``[E_b, N, G]`` float32, ``zp`` packed ``[E_b, N, ceil(G*c/8)]`` uint8 or None.
+    ``[E_b, N, G]`` float16 (our stored scales; the CPU EP takes them beside float32 activations, measured equal to
+    float32 scales) or float32 (a 1-bit group whose halved scale float16 cannot hold), ``zp`` packed
+    ``[E_b, N, ceil(G*c/8)]`` uint8 or None.
     """
-    c = CONTAINER[bits]
-    q = unpack(packed, bits, k).to(torch.int32)  # [E_b, N, K]
-    s = scale.float()
-    zp = None
-    if zero is None:
-        # implied zero point of a c-bit container: 2^(c-1); ours is _sym_zero(bits): move the codes onto it
-        if bits == 1:  # (q - 1/2) s == (2q + 1 - 2) (s / 2)
-            q, s = 2 * q + 1, s / 2
-        else:
-            q = q + (2 ** (c - 1) - 2 ** (bits - 1))
-    else:
-        z = zero.float()
-        if not torch.equal(z, z.round()) or z.min() < 0 or z.max() > 2**bits - 1:
-            raise ValueError(f"{bits}-bit group has fractional or out-of-range zero points (HQQ, or a 1-bit asymmetric "
-                             "grid, which binarises around the mean); QMoE takes integer zero codes only: use a "
-                             "symmetric grid or rtn/gptq at 2+ bits, or export with the packed ONNX mode")
-        zp = pack_codes(z.to(torch.uint8), c)  # [.., ceil(G*c/8)], packed along the block axis
+    c, q, s, z = container_codes(bits, packed, scale, zero, k)
+    zp = None if z is None else pack_codes(z, c)  # [.., ceil(G*c/8)], packed along the block axis
     if rows is not None:
         q, s = q[:, rows], s[:, rows]
         zp = None if zp is None else zp[:, rows]
     w = pack(q.to(torch.uint8), c)
     return {"bits": c, "w": w.numpy(), "s": s.contiguous().numpy(), "zp": None if zp is None else zp.numpy()}
+
+
+def container_groups(groups) -> "WidthGroups":
+    """``groups`` (``runtime.layout.WidthGroups``) with every width moved into its container (``CONTAINER``):
+    the same values at 2, 4 or 8 bits, where onnxruntime's GatherBlockQuantized and MatMulNBits have kernels."""
+    from moe_export.runtime.layout import WidthGroups
+
+    packed, scale, zero = {}, {}, {}
+    for b, p, sc, ze in groups.groups():
+        c, q, s, z = container_codes(b, p, sc, ze, groups.k)
+        if c in packed:
+            raise ValueError(f"widths {b} and another share the {c}-bit container; no layout holds them apart")
+        packed[c], scale[c] = pack(q.to(torch.uint8), c), s
+        zero[c] = None if z is None else z.to(sc.dtype)
+    return WidthGroups(packed, scale, zero, [CONTAINER[b] for b in groups.bit_widths], groups.group_size)
 
 
 def swiglu_interleave(n_rows: int) -> torch.Tensor:
@@ -83,7 +118,11 @@ def moe_layer_nodes(prefix: str, hidden: str, out: str, gate_up, down, router_we
     from onnx import helper, numpy_helper
 
     if tuple(gate_up.bit_widths) != tuple(down.bit_widths):
-        raise ValueError("QMoE runs one width per expert: gate_up and down must have the same per-expert widths")
+        raise ValueError("QMoE runs one width per expert: gate_up and down must have the same per-expert widths "
+                         "(a budget plan may give them different ones); use --onnx-mode packed or fast")
+    if gate_up.group_size != down.group_size:  # one block_size attribute for both projections
+        raise ValueError(f"QMoE takes one block size per node: gate_up has group size {gate_up.group_size} and down "
+                         f"{down.group_size}; use --onnx-mode packed or fast")
     E = gate_up.num_experts
     inits = [numpy_helper.from_array(router_weight.detach().float().t().contiguous().numpy(), prefix + "router_wt")]
     nodes = [
@@ -172,7 +211,7 @@ def define_block_op() -> None:
 
 
 class QMoEBlock(torch.nn.Module):
-    """In place of a sparse MoE block (router + experts) while the step is traced for ``mode="qmoe"``."""
+    """In place of a sparse MoE block (router + experts) while the step is traced for ``mode="native"``."""
 
     def __init__(self, layer: int):
         super().__init__()
