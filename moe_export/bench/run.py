@@ -330,7 +330,7 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
         echo(f"[5/9] throughput at {', '.join(map(str, threads))} threads ({DECODE_STEPS} greedy decode steps from an "
              f"empty cache; prefill {MAX_SEQ} tokens)")
         res["throughput"] = _throughput(variants_model, art_names, runners, pre_ids, threads, compile,
-                                        reps=3 if quick else 10, progress=progress)
+                                        reps=3 if quick else 10, progress=progress, budget_s=budget * 10)
         torch.set_num_threads(1)
         atomic_write_json(out / "results.json", res)
 
@@ -436,11 +436,12 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
 
 
 def _throughput(variants: dict, art_names: dict, runners: dict, pre_ids, threads, compile: bool, reps: int,
-                progress: bool) -> dict:
+                progress: bool, budget_s: float | None = None) -> dict:
     """llama-bench's protocol per thread count: decode = ``DECODE_STEPS`` greedy steps from an empty cache (tok/s
     = steps / wall time of the run), prefill = one ``MAX_SEQ``-token step (tok/s = tokens / its time); the torch
     steps (compiled, or eager without compile) and the .onnx artifacts, interleaved. The .pte runtime's threads
-    are not set from Python: no .pte rows."""
+    are not set from Python: no .pte rows. ``budget_s``: timed seconds a variant may take per thread count (a run
+    whose threads fight other jobs for the cores gets fewer runs; its ``decode_n`` says how many)."""
     from moe_export.bench import latency as lat
     from moe_export.export.runners import OnnxRunner
 
@@ -456,9 +457,9 @@ def _throughput(variants: dict, art_names: dict, runners: dict, pre_ids, threads
                 r = runners[label] if t == 1 else OnnxRunner(path, threads=t)
                 calls[label] = (r.run, r.cache_shape)
         dec = lat.interleaved({n: lat.greedy_run(c, shape, DECODE_STEPS) for n, (c, shape) in calls.items()}, reps=reps,
-                              warmup=1, progress=progress, desc=f"decode x{DECODE_STEPS}, {t} thread(s)")
+                              warmup=1, progress=progress, desc=f"decode x{DECODE_STEPS}, {t} thread(s)", budget_s=budget_s)
         pre = lat.interleaved({n: _call_fn(c, shape, pre_ids) for n, (c, shape) in calls.items()}, reps=reps,
-                              progress=progress, desc=f"prefill, {t} thread(s)", burst=BURST)
+                              progress=progress, desc=f"prefill, {t} thread(s)", burst=BURST, budget_s=budget_s)
         rows = {}
         for n in calls:
             d, p = dec.get(n, {}), pre.get(n, {})
