@@ -59,3 +59,32 @@ def test_a_failed_run_raises_with_its_output(tmp_path):
     peer = LlamaCpp.find(_fake_build(tmp_path, [{"avg_ts": 1.0}, {"avg_ts": 2.0}]))
     with pytest.raises(RuntimeError, match="2 results"):
         peer.decode_tps(tmp_path / "m.gguf", threads=1)
+
+
+def _fake_source(build):
+    """A converter stand-in that writes its --outfile, with the module the real one patches."""
+    src = build.parent
+    (src / "conversion").mkdir()
+    (src / "conversion" / "__init__.py").write_text("")
+    (src / "conversion" / "base.py").write_text("class TextModel:\n    pass\n")
+    (src / "convert_hf_to_gguf.py").write_text(
+        "import sys\nfrom pathlib import Path\nimport conversion.base as b\n"
+        "assert b.TextModel.get_vocab_base_pre(None, None) == 'gpt-2'\n"
+        "a = sys.argv\nPath(a[a.index('--outfile') + 1]).write_bytes(Path(a[1], 'config.json').read_bytes())\n")
+
+
+def test_the_bench_converts_its_float_model_and_keeps_llama_bench_tok_s(tmp_path):
+    from moe_export.bench.run import _LlamaBenchRun, _llama_cpp_models
+    from moe_export.model_configs import tiny_random_model
+
+    build = _fake_build(tmp_path, [{"avg_ts": 50.0}])
+    _fake_source(build)
+    peer = LlamaCpp.find(build)
+    model = tiny_random_model("MixtralForCausalLM", seed=0)
+    ggufs = _llama_cpp_models(peer, model, tmp_path / "out", ["Q2_K", "Q4_K_M"])
+    assert sorted(ggufs) == ["Q2_K", "Q4_K_M"] and all(p.exists() for p in ggufs.values())
+    assert (tmp_path / "out" / "hf" / "tokenizer.json").exists()  # the converter needs one
+    run = _LlamaBenchRun(peer, ggufs["Q2_K"], threads=1, n_prompt=0, n_gen=64)
+    assert run.row("decode") == {}
+    run(), run()
+    assert run.row("decode") == {"decode_tok_s": 50.0, "decode_n": 2}

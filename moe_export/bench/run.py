@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import statistics
 import threading
 import time
 import types
@@ -48,6 +49,7 @@ FULL_MODES = {"pte": ("native", "packed", "xnnpack", "xnnpack-int"), "onnx": ("p
 SLICE_MODES = {"pte": ("native",), "onnx": ("fast", "native")}
 THREADS = (1, 2)  # thread counts of the throughput phase
 DECODE_STEPS = 64  # llama-bench -p 0 -n 64
+LLAMA_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M")  # llama.cpp k-quants about the size of 2.5- to 4-bit plans
 FLOAT_TWIN_MAX_BYTES = 1.5e9  # a float .onnx is one protobuf (2 GB limit, weights inside)
 
 
@@ -146,12 +148,15 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
               avg_bits: float = 2.5, levels=(3, 2), non_expert: str | None = DEFAULT_NON_EXPERT,
               targets=("pte", "onnx"), pte_modes=None, onnx_modes=None, compile: bool = True, peers: bool | None = None,
               offline: bool | None = None, rss: bool = True, docs: str | Path | None = None, progress: bool = True,
-              threads=THREADS, echo=print) -> dict:
+              threads=THREADS, llama_cpp: str | Path | None = None, llama_types=LLAMA_TYPES, echo=print) -> dict:
     """Runs the benchmark and returns (and writes) its results. ``peers`` / ``offline`` None: on, except for the
-    slices (``bench.models.SLICES``). ``threads``: thread counts of the throughput phase (empty: skip it)."""
+    slices (``bench.models.SLICES``). ``threads``: thread counts of the throughput phase (empty: skip it).
+    ``llama_cpp``: a llama.cpp build folder (or ``$MOE_EXPORT_LLAMA_CPP``): the float model converted to GGUF and
+    quantized to ``llama_types`` joins the throughput phase as a peer."""
     from moe_export.api import MoEQuantConfig, quantize_
     from moe_export.bench import latency as lat
     from moe_export.bench import roofline, sizes
+    from moe_export.bench.llama_cpp import LlamaCpp
     from moe_export.bench.models import SLICES, count_params, load_bench_model
     from moe_export.bench.report import format_markdown
     from moe_export.checkpoint import save_quantized
@@ -207,6 +212,10 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
     cfg = PlanConfig(avg_bits=avg_bits, levels=list(levels), method="maxvar", group_size=gs)
     cfg.non_expert = NonExpertPolicy.parse(non_expert, gs)
     plan = make_plan(fmodel, cfg, progress=False)
+    llama = None
+    if threads and (peer := LlamaCpp.find(llama_cpp)) is not None:
+        echo(f"[1/9] llama.cpp peer: the float model as GGUF, quantized to {', '.join(llama_types)}")
+        llama = (peer, _llama_cpp_models(peer, fmodel, out / "llama-cpp", llama_types))
     if is_slice:
         # GBs of float weights: quantize this build in place and build the float model again from the same seed
         # (one float copy in memory, never two)
@@ -330,7 +339,7 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
         echo(f"[5/9] throughput at {', '.join(map(str, threads))} threads ({DECODE_STEPS} greedy decode steps from an "
              f"empty cache; prefill {MAX_SEQ} tokens)")
         res["throughput"] = _throughput(variants_model, art_names, runners, pre_ids, threads, compile,
-                                        reps=3 if quick else 10, progress=progress, budget_s=budget * 10)
+                                        reps=3 if quick else 10, progress=progress, budget_s=budget * 10, llama=llama)
         torch.set_num_threads(1)
         atomic_write_json(out / "results.json", res)
 
@@ -436,12 +445,14 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
 
 
 def _throughput(variants: dict, art_names: dict, runners: dict, pre_ids, threads, compile: bool, reps: int,
-                progress: bool, budget_s: float | None = None) -> dict:
+                progress: bool, budget_s: float | None = None, llama=None) -> dict:
     """llama-bench's protocol per thread count: decode = ``DECODE_STEPS`` greedy steps from an empty cache (tok/s
     = steps / wall time of the run), prefill = one ``MAX_SEQ``-token step (tok/s = tokens / its time); the torch
     steps (compiled, or eager without compile) and the .onnx artifacts, interleaved. The .pte runtime's threads
     are not set from Python: no .pte rows. ``budget_s``: timed seconds a variant may take per thread count (a run
-    whose threads fight other jobs for the cores gets fewer runs; its ``decode_n`` says how many)."""
+    whose threads fight other jobs for the cores gets fewer runs; its ``decode_n`` says how many). ``llama``:
+    ``(LlamaCpp, {type: gguf})``: one ``llama-bench -r 1`` run per turn in the same rounds; its row is the median of
+    llama-bench's own tok/s (a run's wall time includes loading the file)."""
     from moe_export.bench import latency as lat
     from moe_export.export.runners import OnnxRunner
 
@@ -456,11 +467,21 @@ def _throughput(variants: dict, art_names: dict, runners: dict, pre_ids, threads
             if label in runners:  # opened (a session's threads are fixed when it is built)
                 r = runners[label] if t == 1 else OnnxRunner(path, threads=t)
                 calls[label] = (r.run, r.cache_shape)
-        dec = lat.interleaved({n: lat.greedy_run(c, shape, DECODE_STEPS) for n, (c, shape) in calls.items()}, reps=reps,
-                              warmup=1, progress=progress, desc=f"decode x{DECODE_STEPS}, {t} thread(s)", budget_s=budget_s)
-        pre = lat.interleaved({n: _call_fn(c, shape, pre_ids) for n, (c, shape) in calls.items()}, reps=reps,
-                              progress=progress, desc=f"prefill, {t} thread(s)", burst=BURST, budget_s=budget_s)
+        dec_fns = {n: lat.greedy_run(c, shape, DECODE_STEPS) for n, (c, shape) in calls.items()}
+        pre_fns = {n: _call_fn(c, shape, pre_ids) for n, (c, shape) in calls.items()}
+        peer_runs = {}
+        for q, gguf in (llama[1] if llama else {}).items():
+            name = f"llama.cpp {q} ({gguf.stat().st_size / 1e6:.0f} MB)"
+            peer_runs[name] = (_LlamaBenchRun(llama[0], gguf, t, 0, DECODE_STEPS),
+                               _LlamaBenchRun(llama[0], gguf, t, int(pre_ids.shape[1]), 0))
+            dec_fns[name], pre_fns[name] = peer_runs[name]
+        dec = lat.interleaved(dec_fns, reps=reps, warmup=1, progress=progress, desc=f"decode x{DECODE_STEPS}, {t} thread(s)",
+                              budget_s=budget_s)
+        pre = lat.interleaved(pre_fns, reps=reps, progress=progress, desc=f"prefill, {t} thread(s)", burst=BURST,
+                              budget_s=budget_s)
         rows = {}
+        for n, (d_run, p_run) in peer_runs.items():
+            rows[n] = {**d_run.row("decode"), **p_run.row("prefill")}
         for n in calls:
             d, p = dec.get(n, {}), pre.get(n, {})
             row = {k: v for k, v in (("decode_error", d.get("error")), ("prefill_error", p.get("error"))) if v}
@@ -471,6 +492,38 @@ def _throughput(variants: dict, art_names: dict, runners: dict, pre_ids, threads
             rows[n] = row
         out["threads"][str(t)] = rows
     return out
+
+
+class _LlamaBenchRun:
+    """One llama-bench test as a callable for the interleaved rounds; keeps llama-bench's own tok/s of each call."""
+
+    def __init__(self, peer, gguf, threads: int, n_prompt: int, n_gen: int):
+        self.peer, self.gguf, self.threads, self.n_prompt, self.n_gen = peer, gguf, threads, n_prompt, n_gen
+        self.tok_s: list[float] = []
+
+    def __call__(self):
+        self.tok_s.append(self.peer.bench(self.gguf, self.threads, self.n_prompt, self.n_gen))
+
+    def row(self, what: str) -> dict:
+        if not self.tok_s:
+            return {}
+        return {f"{what}_tok_s": statistics.median(self.tok_s), f"{what}_n": len(self.tok_s)}
+
+
+def _llama_cpp_models(peer, fmodel, out: Path, qtypes) -> dict:
+    """``{type: gguf}`` of ``fmodel`` (saved as a float folder with a tokenizer, converted, quantized)."""
+    from moe_export.zoo.registry import ENTRIES
+    from moe_export.zoo.tokenizer import get_tokenizer
+
+    hf = out / "hf"
+    if not (hf / "config.json").exists():
+        fmodel.save_pretrained(hf)
+        # The weights are what is timed; any byte-level BPE of at most the model's vocabulary will do (the
+        # converter pads the rest), so the smallest zoo tokenizer stands in for models that have none.
+        entry = min(ENTRIES.values(), key=lambda e: e.vocab_size)
+        get_tokenizer(entry.vocab_size, entry.corpora)[0].save_pretrained(hf)
+    ggufs = peer.prepare(hf, out, list(qtypes))
+    return {q: ggufs[q] for q in qtypes}
 
 
 def _call_fn(call, cache_shape, tokens):

@@ -25,12 +25,15 @@ import click
 @click.option("--onnx-modes", default=None, help="Quantized .onnx modes, comma-separated [default: packed,fast,native; slices: fast,native].")
 @click.option("--threads", default="1,2", show_default=True,
               help="Thread counts of the throughput phase (64 greedy decode steps, 128-token prefill); 'none' skips it.")
+@click.option("--llama-cpp", "llama_cpp", type=click.Path(file_okay=False), default=None,
+              help="A llama.cpp build folder (bin/llama-bench; tools/build_llama_cpp.sh makes one) [default: "
+                   "$MOE_EXPORT_LLAMA_CPP]: the float model as GGUF k-quants joins the throughput phase.")
 @click.option("--no-peers", is_flag=True, help="Skip the torchao / onnxruntime peers (slices skip them by default).")
 @click.option("--no-rss", is_flag=True, help="Skip the peak-RSS subprocesses.")
 @click.option("--no-offline", is_flag=True, help="Skip plan/quantizer timings (slices skip them by default).")
 @click.option("--docs", type=click.Path(dir_okay=False), default=None, help="Also write the markdown here (docs/benchmarks.md).")
-def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes, onnx_modes, threads, no_peers, no_rss,
-            no_offline, docs):
+def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes, onnx_modes, threads, llama_cpp, no_peers,
+            no_rss, no_offline, docs):
     from moe_export.bench.run import DEFAULT_NON_EXPERT, run_bench
     from moe_export.plan.bitplan import NonExpertPolicy
     from moe_export.export.executorch import PTE_MODES
@@ -63,10 +66,16 @@ def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes
         if bad or not ms:
             raise click.BadParameter(f"unknown mode(s) {bad or given!r}; choose from {', '.join(allowed)}", param_hint=opt)
         modes[opt] = ms
+    from moe_export.bench.llama_cpp import LlamaCpp
+
+    try:
+        LlamaCpp.find(llama_cpp)  # a wrong folder is an error before an hour of benchmarking, not after
+    except FileNotFoundError as err:
+        raise click.BadParameter(str(err), param_hint="--llama-cpp")
     try:
         run_bench(model, out_dir, quick=quick, reps=reps, avg_bits=avg_bits, levels=lv, non_expert=non_expert,
                   pte_modes=modes.get("--pte-modes"), onnx_modes=modes.get("--onnx-modes"),
                   peers=False if no_peers else None, offline=False if no_offline else None, rss=not no_rss, docs=docs,
-                  threads=n_threads, echo=click.echo)
+                  threads=n_threads, llama_cpp=llama_cpp, echo=click.echo)
     except FileNotFoundError as err:
         raise click.BadParameter(str(err), param_hint="--model")
