@@ -471,7 +471,7 @@ def _throughput(variants: dict, art_names: dict, runners: dict, pre_ids, threads
         pre_fns = {n: _call_fn(c, shape, pre_ids) for n, (c, shape) in calls.items()}
         peer_runs = {}
         for q, gguf in (llama[1] if llama else {}).items():
-            name = f"llama.cpp {q} ({gguf.stat().st_size / 1e6:.0f} MB)"
+            name = f"llama.cpp {q} ({gguf.stat().st_size / 1e6:.1f} MB)"
             peer_runs[name] = (_LlamaBenchRun(llama[0], gguf, t, 0, DECODE_STEPS),
                                _LlamaBenchRun(llama[0], gguf, t, int(pre_ids.shape[1]), 0))
             dec_fns[name], pre_fns[name] = peer_runs[name]
