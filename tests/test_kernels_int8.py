@@ -2,9 +2,10 @@
 
 Every vector path this CPU has (``avx512-vnni``, ``avx-vnni``, ``avx2``; ``scalar`` always) is checked bit for bit
 against :func:`int8_reference`, a numpy model of the same integer arithmetic in the same float order:
-activations quantized per block of the group size (``q = rint(x * 127/amax)``, scale ``amax/127``), exact
-integer dot products per group, and per lane ``l = group % 16``: ``d = s_w * s_x``,
-``t = fma(-z, sum(q_x), dot)``, ``acc_l = fma(d, t, acc_l)``, then the 16 lanes folded in halves. The AVX-VNNI
+activations quantized per block of the group size (``q = rint(x * 127/amax)``, scale ``amax/127``); per group,
+exact integer products summed into 16 lanes (code ``c`` of the group to lane ``(c mod 64) // 4``, vpdpbusd's
+dword quads), ``d = s_w * s_x``, ``acc_l = fma(d, lane_l, acc_l)`` for every lane, the zero term apart
+(``zacc[group % 16] = fma(d, z * sum(q_x), ...)``), then ``fold(acc) - fold(zacc)``, each folded in halves. The AVX-VNNI
 (VEX) path compiles in every build but runs only where the CPU has AVX-VNNI (not on AVX-512-only CPUs).
 
 Against the exact (fp32) path the int8 arithmetic costs the activation rounding: SQNR of ``packed_linear`` with
@@ -72,19 +73,26 @@ def int8_reference(x, packed, scale, zero, bits, group, lanes=16):
     n, n_groups = scale.shape
     q = unpack_bits(packed, bits, k).numpy().astype(np.int64).reshape(n, n_groups, group)  # [N, G, g]
     xq, sx, qsum = quantize_activations(x, group)
-    dot = np.einsum("ngk,mgk->mng", q, xq).astype(np.float32)  # exact integers, then float32 [M, N, G]
+    lane = np.eye(lanes, dtype=np.int64)[(np.arange(group) % 64) // 4 % lanes]  # [g, lanes]: code -> its lane
+    p = np.einsum("ngk,mgk,kl->mngl", q, xq, lane).astype(np.float32)  # exact integers, then float32 [M, N, G, L]
     sw = scale.float().numpy()
     z = zero.float().numpy() if zero is not None else np.full_like(sw, symmetric_zero(bits))
     d = (sw[None] * sx[:, None, :]).astype(np.float32)  # [M, N, G]
-    t = fma32(-z[None], np.broadcast_to(qsum[:, None, :], d.shape), dot)
+    zq = (z[None] * qsum[:, None, :]).astype(np.float32)  # [M, N, G]
     acc = np.zeros((m, n, lanes), np.float32)
+    zacc = np.zeros((m, n, lanes), np.float32)
     for gi in range(n_groups):
-        acc[..., gi % lanes] = fma32(d[..., gi], t[..., gi], acc[..., gi % lanes])
-    h = lanes // 2
-    while h >= 1:
-        acc = acc[..., :h] + acc[..., h:2 * h]
-        h //= 2
-    return torch.from_numpy(acc[..., 0].copy())
+        acc = fma32(d[..., gi, None], p[..., gi, :], acc)
+        zacc[..., gi % lanes] = fma32(d[..., gi], zq[..., gi], zacc[..., gi % lanes])
+
+    def fold(a):
+        h = lanes // 2
+        while h >= 1:
+            a = a[..., :h] + a[..., h:2 * h]
+            h //= 2
+        return a[..., 0]
+
+    return torch.from_numpy((fold(acc) - fold(zacc)).copy())
 
 
 def _weight(bits, n, k, group, sym, seed):

@@ -766,39 +766,43 @@ inline QuantRow quantize_into(QuantBuf& buf, int r, const float* x, int64_t K, i
   return QuantRow{q, q16, sc, qs};
 }
 
-// The float reduction every int8 path follows, given the exact integer dots idot[G] of one weight row with
-// one quantized row. Group gi goes to lane gi % 16; per lane, in increasing gi:
-//   d = s_w * s_x;  t = fma(-z, qsum, float(idot));  acc = fma(d, t, acc)
-// then the 16 lanes fold in halves: acc[i] + acc[i + 8], then + [i + 4], + [i + 2], + [i + 1]. Lanes past G
-// add fma(0, 0, acc) = acc. The vector paths do the same with one lane per vector element.
-inline float int8_combine_scalar(const int32_t* idot, const uint16_t* srow, const uint16_t* zrow, float zc,
-                                 const QuantRow& xq, int64_t G) {
-  float acc[16] = {0.f};
-  for (int64_t gi = 0; gi < G; ++gi) {
-    const float d = fp16_to_fp32(srow[gi]) * xq.scale[gi];
-    const float z = zrow ? fp16_to_fp32(zrow[gi]) : zc;
-    const float t = std::fma(-z, xq.qsum[gi], float(idot[gi]));
-    acc[gi & 15] = std::fma(d, t, acc[gi & 15]);
-  }
+// The float reduction every int8 path follows (so scalar, AVX2, AVX-VNNI and AVX-512 VNNI agree bit for bit),
+// for one weight row and one quantized activation row. Group gi's exact integer products q_c * xq_c go to 16
+// integer lanes: code c of the group (counted from the group's start) to lane (c mod 64) / 4, the dword quads
+// of a 64-code vpdpbusd. Then, groups in increasing order:
+//   d = s_w * s_x;   acc[l] = fma(d, float(p[l]), acc[l]) for all 16 lanes;   zacc[gi % 16] = fma(d, z * qsum, ..)
+// and y = fold(acc) - fold(zacc), fold = the halving + [i + 8], + [i + 4], + [i + 2], + [i + 1]. Each group
+// costs one convert and one FMA per lane vector: no horizontal sum until the row's end (an earlier order reduced
+// every group to one integer first, a permute tree that cost as much as the dot products). The zero term is kept
+// apart: d * z * qsum per group, 16 groups a vector.
+inline float fold16_scalar(float* a) {
   for (int h = 8; h >= 1; h /= 2)
-    for (int i = 0; i < h; ++i) acc[i] = acc[i] + acc[i + h];
-  return acc[0];
+    for (int i = 0; i < h; ++i) a[i] = a[i] + a[i + h];
+  return a[0];
 }
 
-// dot(q, xq) per group, scalar.
 template <int B>
-inline void int8_dots_scalar(const uint8_t* prow, const int8_t* xq, int64_t G, int64_t g, int32_t* idot) {
+inline float int8_row_scalar(const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, float zc,
+                             const QuantRow& xq, int64_t G, int64_t g) {
   constexpr uint64_t mask = B == 8 ? 0xffu : (1u << B) - 1u;
+  float acc[16] = {0.f}, zacc[16] = {0.f};
   for (int64_t gi = 0; gi < G; ++gi) {
-    const uint8_t* p = prow + gi * (g * B / 8);
-    const int8_t* xg = xq + gi * g;
-    int32_t acc = 0;
+    const uint8_t* pg = prow + gi * (g * B / 8);
+    const int8_t* xg = xq.q + gi * g;
+    int32_t p[16] = {0};
     for (int64_t u = 0; u < g / 8; ++u) {
-      const uint64_t w = load_unit<B>(p + u * B);
-      for (int j = 0; j < 8; ++j) acc += int32_t((w >> (j * B)) & mask) * int32_t(xg[u * 8 + j]);
+      const uint64_t w = load_unit<B>(pg + u * B);
+      for (int j = 0; j < 8; ++j) {
+        const int64_t c = u * 8 + j;
+        p[(c & 63) >> 2] += int32_t((w >> (j * B)) & mask) * int32_t(xg[c]);
+      }
     }
-    idot[gi] = acc;
+    const float d = fp16_to_fp32(srow[gi]) * xq.scale[gi];
+    for (int l = 0; l < 16; ++l) acc[l] = std::fma(d, float(p[l]), acc[l]);
+    const float z = zrow ? fp16_to_fp32(zrow[gi]) : zc;
+    zacc[gi & 15] = std::fma(d, z * xq.qsum[gi], zacc[gi & 15]);
   }
+  return fold16_scalar(acc) - fold16_scalar(zacc);
 }
 
 #ifdef MOE_CORE_X86
@@ -806,7 +810,7 @@ inline void int8_dots_scalar(const uint8_t* prow, const int8_t* xq, int64_t G, i
 
 // 64 codes of B bits (8B bytes, LSB-first) as 64 bytes: vpermb spreads the 8 units of B bytes into the 8
 // qwords, vpmultishiftqb moves the byte starting at bit j*B of each qword into its byte j, one AND keeps B
-// bits. The load is masked to the unit's bytes (lm), so nothing past the row is read.
+// bits. The load is masked to the unit's bytes (lm): nothing past the group is read, and missing units are 0.
 template <int B>
 struct Codes64Tables {
   uint8_t perm[64], ctrl[64];
@@ -826,14 +830,7 @@ MOE_T_AVX512 inline __m512i codes64(const uint8_t* p, __mmask64 lm, __m512i perm
   }
 }
 
-// Lanes 0-7: pair sums of a's lanes; lanes 8-15: of b's (integer adds: any order is exact).
-MOE_T_AVX512 inline __m512i pairsum512(__m512i a, __m512i b) {
-  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  return _mm512_add_epi32(_mm512_permutex2var_epi32(a, ev, b), _mm512_permutex2var_epi32(a, od, b));
-}
-
-// The canonical fold of 16 float lanes (int8_combine_scalar): + [i + 8], + [i + 4], + [i + 2], + [i + 1].
+// The canonical fold of 16 float lanes: + [i + 8], + [i + 4], + [i + 2], + [i + 1].
 MOE_T_AVX512 inline float fold16(__m512 acc) {
   const __m256 lo = _mm512_castps512_ps256(acc);
   const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
@@ -843,116 +840,105 @@ MOE_T_AVX512 inline float fold16(__m512 acc) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
-// One weight row against one quantized row, groups of 32 (two per vector) or of a multiple of 64 codes. The
-// exact dots of 16 groups land in one vector (lane = group) through a pair-sum tree, then int8_combine's
-// float steps run on the 16 lanes at once.
-// UNPACKED: `prow` is the row already cut into one byte per code (unpack_row_512), for rows that meet several
-// activation rows (prefill): the codes are cut once per weight row instead of once per activation row.
-template <int B, bool UNPACKED>
-MOE_T_AVX512 inline float int8_row_512(const uint8_t* prow, const uint16_t* srow, const uint16_t* zrow, float zc,
-                                       const QuantRow& xq, int64_t G, int64_t g) {
+constexpr int64_t kPrefetchBytes = 1024;
+
+inline __mmask64 low_bits64(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+
+// NR weight rows (`stride` bytes apart) against one quantized row: out[r] for r < NR. The NR rows share each
+// activation load and the 16-group blocks of scales. UNPACKED: the rows are already cut into one byte per code
+// (unpack_row_512; prefill cuts a row once for all the activation rows it meets).
+template <int B, int NR, bool UNPACKED>
+MOE_T_AVX512 inline void int8_rows_512(const uint8_t* prow, int64_t stride, const uint16_t* srow,
+                                       const uint16_t* zrow, float zc, const QuantRow& xq, int64_t G, int64_t g,
+                                       float* out) {
   static constexpr Codes64Tables<B> tab{};
   const __m512i perm = _mm512_loadu_si512(tab.perm), ctrl = _mm512_loadu_si512(tab.ctrl);
   const __m512i mask = _mm512_set1_epi8(char(B == 8 ? 0xff : (1 << B) - 1));
-  const __mmask64 full = B == 8 ? ~__mmask64(0) : (__mmask64(1) << (8 * B)) - 1;
-  const __mmask64 half = (__mmask64(1) << (4 * B)) - 1;  // 32 codes
-  const int64_t gb = g * B / 8;                             // bytes per group
-  __m512 acc = _mm512_setzero_ps();
+  const int64_t gb = UNPACKED ? g : g * B / 8;  // bytes per group
+  __m512 acc[NR], zacc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps(), zacc[r] = _mm512_setzero_ps();
+  alignas(64) float dl[NR][16];
   for (int64_t g0 = 0; g0 < G; g0 += 16) {
-    __m512i v[16];
-    __m512i idot;
-    if (g == 32) {  // vector c: groups g0 + 2c (lanes 0-7) and g0 + 2c + 1 (lanes 8-15)
-      for (int c = 0; c < 8; ++c) {
-        const int64_t gi = g0 + 2 * c;
-        if (gi >= G) {
-          v[c] = _mm512_setzero_si512();
-          continue;
-        }
-        const __m512i codes = UNPACKED ? _mm512_loadu_si512(prow + gi * 32)
-                                       : codes64<B>(prow + gi * gb, gi + 1 < G ? full : half, perm, ctrl, mask);
-        v[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xq.q + gi * 32));
-      }
-      const __m512i p0 = pairsum512(v[0], v[1]), p1 = pairsum512(v[2], v[3]);
-      const __m512i p2 = pairsum512(v[4], v[5]), p3 = pairsum512(v[6], v[7]);
-      idot = pairsum512(pairsum512(p0, p1), pairsum512(p2, p3));
-    } else {  // g % 64 == 0: vector c is group g0 + c
-      const int64_t steps = g / 64;
-      const int live = int(std::min<int64_t>(16, G - g0));
-      for (int c = 0; c < 16; ++c) {
-        const int64_t gi = g0 + c;
-        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();  // two chains hide vpdpbusd latency
-        if (c < live) {
-          const uint8_t* pg = UNPACKED ? prow + gi * g : prow + gi * gb;
-          const int8_t* xg = xq.q + gi * g;
-          int64_t u = 0;
-          for (; u + 2 <= steps; u += 2) {
-            a0 = _mm512_dpbusd_epi32(a0,
-                                     UNPACKED ? _mm512_loadu_si512(pg + u * 64)
-                                              : codes64<B>(pg + u * 8 * B, full, perm, ctrl, mask),
-                                     _mm512_loadu_si512(xg + u * 64));
-            a1 = _mm512_dpbusd_epi32(a1,
-                                     UNPACKED ? _mm512_loadu_si512(pg + (u + 1) * 64)
-                                              : codes64<B>(pg + (u + 1) * 8 * B, full, perm, ctrl, mask),
-                                     _mm512_loadu_si512(xg + (u + 1) * 64));
-          }
-          if (u < steps)
-            a0 = _mm512_dpbusd_epi32(a0,
-                                     UNPACKED ? _mm512_loadu_si512(pg + u * 64)
-                                              : codes64<B>(pg + u * 8 * B, full, perm, ctrl, mask),
-                                     _mm512_loadu_si512(xg + u * 64));
-        }
-        v[c] = _mm512_add_epi32(a0, a1);
-      }
-      if (live == 1) {  // one group (per-row scales): one horizontal sum instead of the tree
-        idot = _mm512_maskz_set1_epi32(__mmask16(1), _mm512_reduce_add_epi32(v[0]));
-      } else {
-        __m512i q[8];
-        for (int i = 0; i < 8; ++i) q[i] = pairsum512(v[2 * i], v[2 * i + 1]);
-        const __m512i r0 = pairsum512(q[0], q[1]), r1 = pairsum512(q[2], q[3]);
-        const __m512i r2 = pairsum512(q[4], q[5]), r3 = pairsum512(q[6], q[7]);
-        idot = pairsum512(pairsum512(r0, r1), pairsum512(r2, r3));
-      }
-    }
     const int64_t ng = std::min<int64_t>(16, G - g0);
     const __mmask16 m = ng == 16 ? __mmask16(0xffff) : __mmask16((1u << ng) - 1);
-    const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, srow + g0));
-    const __m512 z = zrow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, zrow + g0)) : _mm512_set1_ps(zc);
-    const __m512 d = _mm512_mul_ps(sw, _mm512_loadu_ps(xq.scale + g0));
-    const __m512 t = _mm512_fnmadd_ps(z, _mm512_loadu_ps(xq.qsum + g0), _mm512_cvtepi32_ps(idot));
-    acc = _mm512_fmadd_ps(d, t, acc);
+    const __m512 xs = _mm512_maskz_loadu_ps(m, xq.scale + g0);
+    const __m512 qs = _mm512_maskz_loadu_ps(m, xq.qsum + g0);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, srow + r * G + g0)), xs);
+      const __m512 z = zrow ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, zrow + r * G + g0)) : _mm512_set1_ps(zc);
+      zacc[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(z, qs), zacc[r]);
+      _mm512_store_ps(dl[r], d);
+    }
+    for (int64_t c = 0; c < ng; ++c) {
+      const int64_t gi = g0 + c;
+      __m512i v[NR];
+      for (int r = 0; r < NR; ++r) v[r] = _mm512_setzero_si512();
+      for (int64_t u = 0; u * 64 < g; ++u) {
+        const int64_t rem = g - u * 64;  // codes of the group from this vector on
+        const __mmask64 xm = low_bits64(rem);
+        const __m512i xv = rem >= 64 ? _mm512_loadu_si512(xq.q + gi * g + u * 64)
+                                     : _mm512_maskz_loadu_epi8(xm, xq.q + gi * g + u * 64);
+        for (int r = 0; r < NR; ++r) {
+          const uint8_t* pr = prow + r * stride + gi * gb;
+          if (!UNPACKED) _mm_prefetch(reinterpret_cast<const char*>(pr + u * 8 * B + kPrefetchBytes), _MM_HINT_T0);
+          const __m512i codes = UNPACKED ? _mm512_maskz_loadu_epi8(xm, pr + u * 64)
+                                         : codes64<B>(pr + u * 8 * B, low_bits64(rem >= 64 ? 8 * B : rem * B / 8),
+                                                      perm, ctrl, mask);
+          v[r] = _mm512_dpbusd_epi32(v[r], codes, xv);
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dl[r][c]), _mm512_cvtepi32_ps(v[r]), acc[r]);
+    }
   }
-  return fold16(acc);
+  for (int r = 0; r < NR; ++r) out[r] = fold16(acc[r]) - fold16(zacc[r]);
 }
 
-// One weight row of K codes (K a multiple of 32) as K bytes; `out` holds K rounded up to 64 (zeros past K).
+// One weight row of K codes (K a multiple of 8) as K bytes; `out` holds K rounded up to 64 (zeros past K).
 template <int B>
 MOE_T_AVX512 inline void unpack_row_512(const uint8_t* prow, int64_t K, uint8_t* out) {
   static constexpr Codes64Tables<B> tab{};
   const __m512i perm = _mm512_loadu_si512(tab.perm), ctrl = _mm512_loadu_si512(tab.ctrl);
   const __m512i mask = _mm512_set1_epi8(char(B == 8 ? 0xff : (1 << B) - 1));
-  const __mmask64 full = B == 8 ? ~__mmask64(0) : (__mmask64(1) << (8 * B)) - 1;
-  const __mmask64 half = (__mmask64(1) << (4 * B)) - 1;
-  for (int64_t c = 0; c * 64 < K; ++c)
-    _mm512_storeu_si512(out + c * 64, codes64<B>(prow + c * 8 * B, K - c * 64 >= 64 ? full : half, perm, ctrl, mask));
+  for (int64_t c = 0; c * 64 < K; ++c) {
+    const int64_t rem = K - c * 64;
+    _mm512_storeu_si512(out + c * 64,
+                        codes64<B>(prow + c * 8 * B, low_bits64(rem >= 64 ? 8 * B : rem * B / 8), perm, ctrl, mask));
+  }
 }
+
+// Prefill: 4 unpacked rows share each activation load. Decode reads one row at a time: the packed rows are one
+// linear stream, which the hardware prefetcher follows best (4 interleaved rows were slower from DRAM), and a
+// software prefetch keeps kPrefetchBytes ahead of it.
+constexpr int kInt8Rows512 = 4;
 
 template <int B>
 MOE_T_AVX512 inline void int8_range_512(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase,
                                         int64_t row_bytes, int64_t G, int64_t g, int R, const QuantRow* xq,
                                         float* const* y, int64_t n0, int64_t n1) {
+  constexpr int NR = kInt8Rows512;
   const float zc = symmetric_zero(B);
+  auto zr = [&](int64_t n) { return zbase ? zbase + n * G : nullptr; };
   if (R == 1) {
     for (int64_t n = n0; n < n1; ++n)
-      y[0][n] = int8_row_512<B, false>(base + n * row_bytes, sbase + n * G, zbase ? zbase + n * G : nullptr, zc, xq[0],
-                                       G, g);
+      int8_rows_512<B, 1, false>(base + n * row_bytes, row_bytes, sbase + n * G, zr(n), zc, xq[0], G, g, y[0] + n);
     return;
   }
+  const int64_t K = G * g, kp = pad_to(K, 64);
   static thread_local std::vector<uint8_t> codes;
-  codes.resize(size_t(pad_to(G * g, 64)));
-  for (int64_t n = n0; n < n1; ++n) {
-    unpack_row_512<B>(base + n * row_bytes, G * g, codes.data());
-    for (int r = 0; r < R; ++r)
-      y[r][n] = int8_row_512<B, true>(codes.data(), sbase + n * G, zbase ? zbase + n * G : nullptr, zc, xq[r], G, g);
+  codes.resize(size_t(NR * kp));
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    for (int i = 0; i < NR; ++i) unpack_row_512<B>(base + (n + i) * row_bytes, K, codes.data() + i * kp);
+    float out[NR];
+    for (int r = 0; r < R; ++r) {
+      int8_rows_512<B, NR, true>(codes.data(), kp, sbase + n * G, zr(n), zc, xq[r], G, g, out);
+      for (int i = 0; i < NR; ++i) y[r][n + i] = out[i];
+    }
+  }
+  for (; n < n1; ++n) {
+    unpack_row_512<B>(base + n * row_bytes, K, codes.data());
+    for (int r = 0; r < R; ++r) int8_rows_512<B, 1, true>(codes.data(), kp, sbase + n * G, zr(n), zc, xq[r], G, g, y[r] + n);
   }
 }
 
@@ -993,33 +979,10 @@ MOE_T_AVX2 inline __m256i codes16_i16(const uint8_t* p, __m256i shuf, __m256i mu
   }
 }
 
-// 8 vectors of 8 int32 -> their 8 lane sums, in order.
-MOE_T_AVX2 inline __m256i hsum8x8(const __m256i* v) {
-  const __m256i t0 = _mm256_hadd_epi32(v[0], v[1]), t1 = _mm256_hadd_epi32(v[2], v[3]);
-  const __m256i t2 = _mm256_hadd_epi32(v[4], v[5]), t3 = _mm256_hadd_epi32(v[6], v[7]);
-  const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
-  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
-}
-
-// int8_combine's float steps for 8 lanes (groups g0 .. g0+7; lanes past G get scale 0).
-MOE_T_AVX2 inline __m256 int8_combine8(__m256 acc, __m256i idot, const uint16_t* srow, const uint16_t* zrow, float zc,
-                                       const QuantRow& xq, int64_t g0, int64_t G) {
-  const int64_t ng = std::min<int64_t>(8, G - g0);
-  __m128i sh, zh = _mm_setzero_si128();
-  if (ng == 8) {
-    sh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + g0));
-    if (zrow) zh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zrow + g0));
-  } else {
-    alignas(16) uint16_t st[8] = {0}, zt[8] = {0};
-    if (ng > 0) std::memcpy(st, srow + g0, size_t(ng) * 2);
-    if (zrow && ng > 0) std::memcpy(zt, zrow + g0, size_t(ng) * 2);
-    sh = _mm_load_si128(reinterpret_cast<const __m128i*>(st));
-    zh = _mm_load_si128(reinterpret_cast<const __m128i*>(zt));
-  }
-  const __m256 z = zrow ? _mm256_cvtph_ps(zh) : _mm256_set1_ps(zc);
-  const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(sh), _mm256_loadu_ps(xq.scale + g0));
-  const __m256 t = _mm256_fnmadd_ps(z, _mm256_loadu_ps(xq.qsum + g0), _mm256_cvtepi32_ps(idot));
-  return _mm256_fmadd_ps(d, t, acc);
+// Two vectors of code-pair sums (16 codes each, lane j = codes 2j, 2j+1) -> the 8 quad sums of their 32 codes in
+// order (lane l = codes 4l .. 4l+3): vphaddd pairs them within 128-bit halves, vpermq restores the order.
+MOE_T_AVX2 inline __m256i quads8(__m256i p0, __m256i p1) {
+  return _mm256_permute4x64_epi64(_mm256_hadd_epi32(p0, p1), 0xD8);
 }
 
 MOE_T_AVX2 inline float fold8x2(__m256 lo, __m256 hi) {
@@ -1030,58 +993,64 @@ MOE_T_AVX2 inline float fold8x2(__m256 lo, __m256 hi) {
 }
 
 // The AVX2 and AVX-VNNI int8 row kernels differ only in the 16-product step (vpmaddwd + vpaddd, or one
-// vpdpwssd) and in their target; one macro writes both so the step inlines into each.
-//   NAME_dots8: groups g0 .. g0+7 of one row, their exact dots (lane = group)
-//   NAME_row:   one weight row against one quantized row, groups of a multiple of 16 codes (canonical lanes
-//               0-7 in `lo`, 8-15 in `hi`)
+// vpdpwssd) and in their target; one macro writes both so the step inlines into each. The canonical 16 lanes
+// are two 8-lane vectors: `lo` the quads of codes 0-31 of each 64, `hi` of codes 32-63. Groups of whole 16s.
 #define MOE_CORE_INT8_LANES8(NAME, ATTR, DOT)                                                                       \
   template <int B>                                                                                                \
-  ATTR inline __m256i NAME##_dots8(const uint8_t* prow, int64_t row_bytes, const int16_t* xq, int64_t g0,          \
-                                   int64_t G, int64_t g) {                                                         \
+  ATTR inline float NAME##_row(const uint8_t* prow, int64_t row_bytes, const uint16_t* srow, const uint16_t* zrow, \
+                               float zc, const QuantRow& xq, int64_t G, int64_t g) {                              \
     static constexpr Codes16Tables<B> tab{};                                                                      \
     const __m256i shuf = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab.shuf));                          \
     const __m256i mul = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab.mul));                            \
     const __m256i mask = _mm256_set1_epi16(int16_t(B == 8 ? 0xff : (1 << B) - 1));                                \
-    __m256i v[8];                                                                                                 \
-    const int64_t steps = g / 16;                                                                                 \
-    for (int c = 0; c < 8; ++c) {                                                                                 \
-      const int64_t gi = g0 + c;                                                                                  \
-      __m256i a = _mm256_setzero_si256();                                                                         \
-      if (gi < G) {                                                                                               \
-        for (int64_t u = 0; u < steps; ++u) {                                                                     \
-          const int64_t off = (gi * steps + u) * 2 * B;                                                           \
-          const __m256i codes =                                                                                   \
-              off + 16 <= row_bytes ? codes16_i16<B, false>(prow + off, shuf, mul, mask)                          \
-                                    : codes16_i16<B, true>(prow + off, shuf, mul, mask);                          \
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + gi * g + u * 16));          \
-          a = DOT(a, codes, xv);                                                                                  \
-        }                                                                                                         \
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps(), zlo = _mm256_setzero_ps(),                         \
+           zhi = _mm256_setzero_ps();                                                                             \
+    alignas(32) float dl[16];                                                                                     \
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                      \
+      const int64_t ng = std::min<int64_t>(16, G - g0);                                                           \
+      alignas(16) uint16_t st[16] = {0}, zt[16] = {0};                                                            \
+      alignas(32) float xs[16] = {0.f}, qs[16] = {0.f};                                                           \
+      std::memcpy(st, srow + g0, size_t(ng) * 2);                                                                 \
+      if (zrow) std::memcpy(zt, zrow + g0, size_t(ng) * 2);                                                       \
+      std::memcpy(xs, xq.scale + g0, size_t(ng) * 4);                                                             \
+      std::memcpy(qs, xq.qsum + g0, size_t(ng) * 4);                                                              \
+      for (int h = 0; h < 2; ++h) {                                                                               \
+        const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(st + 8 * h))), \
+                                       _mm256_load_ps(xs + 8 * h));                                               \
+        const __m256 z = zrow ? _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(zt + 8 * h)))     \
+                              : _mm256_set1_ps(zc);                                                               \
+        const __m256 zt8 = _mm256_fmadd_ps(d, _mm256_mul_ps(z, _mm256_load_ps(qs + 8 * h)), h ? zhi : zlo);       \
+        if (h) zhi = zt8; else zlo = zt8;                                                                         \
+        _mm256_store_ps(dl + 8 * h, d);                                                                           \
       }                                                                                                           \
-      v[c] = a;                                                                                                   \
+      for (int64_t c = 0; c < ng; ++c) {                                                                          \
+        const int64_t gi = g0 + c;                                                                                \
+        __m256i p[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),                   \
+                        _mm256_setzero_si256()};                                                                  \
+        for (int64_t s = 0; s * 16 < g; ++s) { /* 16 codes: lane quad (s mod 4) of the canonical order */        \
+          const int64_t code = gi * g + s * 16;                                                                   \
+          const int64_t off = code * B / 8;                                                                       \
+          const __m256i cv = off + 16 <= row_bytes ? codes16_i16<B, false>(prow + off, shuf, mul, mask)           \
+                                                   : codes16_i16<B, true>(prow + off, shuf, mul, mask);           \
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q16 + code));                 \
+          p[s & 3] = DOT(p[s & 3], cv, xv);                                                                       \
+        }                                                                                                         \
+        const __m256 dv = _mm256_set1_ps(dl[c]);                                                                  \
+        lo = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(quads8(p[0], p[1])), lo);                                     \
+        hi = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(quads8(p[2], p[3])), hi);                                     \
+      }                                                                                                           \
     }                                                                                                             \
-    return hsum8x8(v);                                                                                            \
+    return fold8x2(lo, hi) - fold8x2(zlo, zhi);                                                                   \
   }                                                                                                               \
   template <int B>                                                                                                \
   ATTR inline void NAME##_range(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase,                 \
                                 int64_t row_bytes, int64_t G, int64_t g, int R, const QuantRow* xq, float* const* y, \
                                 int64_t n0, int64_t n1) {                                                          \
     const float zc = symmetric_zero(B);                                                                           \
-    for (int64_t n = n0; n < n1; ++n) {                                                                           \
-      const uint8_t* prow = base + n * row_bytes;                                                                 \
-      const uint16_t* srow = sbase + n * G;                                                                       \
-      const uint16_t* zrow = zbase ? zbase + n * G : nullptr;                                                     \
-      for (int r = 0; r < R; ++r) {                                                                               \
-        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();                                                \
-        for (int64_t g0 = 0; g0 < G; g0 += 16) {                                                                  \
-          lo = int8_combine8(lo, NAME##_dots8<B>(prow, row_bytes, xq[r].q16, g0, G, g), srow, zrow, zc, xq[r], g0, \
-                             G);                                                                                  \
-          if (g0 + 8 < G)                                                                                         \
-            hi = int8_combine8(hi, NAME##_dots8<B>(prow, row_bytes, xq[r].q16, g0 + 8, G, g), srow, zrow, zc,      \
-                               xq[r], g0 + 8, G);                                                                 \
-        }                                                                                                         \
-        y[r][n] = fold8x2(lo, hi);                                                                                \
-      }                                                                                                           \
-    }                                                                                                             \
+    for (int64_t n = n0; n < n1; ++n)                                                                             \
+      for (int r = 0; r < R; ++r)                                                                                 \
+        y[r][n] = NAME##_row<B>(base + n * row_bytes, row_bytes, sbase + n * G, zbase ? zbase + n * G : nullptr,  \
+                                zc, xq[r], G, g);                                                                 \
   }
 
 #define MOE_CORE_DOT_MADD(a, c, x) _mm256_add_epi32(a, _mm256_madd_epi16(c, x))
@@ -1093,13 +1062,13 @@ MOE_CORE_INT8_LANES8(int8_avxvnni, MOE_T_AVXVNNI, MOE_CORE_DOT_VNNI)
 #undef MOE_CORE_INT8_LANES8
 #endif  // MOE_CORE_X86
 
-// The int8 kernel family for a weight on the active path: 64-code vectors need groups of 32 or of whole 64s,
-// 16-code vectors groups of whole 16s; anything else runs the scalar loop (the same integer arithmetic).
+// The int8 kernel family for a weight on the active path: 64-code vectors take every group (whole 8-code units,
+// masked), 16-code vectors groups of whole 16s; anything else runs the scalar loop (the same arithmetic).
 enum class Int8Kind { Scalar, Avx2, AvxVnni, Avx512 };
 
 inline Int8Kind int8_kind(const PackedWeight& w) {
   const Path p = active_path();
-  if (p == Path::Avx512Vnni && (w.group == 32 || w.group % 64 == 0)) return Int8Kind::Avx512;
+  if (p == Path::Avx512Vnni) return Int8Kind::Avx512;
   if (p != Path::Scalar && w.group % 16 == 0) return p == Path::AvxVnni ? Int8Kind::AvxVnni : Int8Kind::Avx2;
   return Int8Kind::Scalar;
 }
@@ -1108,16 +1077,11 @@ template <int B>
 inline void int8_range_scalar(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase, int64_t row_bytes,
                               int64_t G, int64_t g, int R, const QuantRow* xq, float* const* y, int64_t n0,
                               int64_t n1) {
-  std::vector<int32_t> idot(G);
   const float zc = symmetric_zero(B);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* prow = base + n * row_bytes;
-    const uint16_t* zrow = zbase ? zbase + n * G : nullptr;
-    for (int r = 0; r < R; ++r) {
-      int8_dots_scalar<B>(prow, xq[r].q, G, g, idot.data());
-      y[r][n] = int8_combine_scalar(idot.data(), sbase + n * G, zrow, zc, xq[r], G);
-    }
-  }
+  for (int64_t n = n0; n < n1; ++n)
+    for (int r = 0; r < R; ++r)
+      y[r][n] = int8_row_scalar<B>(base + n * row_bytes, sbase + n * G, zbase ? zbase + n * G : nullptr, zc, xq[r], G,
+                                   g);
 }
 
 template <int B, class Par>
