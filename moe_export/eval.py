@@ -33,26 +33,42 @@ class HFLogits:
         return self.model(input_ids=input_ids, use_cache=False).logits.float()  # [B, T, V]
 
 
-class SwitchPrefixLMLogits:
-    """logits_fn for a SwitchTransformers encoder-decoder trained as a prefix LM (as the zoo trains it):
-    the encoder reads ``x[:, :T//2]``, the decoder starts from ``x[:, T//2 - 1]`` and predicts the rest.
-    Positions before ``T//2 - 1`` are filled with zeros and excluded through ``score_from``."""
+def prefix_split(T: int) -> int:
+    """How a window of ``T`` tokens splits for an encoder-decoder trained as a prefix LM (as the zoo trains
+    SwitchTransformers): the encoder reads ``x[:, :P]``, the decoder starts from ``x[:, P - 1]`` and predicts
+    ``x[:, P:]``, with ``P = T // 2``."""
+    return T // 2
 
-    def __init__(self, model):
-        self.model = model
+
+class PrefixLMLogits:
+    """logits_fn for an encoder-decoder trained as a prefix LM (:func:`prefix_split`), over
+    ``seq2seq(source [B, P], decoder_ids [B, T - P]) -> logits [B, T - P, V]``: a transformers model
+    (:class:`SwitchPrefixLMLogits`) or an exported encoder + decoder step (``export.runners.logits_fn``).
+    Positions before ``P - 1`` are filled with zeros and excluded through ``score_from``."""
+
+    def __init__(self, seq2seq: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.seq2seq = seq2seq
 
     @staticmethod
     def score_from(T: int) -> int:
-        return T // 2 - 1
+        return prefix_split(T) - 1
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape
-        P = T // 2
-        out = self.model(input_ids=input_ids[:, :P], decoder_input_ids=input_ids[:, P - 1 : -1], use_cache=False).logits
+        P = prefix_split(T)
+        out = self.seq2seq(input_ids[:, :P], input_ids[:, P - 1 : -1])  # [B, T - P, V]
         logits = out.new_zeros(B, T, out.shape[-1])  # [B, T, V]
         logits[:, P - 1 : -1] = out
         return logits.float()
+
+
+class SwitchPrefixLMLogits(PrefixLMLogits):
+    """:class:`PrefixLMLogits` of a transformers SwitchTransformers model: one forward, no cache."""
+
+    def __init__(self, model):
+        self.model = model
+        super().__init__(lambda src, tgt: model(input_ids=src, decoder_input_ids=tgt, use_cache=False).logits)
 
 
 def logits_fn_for(model) -> LogitsFn:

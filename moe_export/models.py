@@ -63,7 +63,7 @@ _FUSED_BLOCKS = {
     "DeepseekV2Moe": ("gate", ("shared_experts",)),
     "DeepseekV3MoE": ("gate", ("shared_experts",)),
 }
-_SWITCH_BLOCKS = {"SwitchTransformersSparseMLP"}
+SWITCH_BLOCKS = {"SwitchTransformersSparseMLP"}  # one module per expert, top-1 router (export swaps them too)
 
 
 class UnsupportedModelError(ValueError):
@@ -210,7 +210,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
         if cls in _FUSED_BLOCKS:
             router_attr, shared = _FUSED_BLOCKS[cls]
             layers.append(_fused_layer(name, mod, router_attr, shared, arch))
-        elif cls in _SWITCH_BLOCKS:
+        elif cls in SWITCH_BLOCKS:
             layers.append(_switch_layer(name, mod, arch))
     if not layers:
         raise UnsupportedModelError(arch, f"no MoE layer found in {type(model).__name__}")

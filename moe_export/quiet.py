@@ -21,6 +21,11 @@ from typing import Iterator
 # which this project never does; torch's own copy is what triggers it, once per copied spec.
 _LEAF_SPEC = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
+# torch.onnx names each dynamic dim after its torch.export.Dim; two inputs sharing one Dim (an encoder-decoder step's
+# cross-attention keys and values share the source length Te) make it say, once per shared use, that it keeps the
+# first name: the graph's inputs still carry the one symbolic dim "Te".
+_SHARED_DIM = r"# The axis name: .* will not be used, since it shares the same shape constraints with another axis"
+
 # ExecuTorch's threadpool sizes itself from the CPU model on its first run and logs (C++, straight to
 # file descriptor 2) each /sys file it tries: an x86 machine has no ARM MIDR file and no soc0 image, so
 # every run on x86 prints these five lines. The pool still gets the cores the OS reports.
@@ -29,9 +34,11 @@ _EXECUTORCH_CPUINFO = re.compile(rb"^\[cpuinfo_utils\.cpp:\d+\] ")
 
 @contextlib.contextmanager
 def exporting() -> Iterator[None]:
-    """Around ``torch.export`` / ``torch.onnx.export`` / ExecuTorch lowering: the LeafSpec FutureWarning only."""
+    """Around ``torch.export`` / ``torch.onnx.export`` / ExecuTorch lowering: the LeafSpec FutureWarning and the ONNX
+    exporter's note on a shared dynamic dim's name only."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LEAF_SPEC, category=FutureWarning, module=r"copyreg|torch\.")
+        warnings.filterwarnings("ignore", message=_SHARED_DIM, category=UserWarning, module=r"torch\.onnx\.")
         yield
 
 

@@ -239,18 +239,7 @@ def test_shared_expert_architectures_both_targets(arch, tmp_path):
 def test_zoo_qwen3moe_and_olmoe_plan_quantize_export(entry, tmp_path):
     """The tiny Qwen3-MoE and OLMoE zoo models (built once, ~3 min each at 1 thread) through the CLI: plan, quantize,
     export to .pte and .onnx with parity."""
-    from click.testing import CliRunner
+    from tests._zoo_cli import plan_quantize_export
 
-    from moe_export.cli import main
-    from moe_export.zoo import build
-
-    zdir = build(entry, seed=0, progress=False)
-    run = CliRunner()
-    for args in (["plan", str(zdir), "--avg-bits", "2.5", "--levels", "3,2", "--group-size", "32", "-q", "-o",
-                  str(tmp_path / "plan.json")],
-                 ["quantize", str(zdir), "--plan", str(tmp_path / "plan.json"), "-q", "-o", str(tmp_path / "q")],
-                 ["export", str(tmp_path / "q"), "--to", "pte,onnx", "--no-latency", "-q", "-o", str(tmp_path / "ex")]):
-        res = run.invoke(main, args)
-        assert res.exit_code == 0, (args[0], res.output)
-    report = json.loads((tmp_path / "ex" / "export_report.json").read_text())
+    report, _ = plan_quantize_export(entry, tmp_path)
     assert [(a["target"], a["parity_ok"]) for a in report["artifacts"]] == [("pte", True), ("onnx", True)]

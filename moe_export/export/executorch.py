@@ -41,8 +41,9 @@ def export_program(step: torch.nn.Module, max_tokens: int | None = None) -> torc
         return torch.export.export(step, step.example_inputs(), dynamic_shapes=step.dynamic_shapes(max_tokens), strict=False)
 
 
-def lower_to_executorch(ep: torch.export.ExportedProgram, mode: str = "packed"):
-    """ExportedProgram -> ExecutorchProgramManager (``.buffer`` is the .pte bytes)."""
+def lower_to_executorch(ep, mode: str = "packed"):
+    """ExportedProgram (or ``{method name: ExportedProgram}``) -> ExecutorchProgramManager (``.buffer`` is the .pte
+    bytes)."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     if mode not in PTE_MODES:
@@ -60,8 +61,12 @@ def lower_to_executorch(ep: torch.export.ExportedProgram, mode: str = "packed"):
 def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "native", max_seq_len: int = 128) -> Path:
     """Write ``model`` (a model prepared by :func:`moe_export.export.prepare.prepare_for_export`, or any
     supported HF MoE model) as one decoder-step ``.pte``; returns the path."""
+    from moe_export.export.seq2seq import Seq2SeqStep, is_seq2seq
     from moe_export.export.wrapper import DecoderStep
 
+    if isinstance(model, Seq2SeqStep) or is_seq2seq(model):
+        step = model if isinstance(model, Seq2SeqStep) else Seq2SeqStep(model, max_seq_len)
+        return _export_seq2seq(step, path, mode)
     step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
     if mode in ("native", "native-int8"):
         from moe_export.export.native import to_native
@@ -78,6 +83,29 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "nat
         step = unwrap_tensor_subclass(step)
     with exporting():
         program = lower_to_executorch(export_program(step), mode)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(program.buffer)
+    return path
+
+
+# .pte modes an encoder-decoder (SwitchTransformers) takes: its top-1 blocks of ungated experts run as packed experts
+# (gathered routed experts, in-graph unpack at every width); the native kernel computes SwiGLU experts and the
+# xnnpack-int form is built for fused gated stacks
+SEQ2SEQ_PTE_MODES = ("packed", "xnnpack")
+
+
+def _export_seq2seq(step, path: str | os.PathLike, mode: str) -> Path:
+    """An encoder-decoder (``export.seq2seq.Seq2SeqStep``) as one program with two methods, as ExecuTorch's seq2seq
+    exports are: ``encoder`` (source -> cross-attention keys/values) and ``forward`` (the decoder step)."""
+    from moe_export.export.seq2seq import ENCODER_METHOD
+
+    if mode not in SEQ2SEQ_PTE_MODES:
+        raise ValueError(f"{mode!r} .pte has no form for encoder-decoder models (SwitchTransformers' top-1 ungated "
+                         f"experts) yet; export them with --pte-mode {' or '.join(SEQ2SEQ_PTE_MODES)}")
+    with exporting():
+        programs = {ENCODER_METHOD: export_program(step.encoder_program), "forward": export_program(step)}
+        program = lower_to_executorch(programs, mode)
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_bytes(program.buffer)

@@ -96,14 +96,19 @@ class MixedWidthWeight(nn.Module):
 
 class PackedMixedExperts(nn.Module):
     """Drop-in for the HF experts module (Mixtral/Qwen3-MoE/OLMoE layout: fused gate_up ``[E, 2I, H]``,
-    down ``[E, H, I]``), computing only the routed experts, each at its own width."""
+    down ``[E, H, I]``), computing only the routed experts, each at its own width.
 
-    def __init__(self, gate_up: WidthGroups, down: WidthGroups, act_fn):
+    ``gated=False``: experts without a gate (SwitchTransformers: ``wo(act(wi x))``); ``gate_up_proj`` then holds
+    ``wi`` ``[E, I, H]`` and ``down_proj`` ``wo`` ``[E, H, I]``. Either projection may also be a
+    :class:`FloatExpertStack` (a float model's experts)."""
+
+    def __init__(self, gate_up: WidthGroups, down: WidthGroups, act_fn, gated: bool = True):
         super().__init__()
-        self.gate_up_proj = MixedWidthWeight(gate_up)
-        self.down_proj = MixedWidthWeight(down)
+        self.gate_up_proj = gate_up if isinstance(gate_up, FloatExpertStack) else MixedWidthWeight(gate_up)
+        self.down_proj = down if isinstance(down, FloatExpertStack) else MixedWidthWeight(down)
         self.num_experts = self.gate_up_proj.num_experts
         self.act_fn = act_fn
+        self.gated = gated
 
     @property
     def expert_bits(self) -> list[int]:
@@ -114,12 +119,76 @@ class PackedMixedExperts(nn.Module):
         k = top_k_index.shape[-1]
         idx = top_k_index.reshape(-1)  # [S = T*k]
         x = hidden_states.unsqueeze(1).expand(t, k, h).reshape(-1, h, 1)  # [S, H, 1]
-        gu = torch.bmm(self.gate_up_proj.gather(idx), x).squeeze(-1)  # [S, 2I]
-        gate, up = gu.chunk(2, dim=-1)
-        a = (self.act_fn(gate) * up).unsqueeze(-1)  # [S, I, 1]
+        gu = torch.bmm(self.gate_up_proj.gather(idx), x).squeeze(-1)  # [S, 2I] ([S, I] ungated)
+        if self.gated:
+            gate, up = gu.chunk(2, dim=-1)
+            a = (self.act_fn(gate) * up).unsqueeze(-1)  # [S, I, 1]
+        else:
+            a = self.act_fn(gu).unsqueeze(-1)  # [S, I, 1]
         y = torch.bmm(self.down_proj.gather(idx), a).squeeze(-1)  # [S, H]
         y = y * top_k_weights.reshape(-1, 1).to(y.dtype)
         return y.reshape(t, k, h).sum(1).to(hidden_states.dtype)  # [T, H]
+
+
+class FloatExpertStack(nn.Module):
+    """Float expert weights ``[E, N, K]`` with :class:`MixedWidthWeight`'s ``gather``: a float model's experts in the
+    same routed form (the float baseline artifact of a model with one module per expert)."""
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weights.detach().contiguous())  # [E, N, K]
+        self.num_experts = weights.shape[0]
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:  # [S] -> [S, N, K]
+        return self.weight.index_select(0, index)
+
+
+class PackedTop1MLP(nn.Module):
+    """Drop-in for SwitchTransformers' sparse MLP (router + one module per expert): the float router picks one
+    expert per token (softmax, argmax) and scales its output by that probability, as ``SwitchTransformersTop1Router``
+    does; the experts run routed (:class:`PackedMixedExperts`, ungated), each at its own width.
+
+    No token is dropped: the router's expert capacity is not applied, so an exported program must not see more
+    tokens per call than the capacity (``export.seq2seq`` bounds its dynamic dims by it), where the eager model
+    drops none either."""
+
+    def __init__(self, router: nn.Linear, experts: PackedMixedExperts):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+
+    def forward(self, hidden_states):  # [B, T, H]
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        probs = torch.softmax(self.router(x.float()), dim=-1)  # [T, E]
+        weight, index = probs.max(dim=-1, keepdim=True)  # [T, 1], [T, 1]
+        return self.experts(x, index, weight.to(x.dtype)).reshape(shape)
+
+
+def top1_mlp(block: nn.Module) -> PackedTop1MLP:
+    """The export form of a SwitchTransformers sparse MLP (``block.router``, ``block.experts.expert_{e}.wi/.wo``): the
+    experts' packed weights stacked into width groups (the same bytes, no repack), or a float stack."""
+    from moe_export.tensors import PackedLinearWeight
+
+    experts = [block.experts[f"expert_{e}"] for e in range(len(block.experts))]
+    stacks = []
+    for proj in ("wi", "wo"):
+        weights = [getattr(ex, proj).weight for ex in experts]
+        if any(getattr(ex, proj).bias is not None for ex in experts):
+            raise NotImplementedError("expert projections with a bias are not exportable yet")
+        packed = [isinstance(w, PackedLinearWeight) for w in weights]
+        if all(packed):
+            if any(w.transposed for w in weights):
+                raise NotImplementedError("transposed packed expert weights are not exportable yet")
+            groups = [w.width_groups() for w in weights]
+            stacks.append(WidthGroups.from_experts([g.expert(0) for g in groups], groups[0].group_size))
+        elif not any(packed):
+            stacks.append(FloatExpertStack(torch.stack([w.detach() for w in weights])))
+        else:
+            raise ValueError(f"some experts' {proj} are quantized and some are float; quantize all or none")
+    if isinstance(stacks[0], WidthGroups) != isinstance(stacks[1], WidthGroups):
+        raise ValueError("only one of wi/wo is quantized; quantize both or neither")
+    return PackedTop1MLP(block.router.classifier, PackedMixedExperts(*stacks, experts[0].act, gated=False))
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -149,13 +149,17 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
     ``mode="fast"``: every expert projection is a ``com.microsoft::MatMulNBits`` with dense routing
     (:mod:`moe_export.export.fast`); int3 experts stored in 4-bit containers. ``accuracy_level`` is
     MatMulNBits' attribute: 4 = int8 activation compute (fast, ~40 dB vs eager), 0 = float compute (exact).
+    An encoder-decoder (SwitchTransformers) is written as two models, the decoder step at ``path`` and its encoder
+    beside it (``export.seq2seq.encoder_path``), in ``mode="packed"`` only.
     """
-    import onnx
-
+    from moe_export.export.seq2seq import Seq2SeqStep, is_seq2seq
     from moe_export.export.wrapper import DecoderStep
 
     if mode not in ONNX_MODES:
         raise ValueError(f"unknown onnx mode {mode!r}; choose one of {', '.join(ONNX_MODES)}")
+    if isinstance(model, Seq2SeqStep) or is_seq2seq(model):
+        step = model if isinstance(model, Seq2SeqStep) else Seq2SeqStep(model, max_seq_len)
+        return _export_seq2seq(step, path, mode, quantized_ops)
     step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
     table = None
     meta = {"moe_export.onnx_mode": mode}
@@ -183,18 +187,33 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
         _register_ort_schemas()
         step, _ = _coded_copy(step)
         table = _translation_table()
-    with torch.no_grad(), exporting():
-        prog = torch.onnx.export(
-            step, step.example_inputs(), dynamo=True, opset_version=OPSET,
-            input_names=["tokens", "input_pos", "k_cache", "v_cache"], output_names=["logits", "k_cache_out", "v_cache_out"],
-            dynamic_shapes=step.dynamic_shapes(), custom_translation_table=table, external_data=False,
-            optimize=True, verbose=False,
-        )
-    proto = prog.model_proto
+    proto = _trace(step, STEP_INPUTS, STEP_OUTPUTS, table)
     if mode == "native":
         from moe_export.export import qmoe
 
         qmoe.splice(proto, qmoe_layers, accuracy_level)
+    return _save(proto, path, meta)
+
+
+STEP_INPUTS = ["tokens", "input_pos", "k_cache", "v_cache"]
+STEP_OUTPUTS = ["logits", "k_cache_out", "v_cache_out"]
+
+
+def _trace(step: torch.nn.Module, input_names: list[str], output_names: list[str], table):
+    """``step`` (with ``example_inputs()`` and ``dynamic_shapes()``) as an ONNX ModelProto."""
+    with torch.no_grad(), exporting():
+        prog = torch.onnx.export(
+            step, step.example_inputs(), dynamo=True, opset_version=OPSET, input_names=input_names,
+            output_names=output_names, dynamic_shapes=step.dynamic_shapes(), custom_translation_table=table,
+            external_data=False, optimize=True, verbose=False,
+        )
+    return prog.model_proto
+
+
+def _save(proto, path: str | os.PathLike, meta: dict[str, str]) -> Path:
+    """Strip debug info, pin the IR version, add the ``moe_export.*`` metadata, check and write ``proto``."""
+    import onnx
+
     _strip_debug_info(proto.graph)
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     for key, value in meta.items():
@@ -205,6 +224,31 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_seq_len: in
     with atomic_path(path) as tmp:
         onnx.save_model(proto, str(tmp))
     return path
+
+
+def _export_seq2seq(step, path: str | os.PathLike, mode: str, quantized_ops: bool) -> Path:
+    """An encoder-decoder (``export.seq2seq.Seq2SeqStep``) as two models, as onnxruntime's seq2seq exports are: the
+    decoder step at ``path`` (cross-attention keys/values as two more inputs) and its encoder beside it
+    (``seq2seq.encoder_path``). Packed mode only: the native and fast forms are built for the fused gated expert
+    blocks of decoder-only models (QMoE SwiGLU nodes, MatMulNBits per fused projection); a top-1 block of
+    ungated experts (SwitchTransformers) has no such node recipe yet."""
+    from moe_export.export.seq2seq import encoder_path
+
+    if mode != "packed":
+        raise ValueError(f"{mode!r} .onnx has no form for encoder-decoder models (SwitchTransformers' top-1 ungated "
+                         "experts) yet; export them with --onnx-mode packed (every expert at its own width, exact)")
+    table = None
+    if quantized_ops:
+        _register_ort_schemas()
+        table = _translation_table()
+    encoder, step = step.encoder_program, _coded_copy(step)[0]  # the copy shares no buffer with the encoder's
+    encoder = _coded_copy(encoder)[0]
+    # tokens per call: within the router's expert capacity (export.seq2seq); onnxruntime does not bound dynamic dims
+    meta = {"moe_export.onnx_mode": mode, "moe_export.encoder": encoder_path(path).name,
+            "moe_export.max_tokens": str(step.max_tokens)}
+    _save(_trace(encoder, ["source"], ["cross_k", "cross_v"], table), encoder_path(path),
+          {"moe_export.onnx_mode": mode, "moe_export.decoder": Path(path).name})
+    return _save(_trace(step, STEP_INPUTS + ["cross_k", "cross_v"], STEP_OUTPUTS, table), path, meta)
 
 
 def _native_step(step: torch.nn.Module, accuracy_level: int):

@@ -30,6 +30,25 @@ def _artifact_name(target: str, mode: str | None) -> str:
     return f"model-{mode}.pte"
 
 
+def seq2seq_modes(target: str, modes) -> list[tuple[str, str | None]]:
+    """``(mode, note)`` per requested mode of an encoder-decoder (SwitchTransformers) model: a mode without a form for
+    its top-1 blocks of ungated experts runs as the best one that has one (.pte: ``xnnpack``, packed experts with the
+    float parts on XNNPACK; .onnx: ``packed``, gathered packed experts), and the note says so. Duplicates drop."""
+    from moe_export.export.executorch import SEQ2SEQ_PTE_MODES
+
+    have, best = (SEQ2SEQ_PTE_MODES, "xnnpack") if target == "pte" else (("packed",), "packed")
+    out: dict[str, str | None] = {}
+    for m in modes:
+        if m in have:
+            out[m] = None  # asked for by name: no note, even where another mode was routed to it
+        elif best not in out:
+            kernels = "the native kernel computes SwiGLU experts" if target == "pte" else \
+                "QMoE and MatMulNBits nodes are built for fused gated experts"
+            out[best] = (f"{target} mode {m!r} has no form for encoder-decoder top-1 experts ({kernels}): "
+                         f"exported as {best!r}")
+    return list(out.items())
+
+
 def _approximate(target: str, mode: str | None, accuracy_level: int, metadata: dict | None = None) -> bool:
     """Modes whose kernels quantize activations to int8: parity is an SQNR floor, not a tight max error."""
     if target == "onnx" and mode == "native":
@@ -83,6 +102,7 @@ def export_artifacts(
     from moe_export.export.parity import APPROX_MIN_SQNR_DB, ParityError, check_parity, compare
     from moe_export.export.prepare import float32_copy, prepare_for_export, theoretical_size
     from moe_export.export.runners import decode_latency_ms, open_runner
+    from moe_export.export.seq2seq import Seq2SeqStep, encoder_path, is_seq2seq
     from moe_export.export.wrapper import DecoderStep
 
     targets = tuple(targets)
@@ -103,7 +123,10 @@ def export_artifacts(
     qmodel = float32_copy(qmodel)
     prepared = prepare_for_export(qmodel)
     theory = theoretical_size(prepared)
-    step = DecoderStep(prepared, max_seq_len)
+    # an encoder-decoder: an encoder program and a decoder step with cross-attention inputs (export.seq2seq)
+    seq2seq = is_seq2seq(prepared)
+    make_step = Seq2SeqStep if seq2seq else DecoderStep
+    step = make_step(prepared, max_seq_len)
     gen = torch.Generator().manual_seed(seed)
     vocab = step.vocab_size
     if prompt is None:
@@ -115,12 +138,15 @@ def export_artifacts(
     eager_fn = logits_fn_for(qmodel)
     float_fn = logits_fn_for(float_model) if float_model is not None else None
 
-    jobs = [(t, m) for t in targets for m in (pte_modes if t == "pte" else onnx_modes)]
+    if seq2seq:
+        jobs = [(t, m, note) for t in targets for m, note in seq2seq_modes(t, pte_modes if t == "pte" else onnx_modes)]
+    else:
+        jobs = [(t, m, None) for t in targets for m in (pte_modes if t == "pte" else onnx_modes)]
     if float_model is not None and float_baseline:
-        jobs += [(f"{t}-float", "xnnpack" if t == "pte" else None) for t in targets]
+        jobs += [(f"{t}-float", "xnnpack" if t == "pte" else None, None) for t in targets]
     rows, failures = [], []
     bar = tqdm(jobs, desc="export", disable=not progress)
-    for target, mode in bar:
+    for target, mode, note in bar:
         is_float = target.endswith("-float")
         base = target.removesuffix("-float")
         bar.set_postfix_str(f"{target} {mode or ''}".strip())
@@ -128,7 +154,7 @@ def export_artifacts(
         if is_float:
             name = name.replace("model", "float", 1)
         path = out_dir / name
-        src = DecoderStep(prepare_for_export(float_model), max_seq_len) if is_float else step
+        src = make_step(prepare_for_export(float_model), max_seq_len) if is_float else step
         t0 = time.perf_counter()
         if base == "pte":
             export_pte(src, path, mode=mode)
@@ -140,6 +166,13 @@ def export_artifacts(
             "target": target, "mode": mode, "path": str(path), "export_s": round(time.perf_counter() - t0, 1),
             "bytes": path.stat().st_size, "ops": ops,
         }
+        if note:
+            row["note"] = note
+        if seq2seq and base == "onnx":  # the encoder model beside the decoder step: one artifact, two files
+            enc = encoder_path(path)
+            row["files"] = [str(path), str(enc)]
+            row["bytes"] += enc.stat().st_size
+            row["encoder_ops"] = onnx_ops(enc)
         if base == "onnx":
             row["initializer_bytes"] = onnx_initializer_types(path)
             row["metadata"] = onnx_metadata(path)
@@ -196,4 +229,9 @@ def format_report(report: dict) -> str:
     lines = format_table(head, rows, "lrrrrrrr")
     lines.append(f"theoretical size (docs/architecture.md): {report['theoretical']['total'] / 1e6:.3f} MB "
                  f"({report['theoretical']['packed'] / 1e6:.3f} MB packed experts)")
+    for r in report["artifacts"]:
+        if "files" in r:
+            lines.append(f"{Path(r['path']).name}: encoder-decoder, {' + '.join(Path(f).name for f in r['files'])}")
+        if "note" in r:
+            lines.append(f"{Path(r['path']).name}: {r['note']}")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_export.export.experts import MixedWidthWeight, PackedMixedExperts, moe_blocks
+from moe_export.export.experts import MixedWidthWeight, PackedMixedExperts, moe_blocks, top1_mlp
 from moe_export.runtime.layout import WidthGroups
 from moe_export.size import theoretical_bytes
 
@@ -91,6 +91,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every packed weight as exportable buffers, computing in float32 (:data:`HALF_DTYPES`
     models are upcast); float models are returned as a copy switched to the ``batched_mm`` experts implementation
     (static shapes)."""
+    from moe_export.models import SWITCH_BLOCKS
     from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 
     model = to_float32_(copy.deepcopy(model).eval())
@@ -105,6 +106,10 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
             block.experts = PackedMixedExperts(gu.width_groups(), down.width_groups(), ex.act_fn)  # the same bytes, no repack
         elif isinstance(gu, MixedWidthExpertsTensor) or isinstance(down, MixedWidthExpertsTensor):
             raise ValueError(f"{name}: only one of gate_up_proj/down_proj is quantized; quantize both or neither")
+    for name, mod in list(model.named_modules()):
+        if type(mod).__name__ in SWITCH_BLOCKS:  # one module per expert: stacked into the routed top-1 form
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, top1_mlp(mod))
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and isinstance(mod.weight, PackedLinearWeight):
             w = mod.weight

@@ -3,7 +3,8 @@ decode loop over it.
 
 ``runner.step(tokens [1, T], pos)`` feeds T tokens at positions ``pos..pos+T-1`` and returns their logits
 ``[1, T, V]``, keeping the KV cache inside the runner; ``runner.run(tokens, pos, k, v)`` is the same step
-without state, for timing one call. ``logits_fn(runner)`` gives the ``input_ids [B, T] -> logits [B, T, V]``
+without state, for timing one call. An encoder-decoder runner (``runner.seq2seq``, ``export.seq2seq``) first reads
+its source with ``runner.encode(source [1, Te])``; its steps are the decoder's, attending to that source. ``logits_fn(runner)`` gives the ``input_ids [B, T] -> logits [B, T, V]``
 callable that ``moe_export.eval`` scores; ``greedy_generate`` and ``decode_steps`` are the decode loop that
 parity, latency, memory and the references share.
 """
@@ -22,10 +23,28 @@ from moe_export.quiet import executorch_first_run
 
 class StepRunner:
     name = "step"
+    seq2seq = False  # an encoder-decoder: encode(source) before the decoder's steps
 
     def __init__(self, cache_shape: tuple[int, ...]):
         self.cache_shape = tuple(cache_shape)
         self.max_seq_len = self.cache_shape[3]
+        self.extra: tuple = ()  # inputs after the KV cache: the cross-attention keys/values of the encoded source
+        self.max_tokens: int | None = None  # tokens per call an encoder-decoder was exported for (its expert capacity)
+        self.reset()
+
+    def _check_tokens(self, n: int, what: str) -> None:
+        if self.max_tokens is not None and n > self.max_tokens:
+            raise ValueError(f"{self.name}: {n} {what} tokens in one call exceed the {self.max_tokens} this encoder-decoder "
+                             "was exported for (the router's expert capacity, within which no token is dropped)")
+
+    def run_encoder(self, source):  # -> cross_k, cross_v
+        raise ValueError(f"{self.name}: not an encoder-decoder program; there is no source to encode")
+
+    def encode(self, source: torch.Tensor) -> None:
+        """Run the encoder on ``source`` (``[Te]`` or ``[1, Te]``); the decoder cache starts empty."""
+        source = source.reshape(1, -1).long()
+        self._check_tokens(source.shape[1], "source")
+        self.extra = tuple(self.run_encoder(source))
         self.reset()
 
     def reset(self) -> None:
@@ -40,6 +59,9 @@ class StepRunner:
         if pos + tokens.shape[1] > self.max_seq_len:
             raise ValueError(f"{self.name}: positions up to {pos + tokens.shape[1]} exceed the exported cache of "
                              f"{self.max_seq_len}; export with a larger max_seq_len")
+        if self.seq2seq and not self.extra:
+            raise ValueError(f"{self.name}: an encoder-decoder step needs encode(source) first")
+        self._check_tokens(tokens.shape[1], "decoder")
         logits, self.k, self.v = self.run(tokens, torch.tensor([pos], dtype=torch.long), self.k, self.v)
         return logits
 
@@ -49,11 +71,19 @@ class EagerStepRunner(StepRunner):
 
     def __init__(self, step_module):
         self.module = step_module
+        self.seq2seq = hasattr(step_module, "encoder_program")  # export.seq2seq.Seq2SeqStep
         super().__init__(step_module.cache_shape())
+        self.max_tokens = getattr(step_module, "max_tokens", None) if self.seq2seq else None
+
+    def run_encoder(self, source):
+        if not self.seq2seq:
+            return super().run_encoder(source)
+        with torch.no_grad():
+            return self.module.encoder_program(source)
 
     def run(self, tokens, pos, k, v):
         with torch.no_grad():
-            return self.module(tokens, pos, k, v)
+            return self.module(tokens, pos, k, v, *self.extra)
 
 
 class PteRunner(StepRunner):
@@ -64,6 +94,7 @@ class PteRunner(StepRunner):
         from executorch.runtime import Runtime
 
         from moe_export.export.executorch import load_native_kernels_for
+        from moe_export.export.seq2seq import ENCODER_METHOD
 
         # the moe_export kernels register into the runtime when their library loads: before the program
         self.native_ops = load_native_kernels_for(path)
@@ -72,8 +103,10 @@ class PteRunner(StepRunner):
         self._data = path if isinstance(path, bytes) else None
         program = Runtime.get().load_program(self._data if self._data is not None else str(path))
         self._program = program
+        self.seq2seq = ENCODER_METHOD in program.method_names
         with executorch_first_run():  # an XNNPACK delegate starts the threadpool (and its CPU probe) at load
             self.method = program.load_method("forward")
+            self.encoder = program.load_method(ENCODER_METHOD) if self.seq2seq else None
         if cache_shape is None:
             meta = self.method.metadata
             cache_shape = tuple(meta.input_tensor_meta(2).sizes())
@@ -81,13 +114,22 @@ class PteRunner(StepRunner):
 
     _ran = False  # the runtime probes the CPU (and logs it) on the first execution in a process
 
-    def run(self, tokens, pos, k, v):
+    def _execute(self, method, inputs):
         if PteRunner._ran:
-            out = self.method.execute([tokens, pos, k, v])
-        else:
-            with executorch_first_run():
-                out = self.method.execute([tokens, pos, k, v])
-            PteRunner._ran = True
+            return method.execute(inputs)
+        with executorch_first_run():
+            out = method.execute(inputs)
+        PteRunner._ran = True
+        return out
+
+    def run_encoder(self, source):
+        if not self.seq2seq:
+            return super().run_encoder(source)
+        out = self._execute(self.encoder, [source])
+        return out[0], out[1]
+
+    def run(self, tokens, pos, k, v):
+        out = self._execute(self.method, [tokens, pos, k, v, *self.extra])
         return out[0], out[1], out[2]
 
 
@@ -103,14 +145,31 @@ class OnnxRunner(StepRunner):
         # fp32 compute if ORT fuses a dequantize into MatMulNBits (its default is int8 activations: ~39 dB).
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "moe_export.decoder" in meta:
+            raise ValueError(f"{path} is the encoder of {meta['moe_export.decoder']} beside it; pass that one")
+        encoder = meta.get("moe_export.encoder")  # an encoder-decoder's decoder step names its encoder
+        self.seq2seq = encoder is not None
+        if self.seq2seq and not (Path(path).parent / encoder).is_file():
+            raise ValueError(f"{path}: its encoder {encoder} is not beside it")
+        self.encoder = ort.InferenceSession(str(Path(path).parent / encoder), so, providers=["CPUExecutionProvider"]) \
+            if self.seq2seq else None
         shape = self.session.get_inputs()[2].shape
         if not all(isinstance(d, int) for d in shape):
             raise ValueError(f"{path}: the k_cache input has a symbolic shape {shape}; not a moe_export decoder step")
         super().__init__(tuple(shape))
+        self.max_tokens = int(meta["moe_export.max_tokens"]) if "moe_export.max_tokens" in meta else None
+
+    def run_encoder(self, source):
+        if not self.seq2seq:
+            return super().run_encoder(source)
+        return tuple(torch.from_numpy(np.asarray(o)) for o in self.encoder.run(None, {"source": source.numpy()}))
 
     def run(self, tokens, pos, k, v):
-        out = self.session.run(None, {"tokens": tokens.numpy(), "input_pos": pos.numpy(), "k_cache": k.numpy(),
-                                      "v_cache": v.numpy()})
+        feed = {"tokens": tokens.numpy(), "input_pos": pos.numpy(), "k_cache": k.numpy(), "v_cache": v.numpy()}
+        if self.extra:
+            feed["cross_k"], feed["cross_v"] = (t.numpy() for t in self.extra)
+        out = self.session.run(None, feed)
         return tuple(torch.from_numpy(np.asarray(o)) for o in out)
 
 
@@ -123,6 +182,15 @@ class FullForwardRunner:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.max_seq_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.source = None
+        self.reset()
+
+    def encode(self, source: torch.Tensor) -> None:
+        """An encoder-decoder's source: every step re-runs the encoder on it with the decoder's prefix."""
+        if not self.seq2seq:
+            raise ValueError(f"{self.name}: {type(self.model).__name__} is not an encoder-decoder")
+        self.source = source.reshape(1, -1).long()
         self.reset()
 
     def reset(self) -> None:
@@ -138,8 +206,9 @@ class FullForwardRunner:
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         self._append(tokens, pos)
+        inputs = {"input_ids": self.source, "decoder_input_ids": self.ids} if self.seq2seq else {"input_ids": self.ids}
         with torch.no_grad():
-            logits = self.model(input_ids=self.ids, use_cache=False).logits.float()  # [1, pos + T, V]
+            logits = self.model(**inputs, use_cache=False).logits.float()  # [1, pos + T, V]
         return logits[:, pos:]
 
 
@@ -149,6 +218,8 @@ class HFCacheRunner(FullForwardRunner):
     name = "transformers cache"
 
     def reset(self) -> None:
+        if self.seq2seq:
+            raise ValueError(f"{self.name}: encoder-decoder models step through FullForwardRunner or an exported step")
         super().reset()
         self.cache = None
 
@@ -170,7 +241,20 @@ def open_runner(path: str | os.PathLike) -> StepRunner:
 
 
 def logits_fn(runner: StepRunner):
-    """``input_ids [B, T] -> logits [B, T, V]``: each row is one prefill from an empty cache."""
+    """``input_ids [B, T] -> logits [B, T, V]``: each row is one prefill from an empty cache. An encoder-decoder's is
+    the prefix LM of ``moe_export.eval.PrefixLMLogits`` (as ``eval.logits_fn_for`` scores the model): each row's first
+    half encoded, its decoder half one prefill."""
+    if runner.seq2seq:
+        from moe_export.eval import PrefixLMLogits
+
+        def seq2seq(source: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
+            rows = []
+            for src, tgt in zip(source, decoder_ids):
+                runner.encode(src)
+                rows.append(runner.step(tgt[None], 0)[0])
+            return torch.stack(rows)
+
+        return PrefixLMLogits(seq2seq)
 
     def fn(input_ids: torch.Tensor) -> torch.Tensor:
         rows = []
@@ -183,8 +267,13 @@ def logits_fn(runner: StepRunner):
 
 
 def greedy_generate(runner: StepRunner, prompt: torch.Tensor, new_tokens: int = 32) -> list[int]:
-    """Prefill ``prompt`` (``[T]`` or ``[1, T]``), then decode ``new_tokens`` one at a time (argmax)."""
+    """Prefill ``prompt`` (``[T]`` or ``[1, T]``), then decode ``new_tokens`` one at a time (argmax). An
+    encoder-decoder encodes the prompt and its decoder starts from the prompt's last token (the prefix LM of
+    ``moe_export.eval.PrefixLMLogits``)."""
     prompt = prompt.reshape(-1)
+    if runner.seq2seq:
+        runner.encode(prompt)
+        prompt = prompt[-1:]
     runner.reset()
     logits = runner.step(prompt[None], 0)
     out: list[int] = []
@@ -201,7 +290,10 @@ def greedy_generate(runner: StepRunner, prompt: torch.Tensor, new_tokens: int = 
 
 def decode_steps(runner: StepRunner, prompt_len: int = 8, steps: int = 32, on_step=None) -> None:
     """Prefill ``prompt_len`` tokens, then ``steps`` single-token decode steps; when the cache is full it starts
-    again from a new prefill. ``on_step(i, seconds)`` sees the wall time of each decode step."""
+    again from a new prefill. ``on_step(i, seconds)`` sees the wall time of each decode step. An encoder-decoder
+    first encodes ``prompt_len`` source tokens (untimed) and its decoder prefills as many."""
+    if runner.seq2seq:
+        runner.encode(torch.zeros(1, prompt_len, dtype=torch.long))
     runner.reset()
     runner.step(torch.zeros(1, prompt_len, dtype=torch.long), 0)
     pos = prompt_len

@@ -44,6 +44,19 @@ class _StepCache:
         return k, (v[..., : self.v_dim] if pad else v)
 
 
+def step_positions(input_pos: torch.Tensor, t, max_seq_len: int, dtype: torch.dtype):
+    """The positions of a step's T tokens and what the static cache needs of them: ``positions [T]``, the one-hot
+    ``write [T, S]`` of the new slots, ``keep [S, 1]`` (1 where a slot is not rewritten) and the additive causal
+    ``mask [1, 1, T, S]`` (slots after a token's position are masked)."""
+    positions = input_pos + torch.arange(t, dtype=torch.long)  # [T]
+    slots = torch.arange(max_seq_len, dtype=torch.long)  # [S]
+    write = (positions.unsqueeze(1) == slots.unsqueeze(0)).to(dtype)  # [T, S]
+    keep = (1.0 - write.sum(0)).unsqueeze(-1)  # [S, 1]
+    visible = slots.unsqueeze(0) <= positions.unsqueeze(1)  # [T, S]
+    mask = torch.where(visible, 0.0, torch.finfo(dtype).min)[None, None]  # [1, 1, T, S]
+    return positions, write, keep, mask
+
+
 class DecoderStep(nn.Module):
     def __init__(self, model: nn.Module, max_seq_len: int = 128):
         super().__init__()
@@ -107,13 +120,7 @@ class DecoderStep(nn.Module):
 
     def forward(self, tokens, input_pos, k_cache, v_cache):
         inner = self.model.model
-        t = tokens.shape[1]
-        positions = input_pos + torch.arange(t, dtype=torch.long)  # [T]
-        slots = torch.arange(self.max_seq_len, dtype=torch.long)  # [S]
-        write = (positions.unsqueeze(1) == slots.unsqueeze(0)).to(k_cache.dtype)  # [T, S]
-        keep = (1.0 - write.sum(0)).unsqueeze(-1)  # [S, 1]
-        visible = slots.unsqueeze(0) <= positions.unsqueeze(1)  # [T, S]
-        mask = torch.where(visible, 0.0, torch.finfo(k_cache.dtype).min)[None, None]  # [1, 1, T, S]
+        positions, write, keep, mask = step_positions(input_pos, tokens.shape[1], self.max_seq_len, k_cache.dtype)
         cache = _StepCache(k_cache, v_cache, write, keep, self.v_head_dim)
 
         h = inner.embed_tokens(tokens)  # [1, T, H]
