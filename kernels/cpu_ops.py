@@ -127,12 +127,14 @@ ENABLED = os.environ.get("MOE_EXPORT_CPU_KERNEL", "1") != "0"
 
 # The arithmetic of the fused ops (cpu_moe_ffn, cpu_packed_linear): "exact" multiplies fp32 activations (the
 # dequantize formula, summed in another order); "int8" quantizes each activation row to int8 per block of the
-# group size and runs integer dot products (core/mixed_width.h), ~44 dB SQNR against exact and several times
-# faster at decode. The default is the measured choice (docs/benchmarks.md); MOE_EXPORT_ACCURACY or
-# set_accuracy / moe_export.runtime.register(accuracy=...) picks another. A module constant, so torch.compile
-# guards on it (changing it recompiles).
+# group size and runs integer dot products (core/mixed_width.h), 42-47 dB SQNR against exact per width and
+# several times faster at decode (docs/benchmarks.md), the arithmetic CPU runtimes deploy (llama.cpp's k-quants,
+# onnxruntime's MatMulNBits at accuracy level 4). Inference defaults to it; quality numbers do not: eval and
+# the exported artifacts' parity checks score the weights with "exact" (``use_accuracy``).
+# MOE_EXPORT_ACCURACY or set_accuracy / moe_export.runtime.register(accuracy=...) picks another. A module
+# constant, so torch.compile guards on it (changing it recompiles).
 ACCURACIES = {"exact": 0, "int8": 1}
-DEFAULT_ACCURACY = "exact"
+DEFAULT_ACCURACY = "int8"
 
 
 def _accuracy_from_env() -> str:

@@ -98,10 +98,15 @@ def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -
             from moe_export.eval import logits_fn_for
             from moe_export.quant.calibration import quantize_sequential, resolve_calibration
 
+            from moe_export.kernels import cpu_ops
+
             cal = resolve_calibration(config.calibration)
             batches = cal.batches if cal.batches is not None else calibration_batches_for(model, cal)
-            quantize_sequential(model, plan, quantizer, cal, batches=batches, forward=logits_fn_for(model),
-                                progress=progress)
+            # layers quantized so far feed the next ones' calibration inputs in the exact arithmetic: the
+            # checkpoint must not depend on the process's inference default (int8 activations)
+            with cpu_ops.use_accuracy("exact"):
+                quantize_sequential(model, plan, quantizer, cal, batches=batches, forward=logits_fn_for(model),
+                                    progress=progress)
         else:
             layers = find_moe_layers(model)
             for layer in tqdm(layers, desc=f"{quantizer.name} experts", disable=not progress):

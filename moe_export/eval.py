@@ -191,15 +191,20 @@ def cloze(logits_fn: LogitsFn, tokenizer, corpus: str, seq_len: int, n_items: in
 
 
 def evaluate(logits_fn: LogitsFn, tokenizer, corpora: list[str], seq_len: int, max_tokens: int | None = 16384,
-             n_cloze: int = 200, batch_size: int = 8, progress: bool = True) -> dict:
-    """bpb on each corpus' test split + cloze accuracy on each: the numbers every later stage compares."""
+             n_cloze: int = 200, batch_size: int = 8, progress: bool = True, accuracy: str = "exact") -> dict:
+    """bpb on each corpus' test split + cloze accuracy on each: the numbers every later stage compares.
+
+    ``accuracy``: the arithmetic of the CPU kernels while scoring. "exact" (default) scores the quantized
+    weights themselves, whatever the process's inference default (int8 activations); "int8" scores that."""
+    from moe_export.kernels import cpu_ops
     from moe_export.zoo.data import token_stream
 
     out = {}
-    for c in corpora:
-        r = {"bpb": bits_per_byte(logits_fn, tokenizer, token_stream(tokenizer, c, "test"), seq_len, batch_size,
-                                  max_tokens, progress, desc=f"bpb {c}")}
-        if n_cloze:
-            r["cloze"] = cloze(logits_fn, tokenizer, c, seq_len, n_cloze, batch_size=batch_size, progress=progress)
-        out[c] = r
+    with cpu_ops.use_accuracy(accuracy):
+        for c in corpora:
+            r = {"bpb": bits_per_byte(logits_fn, tokenizer, token_stream(tokenizer, c, "test"), seq_len, batch_size,
+                                      max_tokens, progress, desc=f"bpb {c}")}
+            if n_cloze:
+                r["cloze"] = cloze(logits_fn, tokenizer, c, seq_len, n_cloze, batch_size=batch_size, progress=progress)
+            out[c] = r
     return out

@@ -108,7 +108,7 @@ def _open_artifact(path: Path, threads: int) -> Target:
 
 def evaluate_target(target: Target, corpora: list[str] | None = None, seq_len: int | None = None,
                     max_tokens: int | None = 16384, n_cloze: int = 200, batch_size: int = 8,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, accuracy: str = "exact") -> dict:
     """Bits per byte and cloze accuracy of ``target`` on each corpus' held-out split."""
     seq = seq_len or target.trained_seq_len or target.max_seq_len or 128
     if target.max_seq_len is not None:
@@ -117,8 +117,8 @@ def evaluate_target(target: Target, corpora: list[str] | None = None, seq_len: i
                              "was exported with")
         seq = min(seq, target.max_seq_len)
     res = evaluate(target.logits_fn, target.tokenizer, list(corpora or target.corpora), seq, max_tokens, n_cloze,
-                   batch_size, progress)
-    return {"checkpoint": str(target.path), "kind": target.kind, "seq_len": seq, "results": res}
+                   batch_size, progress, accuracy)
+    return {"checkpoint": str(target.path), "kind": target.kind, "seq_len": seq, "accuracy": accuracy, "results": res}
 
 
 def compare(res: dict, ref: dict) -> dict:

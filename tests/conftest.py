@@ -6,6 +6,12 @@ import torch
 # One thread is faster than two on a loaded 2-core machine, and keeps results deterministic.
 torch.set_num_threads(int(os.environ.get("MOE_EXPORT_TEST_THREADS", "1")))
 
+# Inference defaults to the int8-activation arithmetic (kernels/cpu_ops.py); the suite's parity tests compare the
+# exact arithmetic with dequantized references, so the suite runs exact unless told otherwise (subprocesses
+# inherit it). The int8 arithmetic and the default itself have their own tests (test_kernels_int8.py,
+# test_accuracy_default.py).
+os.environ.setdefault("MOE_EXPORT_ACCURACY", "exact")
+
 # Triton has no CPU backend: without CUDA its kernels run only in the interpreter, which Triton picks when
 # it is first imported (torchao imports it), so this must be set before any test module is collected.
 if not torch.cuda.is_available():

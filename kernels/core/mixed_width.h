@@ -871,8 +871,10 @@ MOE_T_AVX512 inline void int8_rows_512(const uint8_t* prow, int64_t stride, cons
     }
     for (int64_t c = 0; c < ng; ++c) {
       const int64_t gi = g0 + c;
-      __m512i v[NR];
-      for (int r = 0; r < NR; ++r) v[r] = _mm512_setzero_si512();
+      // two integer accumulators per row (even / odd vectors): a per-row lm_head group is 16+ vectors long, and
+      // one vpdpbusd chain would wait on its latency; integer sums, so the split changes no result
+      __m512i v[NR], v2[NR];
+      for (int r = 0; r < NR; ++r) v[r] = _mm512_setzero_si512(), v2[r] = _mm512_setzero_si512();
       for (int64_t u = 0; u * 64 < g; ++u) {
         const int64_t rem = g - u * 64;  // codes of the group from this vector on
         const __mmask64 xm = low_bits64(rem);
@@ -884,11 +886,14 @@ MOE_T_AVX512 inline void int8_rows_512(const uint8_t* prow, int64_t stride, cons
           const __m512i codes = UNPACKED ? _mm512_maskz_loadu_epi8(xm, pr + u * 64)
                                          : codes64<B>(pr + u * 8 * B, low_bits64(rem >= 64 ? 8 * B : rem * B / 8),
                                                       perm, ctrl, mask);
-          v[r] = _mm512_dpbusd_epi32(v[r], codes, xv);
+          if (u & 1)
+            v2[r] = _mm512_dpbusd_epi32(v2[r], codes, xv);
+          else
+            v[r] = _mm512_dpbusd_epi32(v[r], codes, xv);
         }
       }
       for (int r = 0; r < NR; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dl[r][c]), _mm512_cvtepi32_ps(v[r]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dl[r][c]), _mm512_cvtepi32_ps(_mm512_add_epi32(v[r], v2[r])), acc[r]);
     }
   }
   for (int r = 0; r < NR; ++r) out[r] = fold16(acc[r]) - fold16(zacc[r]);
@@ -920,7 +925,8 @@ MOE_T_AVX512 inline void int8_range_512(const uint8_t* base, const uint16_t* sba
   const float zc = symmetric_zero(B);
   auto zr = [&](int64_t n) { return zbase ? zbase + n * G : nullptr; };
   if (R == 1) {
-    for (int64_t n = n0; n < n1; ++n)
+    int64_t n = n0;
+    for (; n < n1; ++n)
       int8_rows_512<B, 1, false>(base + n * row_bytes, row_bytes, sbase + n * G, zr(n), zc, xq[0], G, g, y[0] + n);
     return;
   }

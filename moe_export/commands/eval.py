@@ -19,8 +19,11 @@ import click
 @click.option("--n-cloze", type=int, default=200, show_default=True, help="Cloze items per corpus (0 to skip).")
 @click.option("--seq-len", type=int, default=None, help="Context length [default: the training length].")
 @click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--accuracy", type=click.Choice(["exact", "int8"]), default="exact", show_default=True,
+              help="Arithmetic of the CPU kernels for a checkpoint: exact scores the quantized weights; int8 the "
+              "int8-activation arithmetic inference runs by default. Exported artifacts run their own.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def command(model, which, against, json_out, corpora, max_tokens, n_cloze, seq_len, threads, quiet):
+def command(model, which, against, json_out, corpora, max_tokens, n_cloze, seq_len, threads, accuracy, quiet):
     import torch
 
     from moe_export.evaluate import compare, evaluate_target, format_table, open_target
@@ -34,7 +37,7 @@ def command(model, which, against, json_out, corpora, max_tokens, n_cloze, seq_l
             if scored:  # the reference is scored on exactly the same windows and items
                 corpora, seq_len = list(scored[0]["results"]), scored[0]["seq_len"]
             scored.append(evaluate_target(target, list(corpora) or None, seq_len, max_tokens, n_cloze,
-                                          progress=not quiet))
+                                          progress=not quiet, accuracy=accuracy))
         except (CheckpointError, ValueError) as err:
             raise click.ClickException(str(err)) from None
     res = scored[0]

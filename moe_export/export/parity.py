@@ -67,41 +67,45 @@ def compare(runner, eager_logits_fn, input_ids: torch.Tensor, float_logits_fn=No
             gen_prompt: torch.Tensor | None = None, new_tokens: int = 32) -> ParityReport:
     """Measure ``runner`` (see runners.py) against the eager quantized model on ``input_ids [1, T]``."""
     from moe_export.export.runners import greedy_generate, logits_fn
+    from moe_export.kernels import cpu_ops
 
-    ref = eager_logits_fn(input_ids)[0]  # [T, V]
-    got = logits_fn(runner)(input_ids)[0]
-    # decode path: the same tokens one at a time through the KV cache
-    T = input_ids.shape[1]
-    if runner.seq2seq:  # an encoder-decoder's decoder half (eval.PrefixLMLogits), after encoding the first half
-        from moe_export.eval import prefix_split
+    # the eager reference in the exact arithmetic: an artifact reproduces the quantized weights, not the
+    # int8-activation rounding the CPU kernels use for inference by default
+    with cpu_ops.use_accuracy("exact"):
+        ref = eager_logits_fn(input_ids)[0]  # [T, V]
+        got = logits_fn(runner)(input_ids)[0]
+        # decode path: the same tokens one at a time through the KV cache
+        T = input_ids.shape[1]
+        if runner.seq2seq:  # an encoder-decoder's decoder half (eval.PrefixLMLogits), after encoding the first half
+            from moe_export.eval import prefix_split
 
-        P = prefix_split(T)
-        runner.encode(input_ids[:, :P])
-        dec = torch.cat([runner.step(input_ids[:, P - 1 + t : P + t], t)[0] for t in range(T - P)])
-        ref_dec = ref[P - 1 : -1]
-    else:
-        runner.reset()
-        dec = torch.cat([runner.step(input_ids[:, t : t + 1], t)[0] for t in range(T)])
-        ref_dec = ref
-    f = float_logits_fn(input_ids)[0] if float_logits_fn is not None else None
-    match = length = None
-    if gen_model is not None and gen_prompt is not None:
-        want = hf_greedy(gen_model, gen_prompt, new_tokens)
-        have = greedy_generate(runner, gen_prompt, new_tokens)
-        length = new_tokens
-        match = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), new_tokens)
-    return ParityReport(
-        target=runner.name,
-        max_abs_err_vs_eager=max_abs_err(ref, got),
-        decode_max_abs_err_vs_eager=max_abs_err(ref_dec, dec),
-        logit_scale=float(ref.abs().max()),
-        sqnr_vs_eager_db=sqnr(ref, got),
-        sqnr_vs_float_db=None if f is None else sqnr(f, got),
-        eager_sqnr_vs_float_db=None if f is None else sqnr(f, ref),
-        greedy_match=match,
-        greedy_len=length,
-        decode_sqnr_vs_eager_db=sqnr(ref_dec, dec),
-    )
+            P = prefix_split(T)
+            runner.encode(input_ids[:, :P])
+            dec = torch.cat([runner.step(input_ids[:, P - 1 + t : P + t], t)[0] for t in range(T - P)])
+            ref_dec = ref[P - 1 : -1]
+        else:
+            runner.reset()
+            dec = torch.cat([runner.step(input_ids[:, t : t + 1], t)[0] for t in range(T)])
+            ref_dec = ref
+        f = float_logits_fn(input_ids)[0] if float_logits_fn is not None else None
+        match = length = None
+        if gen_model is not None and gen_prompt is not None:
+            want = hf_greedy(gen_model, gen_prompt, new_tokens)
+            have = greedy_generate(runner, gen_prompt, new_tokens)
+            length = new_tokens
+            match = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), new_tokens)
+        return ParityReport(
+            target=runner.name,
+            max_abs_err_vs_eager=max_abs_err(ref, got),
+            decode_max_abs_err_vs_eager=max_abs_err(ref_dec, dec),
+            logit_scale=float(ref.abs().max()),
+            sqnr_vs_eager_db=sqnr(ref, got),
+            sqnr_vs_float_db=None if f is None else sqnr(f, got),
+            eager_sqnr_vs_float_db=None if f is None else sqnr(f, ref),
+            greedy_match=match,
+            greedy_len=length,
+            decode_sqnr_vs_eager_db=sqnr(ref_dec, dec),
+        )
 
 
 def check_parity(report: ParityReport, rel_tol: float = DEFAULT_REL_TOL, min_sqnr_db: float | None = None) -> ParityReport:

@@ -17,7 +17,7 @@ def register(accuracy: str | None = None) -> None:
     """Register the ``moe_export_mixed`` experts implementation and the subclasses' transformers ops with
     transformers (idempotent). ``accuracy`` ("exact" or "int8"), when given, sets the arithmetic of the CPU
     kernels for this process (``moe_export.kernels.cpu_ops.set_accuracy``; default: ``MOE_EXPORT_ACCURACY``, else
-    ``cpu_ops.DEFAULT_ACCURACY``)."""
+    ``cpu_ops.DEFAULT_ACCURACY``, int8 activations)."""
     from moe_export.runtime.hf import register as _register
 
     _register()
