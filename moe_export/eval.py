@@ -28,9 +28,13 @@ class HFLogits:
     def __init__(self, model):
         self.model = model
 
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The forward with autograd as the caller has it (``__call__`` runs it without gradients)."""
+        return self.model(input_ids=input_ids, use_cache=False).logits.float()  # [B, T, V]
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits.float()  # [B, T, V]
+        return self.logits(input_ids)
 
 
 def prefix_split(T: int) -> int:
@@ -53,14 +57,18 @@ class PrefixLMLogits:
     def score_from(T: int) -> int:
         return prefix_split(T) - 1
 
-    @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The forward with autograd as the caller has it (``__call__`` runs it without gradients)."""
         B, T = input_ids.shape
         P = prefix_split(T)
         out = self.seq2seq(input_ids[:, :P], input_ids[:, P - 1 : -1])  # [B, T - P, V]
         logits = out.new_zeros(B, T, out.shape[-1])  # [B, T, V]
         logits[:, P - 1 : -1] = out
         return logits.float()
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.logits(input_ids)
 
 
 class SwitchPrefixLMLogits(PrefixLMLogits):

@@ -139,6 +139,43 @@ def test_budget_plan_quantizes_to_the_planned_bytes(arch, budget):
             assert isinstance(p, PackedLinearWeight) and (p.bits, p.group_size) == (t["bits"], t["group_size"])
 
 
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "SwitchTransformersForConditionalGeneration"])
+def test_fisher_weighting_measures_squared_gradients_and_meets_the_budget(arch):
+    """weighting="fisher": the diagonal Fisher is the per-sequence squared gradient of the scored next-token loss
+    (the model's parameters are left as they were), the table weights each element's error by it, and the plan
+    quantizes to its planned bytes within the budget."""
+    import torch
+
+    from moe_export.eval import _score_from, logits_fn_for
+    from moe_export.plan.budget import fisher_diagonal
+
+    model = tiny_random_model(arch, seed=0)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    x = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))  # [B, S]
+    F = fisher_diagonal(model, [x[:2], x[2:]])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before and not model.training
+    lf, expected = logits_fn_for(model), {}
+    for row in x:
+        s = _score_from(lf, 16)
+        loss = torch.nn.functional.cross_entropy(lf.logits(row[None])[0, s:-1], row[s + 1 :])
+        params = dict(model.named_parameters())
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+            if g is not None:
+                expected[n] = expected.get(n, 0) + g.square()
+    for n, e in expected.items():
+        torch.testing.assert_close(F[n], e)
+    cfg = BudgetConfig("3.1bpw" if arch.startswith("Mixtral") else "6bpw", bits=(2, 3, 4, 8), groups=(32, 64),
+                       weighting="fisher")
+    with pytest.raises(BudgetError, match="calibration text"):
+        budget_plan(model, cfg)
+    plan = budget_plan(model, cfg, batches=[x])
+    assert plan.provenance["weighting"] == "fisher" and "Fisher" in plan.provenance["expert_usage"]
+    q = quantize_(model, MoEQuantConfig(plan=plan), progress=False)
+    got = theoretical_model_bytes(q)
+    assert got == pytest.approx(plan.budget["planned_bytes"], rel=1e-12)
+    assert 0.99 * plan.budget["bytes"] <= got <= plan.budget["bytes"]
+
+
 def test_version_two_fields_are_validated():
     model = tiny_random_model("MixtralForCausalLM", seed=0)
     d = json.loads(budget_plan(model, BudgetConfig("3bpw", bits=(2, 3, 4), groups=(64,))).to_json())
@@ -217,3 +254,29 @@ def test_budget_sweep_section_is_spliced_and_kept_by_the_report(tmp_path):
     assert once.startswith(before) and budget_sweep.splice(once, section) == once
     assert budget_sweep.splice(once + "\n## 4. Later\n\nmore\n", ["## 3. One byte budget for the whole model", "", "new"]) \
         .endswith("## 3. One byte budget for the whole model\n\nnew\n## 4. Later\n\nmore\n")
+
+
+def test_budget_sweep_merges_models_and_states_the_quality_targets():
+    """A sweep of one model keeps the other models' runs in the records; each quality target is stated met or not."""
+    from moe_export.repro import budget_sweep
+
+    def run(model, ppl):
+        pts = [{"method": "budget", "target_bpw": 2.7, "bpw": 2.70, "bytes": 33.75, "bpb": 2.8, "ppl": ppl},
+               {"method": "budget-none", "target_bpw": 2.2, "bpw": 2.20, "bytes": 27.5, "bpb": 2.9, "ppl": 110.0},
+               {"method": "budget-matched", "target_bpw": 2.2, "bpw": 2.25, "bytes": 28.1, "bpb": 2.7, "ppl": 100.0}]
+        return {"model": model, "seed": 0, "parameters": 100, "group_size": 64, "points": pts,
+                "float": {"bpb": 2.7, "ppl": 100.0, "bpw": 32.0}}
+
+    sweep = lambda models: json.loads(json.dumps(budget_sweep.BudgetSweep(models=models, targets=(2.7, 2.2)).to_dict()))
+    old = {"sweep": sweep(("a", "b")), "runs": [run("a", 101.0), run("b", 150.0)], "command": "sweep a,b"}
+    new = {"sweep": sweep(("b",)), "runs": [run("b", 101.0)], "commands": {"b": "sweep b"}}
+    merged = budget_sweep.merge(old, new)
+    assert [(r["model"], r["points"][0]["ppl"]) for r in merged["runs"]] == [("a", 101.0), ("b", 101.0)]
+    assert merged["sweep"]["models"] == ["a", "b"] and merged["commands"] == {"a": "sweep a,b", "b": "sweep b"}
+    text = "\n".join(budget_sweep.markdown(merged))
+    assert "`sweep a,b`, `sweep b`" in text
+    assert "quality target at 2.7 bpw, perplexity within 1.5% of float: met;" in text  # +1.0%
+    # at 2.2 the matched plan (2.25 bpw) is over the size: only the 2.20 bpw point counts, +10.0%
+    assert "quality target at 2.2 bpw, perplexity within 5% of float: not met;" in text and "(+10.0%)" in text
+    with pytest.raises(ValueError, match="eval_tokens"):
+        budget_sweep.merge(old, {**new, "sweep": {**new["sweep"], "eval_tokens": 1}})

@@ -20,6 +20,15 @@ plan's quantizer, scaled by the share of tokens the weight sees,
 ``u`` (raw error). Measured on the tiny zoo model: also scaling an embedding table by 1/V (a token reads one
 row) sent it to 1 bit and cost far more than it saved, so embeddings count like any other weight.
 
+That proxy assumes every weight's inputs have the same scale and every tensor's output error moves the loss
+alike; neither holds across layers and roles (a layer whose weights are small but whose inputs are large looks
+cheap to quantize). ``weighting="fisher"`` (calibration text) measures both instead: the second-order change of
+the loss, with the diagonal empirical Fisher ``F`` (per-sequence squared gradients of the next-token loss),
+
+    cost(W, b, g) = sum_ij F_ij (W - Q_{b,g}(W))_ij^2
+
+so usage, input scales and each tensor's effect on the loss are in the cost and nothing else scales it.
+
 Constraint of the runtime: a fused expert parameter ``[E, N, K]`` stores one group size
 (``runtime.layout.WidthGroups``), so each projection stack chooses one group size for all its experts and one
 width per expert; experts are never float (a width group holds 1..8-bit codes).
@@ -42,7 +51,7 @@ import torch
 
 BITS = (1, 2, 3, 4, 6, 8)
 GROUPS = (32, 64, 128)
-WEIGHTINGS = ("usage", "none")
+WEIGHTINGS = ("usage", "none", "fisher")
 # Bits per weight of a float option are those of the stored dtype (float32: 32).
 
 
@@ -97,11 +106,48 @@ def _tensor_options(shape, bits=BITS, groups=GROUPS) -> list[tuple]:
     return [(None, None)] + [(b, g) for g in groups if packs(shape, g) for b in bits]
 
 
+def fisher_diagonal(model, batches, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The diagonal empirical Fisher of ``model``'s next-token loss on ``batches`` (token ids ``[B, S]``): per
+    parameter FQN (tied names share one tensor), the sum over sequences of the squared gradient of that sequence's
+    mean cross-entropy. Positions scored as ``eval.bits_per_byte`` scores them (SwitchTransformers: prefix LM)."""
+    from tqdm.auto import tqdm
+
+    from moe_export.eval import _score_from, logits_fn_for
+
+    lf = logits_fn_for(model)
+    named = list(model.named_parameters(remove_duplicate=False))
+    params = {id(p): p for _, p in named}
+    fisher = {i: torch.zeros(p.shape, dtype=torch.float32) for i, p in params.items()}
+    wanted = {i: p.requires_grad for i, p in params.items()}
+    was_training = model.training
+    model.eval()  # no dropout: the gradients of the model as it will run
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        rows = [x for b in batches for x in b]  # [S] each: one gradient per sequence
+        with torch.enable_grad():
+            for x in tqdm(rows, desc="budget: Fisher", disable=not progress):
+                x = x[None]  # [1, S]
+                s = _score_from(lf, x.shape[1])
+                logits = lf.logits(x)[:, s:-1]  # [1, S - 1 - s, V]
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, s + 1 :].flatten())
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                for i, g in zip(params, grads):
+                    if g is not None:
+                        fisher[i] += g.detach().to(torch.float32).square()
+    finally:
+        for i, p in params.items():
+            p.requires_grad_(wanted[i])
+        model.train(was_training)
+    return {n: fisher[id(p)] for n, p in named}
+
+
 def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GROUPS,
-                progress: bool = False) -> tuple[list[Item], float, int]:
+                progress: bool = False, sensitivity: dict | None = None) -> tuple[list[Item], float, int]:
     """The knapsack items of ``model`` with their unweighted errors and bytes -> ``(items, fixed bytes,
-    parameters)``; ``weigh`` then sets what the solver minimises. The error table is the slow part: a sweep over
-    budgets and weightings computes it once."""
+    parameters)``; ``weigh`` then sets what the solver minimises. ``sensitivity``: per parameter FQN a tensor of
+    its shape (``fisher_diagonal``) weighting each element's squared error. The error table is the slow part: a
+    sweep over budgets and weightings computes it once."""
     from tqdm.auto import tqdm
 
     from moe_export.models import find_moe_layers, parameter_role_lookup
@@ -120,8 +166,14 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
     non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
     fixed = float(sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n not in non_persistent))
 
-    def err(W, b, g) -> float:
-        return reconstruction_error(W, b, quantizer, g, symmetric)
+    def err(W, b, g, S=None) -> float:
+        return reconstruction_error(W, b, quantizer, g, symmetric, weight=S)
+
+    def expert_sensitivity(layer, proj, e):  # [N, K] laid out as layer.expert_weight(proj, e)
+        if sensitivity is None:
+            return None
+        S = sensitivity[layer.param_name(proj, e)]
+        return S[e] if layer.fused else S
 
     items: list[Item] = []
     work = [("experts", l, p) for l in layers for p in l.projections]
@@ -138,7 +190,8 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
                       else [layer.param_name(proj)], (n, k), variants, layer=layer.name, proj=proj,
                       share=layer.top_k / E)
             for opts in variants:
-                c = np.array([[err(layer.expert_weight(proj, e), bb, g) for bb, g in opts] for e in range(E)])  # [E, O]
+                c = np.array([[err(layer.expert_weight(proj, e), bb, g, expert_sensitivity(layer, proj, e))
+                               for bb, g in opts] for e in range(E)])  # [E, O]
                 it.cost.append(c)
                 it.nbytes.append(np.tile([theoretical_bytes(n, k, bb, g, symmetric) for bb, g in opts], (E, 1)))
             items.append(it)
@@ -153,7 +206,8 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
             continue
         W = p.detach()
         n, k = W.shape
-        c = np.array([[0.0 if bb is None else err(W, bb, g) for bb, g in options]])  # [1, O]
+        S = None if sensitivity is None else sensitivity[names[0]]
+        c = np.array([[0.0 if bb is None else err(W, bb, g, S) for bb, g in options]])  # [1, O]
         nb = np.array([[nbytes_float if bb is None else theoretical_bytes(n, k, bb, g, symmetric) for bb, g in options]])
         items.append(Item(names[0], role, sorted(names), (n, k), [options], [c], [nb]))
     return items, fixed, parameters
@@ -161,12 +215,13 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
 
 def weigh(items: list[Item], weighting: str = "usage", usage: dict | None = None) -> list[Item]:
     """Set each item's error weight: ``"usage"``: an expert's share of the tokens (``usage[layer]``: the measured
-    routing frequency of each expert, else top_k / E), 1 for other weights; ``"none"``: 1 (raw error)."""
+    routing frequency of each expert, else top_k / E), 1 for other weights; ``"none"``: 1 (raw error);
+    ``"fisher"``: 1 (the errors of a table built with a Fisher ``sensitivity`` already hold usage)."""
     if weighting not in WEIGHTINGS:
         raise BudgetError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     for it in items:
         M = it.cost[0].shape[0]
-        if weighting == "none" or it.kind != "experts":
+        if weighting in ("none", "fisher") or it.kind != "experts":
             it.weight = np.ones(M)
         elif usage is not None:
             it.weight = np.asarray(usage[it.layer], dtype=np.float64)  # [E]
@@ -280,8 +335,10 @@ class BudgetConfig:
 
 def budget_plan(model, cfg: BudgetConfig, batches=None, model_name: str = "", progress: bool = False, table=None):
     """A version 2 ``BitPlan`` of ``model`` (in memory) meeting ``cfg.budget`` (see the module doc). ``batches``:
-    calibration token ids; when given, expert usage is the measured routing frequency. ``table``: the
-    ``model_items`` of this model at ``cfg``'s quantizer, widths and group sizes, when already computed."""
+    calibration token ids; when given, expert usage is the measured routing frequency (``weighting="usage"``) or
+    the Fisher is measured on them (``"fisher"``, which needs them). ``table``: the ``model_items`` of this model
+    at ``cfg``'s quantizer, widths and group sizes (with ``fisher_diagonal`` as the sensitivity for
+    ``"fisher"``), when already computed."""
     from moe_export.models import find_moe_layers, model_architecture
     from moe_export.plan.bitplan import BitPlan, LayerPlan, QuantizerSpec, _created_by, default_group_size, \
         expert_in_dims, router_sha256
@@ -289,14 +346,20 @@ def budget_plan(model, cfg: BudgetConfig, batches=None, model_name: str = "", pr
 
     t0 = time.perf_counter()
     layers = find_moe_layers(model)
-    usage = None
-    if batches is not None:
+    usage, sensitivity = None, None
+    if cfg.weighting == "fisher":
+        if batches is None:
+            raise BudgetError("weighting fisher measures the loss's gradients: it needs calibration text")
+        if table is None:
+            sensitivity = fisher_diagonal(model, batches, progress)
+    elif batches is not None:
         from moe_export.plan.calibration_stats import routing_statistics
 
         stats = routing_statistics(model, batches, layers=layers, progress=progress)
         usage = {n: [float(x) for x in s["frequency"]] for n, s in stats.items()}
     if table is None:
-        table = model_items(model, get_quantizer(cfg.quantizer), cfg.symmetric, cfg.bits, cfg.groups, progress)
+        table = model_items(model, get_quantizer(cfg.quantizer), cfg.symmetric, cfg.bits, cfg.groups, progress,
+                            sensitivity=sensitivity)
     items, fixed, parameters = table
     weigh(items, cfg.weighting, usage)
     t_err = time.perf_counter() - t0
@@ -336,7 +399,8 @@ def budget_plan(model, cfg: BudgetConfig, batches=None, model_name: str = "", pr
         budget={"bytes": float(budget_bytes), "bits_per_weight": float(f"{bpw:.6g}"), "parameters": int(parameters),
                 "planned_bytes": float(planned)},
         provenance={"method": "budget", "requested_budget": str(cfg.budget), "weighting": cfg.weighting,
-                    "expert_usage": "calibration routing frequency" if usage is not None else "top_k / E",
+                    "expert_usage": ("calibration squared loss gradients (diagonal Fisher)" if cfg.weighting == "fisher"
+                                     else "calibration routing frequency" if usage is not None else "top_k / E"),
                     "candidate_bits": list(cfg.bits), "candidate_group_sizes": list(cfg.groups),
                     "solver": {"items": len(items), "lambda": float(f"{sol.lam:.6g}"), "seconds": round(sol.seconds, 4),
                                "error_seconds": round(t_err, 2)},

@@ -21,13 +21,18 @@ from moe_export.plan.allocation import knapsack
 _CHUNK = 2048
 
 
-def reconstruction_error(W: torch.Tensor, bits: int, quantizer, group_size, symmetric: bool, chunk: int = _CHUNK) -> float:
-    """``||W - Q_b(W)||_F^2`` of one ``[N, K]`` weight, quantized ``chunk`` rows at a time (groups run along K)."""
+def reconstruction_error(W: torch.Tensor, bits: int, quantizer, group_size, symmetric: bool, chunk: int = _CHUNK,
+                         weight: torch.Tensor | None = None) -> float:
+    """``||W - Q_b(W)||_F^2`` of one ``[N, K]`` weight, quantized ``chunk`` rows at a time (groups run along K);
+    with ``weight`` (``[N, K]``, e.g. a diagonal Fisher) ``sum weight * (W - Q_b(W))^2``."""
     total = 0.0
     for start in range(0, W.shape[0], chunk):
         w = W[start : start + chunk].to(torch.float32)  # [c, K]
         qw = quantizer.quantize(w, bits, group_size, symmetric)
-        total += float((w - qw.dequantize(torch.float32)).square().sum(dtype=torch.float64))
+        sq = (w - qw.dequantize(torch.float32)).square()  # [c, K]
+        if weight is not None:
+            sq = sq * weight[start : start + chunk].to(torch.float32)
+        total += float(sq.sum(dtype=torch.float64))
     return total
 
 

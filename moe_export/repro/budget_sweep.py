@@ -20,11 +20,15 @@ import copy
 import time
 from dataclasses import asdict, dataclass
 
-TARGETS = (2.7, 2.2, 3.2, 3.7)  # the issue's targets, the headline one first
+TARGETS = (2.7, 2.2, 3.2, 3.7)  # the sizes swept, the headline one first
+# The quality the whole-model allocator aims for (stated for small-mixtral): at each size in bits per weight, the
+# largest held-out perplexity increase over float, in percent.
+QUALITY_TARGETS = {2.7: 1.5, 2.2: 5.0}
 PER_LAYER = ("router+maxvar", "maxvar", "weight-error")
 LABELS = {"router+maxvar": "paper (router-norm + MaxVar)", "maxvar": "MaxVar", "weight-error": "weight-error per layer",
           "budget": "budget allocator (usage-weighted)", "budget-none": "budget allocator (raw error)",
           "budget-calibration": "budget allocator (calibrated usage)", "uniform": "uniform",
+          "budget-fisher": "budget allocator (calibrated Fisher)",
           "budget-matched": "budget allocator at the paper plan's bytes"}
 
 
@@ -97,7 +101,7 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
     from moe_export.api import MoEQuantConfig, quantize_
     from moe_export.eval import bits_per_byte, logits_fn_for
     from moe_export.plan.bitplan import BitPlan, NonExpertPolicy, default_group_size, expert_in_dims
-    from moe_export.plan.budget import BudgetConfig, budget_plan, model_items
+    from moe_export.plan.budget import BudgetConfig, budget_plan, fisher_diagonal, model_items
     from moe_export.quant.base import get_quantizer
     from moe_export.plan.methods import PlanConfig, make_plan
     from moe_export.size import theoretical_model_bytes
@@ -148,9 +152,9 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
     policy = NonExpertPolicy.parse(",".join(f"{r}={sweep.non_expert_bits}" for r in (
         "attention", "shared_experts", "embeddings", "lm_head", "dense_mlp")), gs)
     calib = None
-    if "budget-calibration" in sweep.budget_variants:
+    if {"budget-calibration", "budget-fisher"} & set(sweep.budget_variants):
         calib = list(calibration_batches(tok, sweep.calib_tokens, entry.seq_len, seed=seed, corpus=corpus).split(8))
-    tables = {}  # the budget allocator's error table, computed once for every target and weighting
+    tables = {}  # the budget allocator's error tables (plain, Fisher-weighted), computed once for every target
     for target in sweep.targets:
         avg = expert_mean_for(model, target, policy, gs)
         for method in sweep.methods:
@@ -164,7 +168,7 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
         for variant in sweep.budget_variants:
             if (variant, target) in have:
                 continue
-            weighting = "none" if variant == "budget-none" else "usage"
+            weighting = {"budget-none": "none", "budget-fisher": "fisher"}.get(variant, "usage")
             t = time.perf_counter()
             size = f"{target}bpw"
             if variant == "budget-matched":  # the paper's plan's own bytes, which can exceed the target
@@ -173,12 +177,14 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
                     continue
                 size = f"{paper[0]['bytes']!r}B"
             cfg = BudgetConfig(size, weighting=weighting)
-            if "table" not in tables:
-                tables["table"] = model_items(model, get_quantizer(cfg.quantizer), cfg.symmetric, cfg.bits, cfg.groups)
-                tables["seconds"] = time.perf_counter() - t
-            plan = budget_plan(model, cfg, batches=calib if variant == "budget-calibration" else None, model_name=name,
-                               table=tables["table"])
-            point(variant, target, plan, time.perf_counter() - t, error_table_s=tables["seconds"], planned_bytes=plan.budget["planned_bytes"],
+            key = "fisher" if weighting == "fisher" else "plain"
+            if key not in tables:
+                sens = fisher_diagonal(model, calib) if weighting == "fisher" else None
+                tables[key] = (model_items(model, get_quantizer(cfg.quantizer), cfg.symmetric, cfg.bits, cfg.groups,
+                                           sensitivity=sens), time.perf_counter() - t)
+            plan = budget_plan(model, cfg, batches=calib if variant in ("budget-calibration", "budget-fisher") else None,
+                               model_name=name, table=tables[key][0])
+            point(variant, target, plan, time.perf_counter() - t, error_table_s=tables[key][1], planned_bytes=plan.budget["planned_bytes"],
                   budget_bytes=plan.budget["bytes"], solver_s=plan.provenance["solver"]["seconds"],
                   choices=_choices(plan))
     for b in sweep.uniform:
@@ -278,6 +284,17 @@ def plot(results: dict, path) -> None:
     plt.close(fig)
 
 
+def _seeds_of(runs) -> dict:
+    out: dict[str, list[int]] = {}
+    for r in runs:
+        out.setdefault(r["model"], []).append(r["seed"])
+    return out
+
+
+def _seeds(runs) -> str:
+    return ", ".join(f"{', '.join(map(str, sorted(s)))} ({m})" for m, s in _seeds_of(runs).items())
+
+
 def _groups(runs) -> str:
     return ", ".join(f"{g} ({', '.join(sorted({r['model'] for r in runs if r['group_size'] == g}))})"
                      for g in sorted({r["group_size"] for r in runs}))
@@ -298,15 +315,19 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
         "expert width, in steps of 1/E, whose model fits the target; levels {3,2,1} up to 3 bits, {4,3,2} above, "
         "{4,3,2,1} for the knapsack. The budget allocator (`moe-export plan --budget`) chooses every tensor's width "
         "(1,2,3,4,6,8 or float) and group size (32,64,128) for the target; *usage-weighted*: expert errors x top_k/E "
-        "(the share of tokens each expert sees), *raw error*: no weighting; *at the paper plan's bytes*: usage-weighted, "
+        "(the share of tokens each expert sees), *raw error*: no weighting; *calibrated usage*: expert errors x each "
+        f"expert's routing frequency on {sw['calib_tokens']} tokens of the fine-tune corpus's train split; *calibrated "
+        "Fisher*: every weight element's squared error x its diagonal empirical Fisher (per-sequence squared "
+        "gradients of the next-token loss) on the same tokens, nothing else; *at the paper plan's bytes*: usage-weighted, "
         "with the budget set to the bytes the paper's plan actually used at that target (equal bytes, where the "
         "per-layer methods could not get down to the target). Uniform b: every quantizable "
         f"weight at b bits, group {_groups(runs)}. Routers and norms stay float in every point. "
-        f"Seeds: {list(sw['seeds'])}" + (" (one build seed: differences of a few thousandths of a bit per byte may be "
-                                          "noise)." if len(sw["seeds"]) == 1 else "."),
+        f"Build seeds: {_seeds(runs)}" + (" (one build seed: differences of a few thousandths of a bit per byte may "
+                                          "be noise)." if any(len(s) == 1 for s in _seeds_of(runs).values()) else "."),
         ""]
-    if results.get("command"):
-        lines += [f"Written by `{results['command']}`.", ""]
+    commands = results.get("commands") or ({"": results["command"]} if results.get("command") else {})
+    if commands:
+        lines += ["Written by " + ", ".join(f"`{c}`" for c in dict.fromkeys(commands.values())) + ".", ""]
     if results.get("note"):
         lines += [results["note"], ""]
     for model in sorted({r["model"] for r in runs}):
@@ -339,6 +360,7 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
             lines.append(f"| {t:g} | " + " | ".join(row) + " |")
         lines.append("")
         lines += _verdicts(rs, sw["targets"], fl_ppl)
+        lines += _quality_verdicts(rs, fl_ppl)
         uni = sorted((p["bits"], p["bpw"], p["bpb"], p["ppl"]) for r in rs for p in r["points"] if p["method"] == "uniform")
         if uni:
             lines.append("Uniform: " + "; ".join(f"{b} bits: {bpw:.3f} bpw, bpb {bpb:.4f}, perplexity {ppl:.3f} "
@@ -350,12 +372,12 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
 
 
 def _verdicts(rs, targets, fl_ppl) -> list[str]:
-    """Per target: the usage-weighted budget allocator against the best per-layer method at no more bytes."""
+    """Per target: each budget allocator variant against the best per-layer method at no more bytes."""
     out = []
     for t in targets:
         pts = [p for r in rs for p in r["points"] if abs(p["target_bpw"] - t) < 1e-9]
         per_layer = [p for p in pts if p["method"] in PER_LAYER]
-        for variant in ("budget", "budget-matched"):
+        for variant in dict.fromkeys(p["method"] for p in pts if p["method"].startswith("budget")):
             mine = [p for p in pts if p["method"] == variant]
             if not mine or not per_layer:
                 continue
@@ -369,6 +391,47 @@ def _verdicts(rs, targets, fl_ppl) -> list[str]:
                        f"as many or more bytes, {LABELS[best['method']]} {best['bpw']:.3f} bpw, bpb {best['bpb']:.4f}: "
                        f"{'better' if m['bpb'] < best['bpb'] else 'worse'} by {abs(m['bpb'] - best['bpb']):.4f} bits per byte.")
     return out + ([""] if out else [])
+
+
+def _quality_verdicts(rs, fl_ppl) -> list[str]:
+    """Per size of ``QUALITY_TARGETS``: the best whole-model plan at or under that many bits per weight, met or not."""
+    out = []
+    for t, pct in QUALITY_TARGETS.items():
+        mine = [p for r in rs for p in r["points"] if p["method"].startswith("budget") and p["bpw"] <= t + 1e-9
+                and abs(p["target_bpw"] - t) < 1e-9]
+        if not mine:
+            continue
+        best = min(mine, key=lambda p: p["ppl"])
+        change = 100 * (best["ppl"] / fl_ppl - 1)
+        out.append(f"- quality target at {t:g} bpw, perplexity within {pct:g}% of float: "
+                   f"{'met' if change <= pct else 'not met'}; the best whole-model plan at or under {t:g} bpw is "
+                   f"{LABELS.get(best['method'], best['method'])}, {best['bpw']:.3f} bpw, perplexity {best['ppl']:.3f} "
+                   f"({change:+.1f}%).")
+    return out + ([""] if out else [])
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``new`` with the runs of every model it did not sweep kept from ``old`` (one records file and one section for
+    all models; a model's rerun replaces its own runs). The sweeps must agree on everything but models, seeds and
+    which methods they ran (each model's table shows its own)."""
+    import json
+
+    keep = ("models", "seeds", "methods", "budget_variants")
+    a, b = json.loads(json.dumps(old["sweep"])), json.loads(json.dumps(new["sweep"]))  # tuples and lists alike
+    differ = sorted(k for k in set(a) | set(b) if k not in keep and a.get(k) != b.get(k))
+    if differ:
+        raise ValueError(f"the saved budget sweep differs in {', '.join(differ)}: its points would not be comparable; "
+                         "rerun every model, or write to another folder")
+    swept = set(new["sweep"]["models"])
+    kept = [r for r in old["runs"] if r["model"] not in swept]
+    models = list(dict.fromkeys([r["model"] for r in kept] + list(new["sweep"]["models"])))
+    commands = old.get("commands") or {m: old["command"] for m in old["sweep"]["models"] if old.get("command")}
+    commands = {m: c for m, c in commands.items() if m not in swept}
+    commands.update(new.get("commands") or {m: new["command"] for m in swept if new.get("command")})
+    union = {k: list(dict.fromkeys(list(a[k]) + list(b[k]))) for k in ("methods", "budget_variants")}
+    out = {**new, "sweep": {**new["sweep"], "models": models, **union}, "runs": kept + new["runs"], "commands": commands}
+    out.pop("command", None)
+    return out
 
 
 def splice(md_text: str, section: list[str]) -> str:
@@ -417,7 +480,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default=None)
     ap.add_argument("--seeds", default=None)
-    ap.add_argument("--variants", default=None, help="budget variants: budget,budget-none,budget-calibration")
+    ap.add_argument("--variants", default=None,
+                    help="budget variants: budget,budget-none,budget-matched,budget-calibration,budget-fisher")
     ap.add_argument("--from-json", default=None, help="rebuild the section and plot from saved records")
     ap.add_argument("--note", default=None, help="a paragraph kept with the records and shown under the section's intro")
     a = ap.parse_args(argv)
@@ -435,7 +499,11 @@ def main(argv=None) -> None:
         if a.variants:
             sweep = replace(sweep, budget_variants=tuple(a.variants.split(",")))
         results = run(sweep, partial=Path(a.out) / "results-budget.partial.json")
-        results["command"] = "python -m moe_export.repro.budget_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m moe_export.repro.budget_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+        results["commands"] = {m: command for m in sweep.models}
+        saved = Path(a.out) / "results-budget.json"
+        if saved.is_file():
+            results = merge(json.loads(saved.read_text()), results)
     if a.note is not None:
         results["note"] = a.note
     for p in write(results, a.out):
