@@ -176,6 +176,57 @@ def test_fisher_weighting_measures_squared_gradients_and_meets_the_budget(arch):
     assert 0.99 * plan.budget["bytes"] <= got <= plan.budget["bytes"]
 
 
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "SwitchTransformersForConditionalGeneration"])
+def test_activation_weighting_measures_input_moments_and_meets_the_budget(arch):
+    """weighting="activation": each linear's input second moment in the proxy's units (mean variance 1), each
+    expert's over its routed tokens (all experts of a projection together: top_k inputs per token), the error
+    tr(dW H dW^T); the plan quantizes to its planned bytes within the budget."""
+    import torch
+
+    from moe_export.models import find_moe_layers
+    from moe_export.plan.budget import input_moments, model_items
+    from moe_export.plan.weight_error import reconstruction_error
+    from moe_export.quant.base import get_quantizer
+
+    model = tiny_random_model(arch, seed=0)
+    x = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))  # [B, S]
+    M = input_moments(model, [x[:2], x[2:]])
+    name = next(n for n in M.linear if n.endswith("q.weight") or n.endswith("q_proj.weight"))
+    seen = []
+    mod = model.get_submodule(name.rsplit(".", 1)[0])
+    h = mod.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    from moe_export.plan.calibration_stats import _run
+
+    with torch.no_grad():
+        _run(model, x)
+    h.remove()
+    X = torch.cat(seen)  # [T, K]
+    H = X.T @ X / X.shape[0]
+    torch.testing.assert_close(M.linear[name], (H * H.shape[0] / torch.trace(H)).float())
+    for layer in find_moe_layers(model):
+        for proj in layer.projections:
+            Hs = [M.experts[(layer.name, proj, e)] for e in range(layer.num_experts)]
+            assert sum(float(torch.trace(h)) for h in Hs) == pytest.approx(Hs[0].shape[0] * layer.top_k, rel=1e-5)
+    W, q = model.get_parameter(name).detach(), get_quantizer("rtn")
+    d = W - q.quantize(W, 2, 32, False).dequantize(torch.float32)
+    items, _, _ = model_items(model, q, False, (2, 3), (32,), moments=M)
+    it = next(i for i in items if i.names == [name])
+    assert it.cost[0][0, it.variants[0].index((2, 32))] == pytest.approx(float(torch.trace(d @ M.linear[name] @ d.T)),
+                                                                         rel=1e-4)
+    assert reconstruction_error(W, 2, q, 32, False, moment=torch.eye(W.shape[1])) == pytest.approx(
+        reconstruction_error(W, 2, q, 32, False), rel=1e-6)  # isotropic inputs: the raw error
+    cfg = BudgetConfig("3.1bpw" if arch.startswith("Mixtral") else "6bpw", bits=(2, 3, 4, 8), groups=(32, 64),
+                       weighting="activation")
+    with pytest.raises(BudgetError, match="calibration text"):
+        budget_plan(model, cfg)
+    plan = budget_plan(model, cfg, batches=[x])
+    assert plan.provenance["weighting"] == "activation"
+    q = quantize_(model, MoEQuantConfig(plan=plan), progress=False)
+    got = theoretical_model_bytes(q)
+    assert got == pytest.approx(plan.budget["planned_bytes"], rel=1e-12)
+    assert 0.99 * plan.budget["bytes"] <= got <= plan.budget["bytes"]
+
+
 def test_version_two_fields_are_validated():
     model = tiny_random_model("MixtralForCausalLM", seed=0)
     d = json.loads(budget_plan(model, BudgetConfig("3bpw", bits=(2, 3, 4), groups=(64,))).to_json())

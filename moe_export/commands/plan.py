@@ -55,11 +55,13 @@ def _non_expert(items, group_size, symmetric):
                    "embedding weight gets its own width (1,2,3,4,6,8 or float) and group size (32,64,128), chosen "
                    "to minimise the weight error (see moe_export/plan/budget.py). --levels, when given, limits the "
                    "widths; --group-size, when given, the group sizes.")
-@click.option("--usage", type=click.Choice(["uniform", "calibration", "fisher"]), default="uniform", show_default=True,
+@click.option("--usage", type=click.Choice(["uniform", "calibration", "activation", "fisher"]), default="uniform",
+              show_default=True,
               help="--budget: what weights each tensor's error: how often each expert is used, top_k/E for all "
-                   "(data-free) or its routing frequency on calibration text (--calib-corpus, --calib-tokens); or "
-                   "fisher: every weight's squared loss gradient on calibration text (diagonal Fisher), which "
-                   "also measures input scales and each tensor's effect on the loss.")
+                   "(data-free) or its routing frequency on calibration text (--calib-corpus, --calib-tokens); "
+                   "activation: the output error on the calibration text's inputs (each weight's input second "
+                   "moments, an expert's routed tokens only); fisher: every weight's squared loss gradient on "
+                   "calibration text (diagonal Fisher).")
 @click.option("--levels", default="3,2", show_default=True, callback=_levels, help="Candidate widths, e.g. 3,2 or 3,2,1.")
 @click.option("--method", type=click.Choice(METHOD_CHOICES + ["budget"]), default=None,
               help="Allocation method [default: budget with --budget, else router+maxvar]. budget needs --budget.")
@@ -167,10 +169,10 @@ def _budget_plan(ckpt_dir, budget, usage, levels, groups, symmetric, quantizer, 
 
     cfg = BudgetConfig(budget, quantizer=quantizer, symmetric=symmetric, bits=tuple(sorted(levels)) if levels else BITS,
                        groups=GROUPS if groups is None or groups == ("auto",) else groups,
-                       weighting="fisher" if usage == "fisher" else "usage")
+                       weighting=usage if usage in ("fisher", "activation") else "usage")
     model, tok = load(ckpt_dir, which=None)
     batches = None
-    if usage in ("calibration", "fisher"):
+    if usage in ("calibration", "activation", "fisher"):
         from moe_export.zoo.data import calibration_batches
 
         windows = calibration_batches(tok, calib_tokens, calib_seq_len, seed=seed, corpus=calib_corpus)  # [B, S]

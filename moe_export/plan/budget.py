@@ -29,6 +29,20 @@ the loss, with the diagonal empirical Fisher ``F`` (per-sequence squared gradien
 
 so usage, input scales and each tensor's effect on the loss are in the cost and nothing else scales it.
 
+``weighting="activation"`` (calibration text) keeps the proxy's output error but measures the inputs instead of
+assuming them isotropic: with ``H = E[x x^T]`` of the weight's inputs per token (an expert: over its routed
+tokens only, so usage is in it; the down projection's input is ``act(gate x) * (up x)`` from the float weights),
+
+    cost(W, b, g) = tr(dW H dW^T) = E||dW x||^2
+
+with ``H`` scaled to the proxy's units (mean input variance 1 per token: a linear's ``H`` divided by
+``tr(H) / K``, a MoE projection's by that of all its experts' together over top_k), so isotropic inputs and
+uniform routing give back ``u_W * ||dW||^2``. Embeddings keep the proxy (a row-frequency weighting from a few
+thousand tokens leaves most rows unseen; see above). Why it matters: a quantizer's error is not isotropic
+noise. Measured on small-mixtral's experts, sign binarisation (1 bit) and a min/max 2-bit grid leave relative
+weight errors of 0.35 and 0.24, but relative expert output errors of ~0.49 and ~0.05-0.13 on the calibration
+tokens: binarisation's error lies along the weight, where the inputs are, and ``||dW||^2`` cannot see it.
+
 Constraint of the runtime: a fused expert parameter ``[E, N, K]`` stores one group size
 (``runtime.layout.WidthGroups``), so each projection stack chooses one group size for all its experts and one
 width per expert; experts are never float (a width group holds 1..8-bit codes).
@@ -51,7 +65,7 @@ import torch
 
 BITS = (1, 2, 3, 4, 6, 8)
 GROUPS = (32, 64, 128)
-WEIGHTINGS = ("usage", "none", "fisher")
+WEIGHTINGS = ("usage", "none", "fisher", "activation")
 # Bits per weight of a float option are those of the stored dtype (float32: 32).
 
 
@@ -142,12 +156,84 @@ def fisher_diagonal(model, batches, progress: bool = False) -> dict[str, torch.T
     return {n: fisher[id(p)] for n, p in named}
 
 
+@dataclass
+class InputMoments:
+    """Second moments of each weight's inputs on calibration text, per token, in the proxy's units (module doc)."""
+
+    linear: dict[str, torch.Tensor]  # FQN of a linear's weight -> [K, K] E[x x^T] / (tr / K)
+    experts: dict[tuple[str, str, int], torch.Tensor]  # (layer, projection, expert) -> [K, K], routed tokens only
+
+
+@torch.no_grad()
+def input_moments(model, batches, progress: bool = False) -> InputMoments:
+    """``InputMoments`` of ``model`` on ``batches`` (token ids ``[B, S]``), in one forward pass: hooks on every
+    non-expert ``nn.Linear``, and each MoE layer's routed tokens (``calibration_stats.routing_statistics``) for
+    its experts."""
+    from moe_export.models import find_moe_layers
+    from moe_export.plan.calibration_stats import routing_statistics
+    from moe_export.plan.methods import _expert_act
+
+    layers = find_moe_layers(model)
+    expert_params = {l.param_name(p, e) for l in layers for p in l.projections for e in range(l.num_experts)}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def linear_hook(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)  # [T, K]
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    hooked = set()
+    for mname, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            fqn = f"{mname}.{pname}" if mname else pname
+            if p.dim() != 2 or fqn in expert_params or pname != "weight":
+                continue
+            if isinstance(mod, torch.nn.Linear):
+                hooks.append(mod.register_forward_pre_hook(linear_hook(fqn)))
+                hooked.add(fqn)
+    tokens = sum(int(b.numel()) for b in batches)
+    try:
+        stats = routing_statistics(model, batches, keep_inputs=tokens, layers=layers, progress=progress)
+    finally:
+        for h in hooks:
+            h.remove()
+    unit = lambda H: (H * (H.shape[0] / max(float(torch.trace(H)), 1e-30))).to(torch.float32)  # mean variance 1
+    linear = {n: unit(sums[n] / counts[n]) for n in hooked if n in sums}
+    experts = {}
+    f32 = lambda w: w.to(torch.float32)
+    for l in layers:
+        st, act = stats[l.name], _expert_act(l)
+        T = max(int(st["tokens"]), 1)
+        H = {p: [] for p in l.projections}
+        for e in range(l.num_experts):
+            x = st["inputs"][e].to(torch.float64)  # [T_e, H]
+            v = l.expert(e)
+            h = act(x.float() @ f32(v.up).T) if v.gate is None else \
+                act(x.float() @ f32(v.gate).T) * (x.float() @ f32(v.up).T)  # [T_e, I]
+            for proj in l.projections:
+                z = h.double() if proj == l.projections[-1] else x  # the last projection (down / wo) reads h
+                H[proj].append(z.T @ z / T)  # [K, K] per token of the layer: routed share included
+        for proj, Hs in H.items():
+            # all experts together see top_k inputs per token: their summed trace / (top_k K) is the mean variance
+            scale = Hs[0].shape[0] * l.top_k / max(float(sum(torch.trace(h) for h in Hs)), 1e-30)
+            for e, He in enumerate(Hs):
+                experts[(l.name, proj, e)] = (He * scale).to(torch.float32)
+    return InputMoments(linear, experts)
+
+
 def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GROUPS,
-                progress: bool = False, sensitivity: dict | None = None) -> tuple[list[Item], float, int]:
+                progress: bool = False, sensitivity: dict | None = None,
+                moments: InputMoments | None = None) -> tuple[list[Item], float, int]:
     """The knapsack items of ``model`` with their unweighted errors and bytes -> ``(items, fixed bytes,
     parameters)``; ``weigh`` then sets what the solver minimises. ``sensitivity``: per parameter FQN a tensor of
-    its shape (``fisher_diagonal``) weighting each element's squared error. The error table is the slow part: a
-    sweep over budgets and weightings computes it once."""
+    its shape (``fisher_diagonal``) weighting each element's squared error; ``moments`` (``input_moments``):
+    each error is the output error ``tr(dW H dW^T)`` on the measured inputs instead (a weight none were measured
+    for keeps ``||dW||^2``). The error table is the slow part: a sweep over budgets and weightings computes it
+    once."""
     from tqdm.auto import tqdm
 
     from moe_export.models import find_moe_layers, parameter_role_lookup
@@ -166,8 +252,17 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
     non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
     fixed = float(sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n not in non_persistent))
 
-    def err(W, b, g, S=None) -> float:
-        return reconstruction_error(W, b, quantizer, g, symmetric, weight=S)
+    def err(W, b, g, S=None, H=None) -> float:
+        return reconstruction_error(W, b, quantizer, g, symmetric, weight=S, moment=H)
+
+    def tensor_err(W, names, b, g) -> float:
+        """A non-expert weight: summed over the linears that read it (a tied embedding counts as its lm_head)."""
+        if moments is None:
+            return err(W, b, g, None if sensitivity is None else sensitivity[names[0]])
+        measured = [n for n in names if n in moments.linear]
+        if not measured:
+            return err(W, b, g)
+        return sum(err(W, b, g, H=moments.linear[n]) for n in measured)
 
     def expert_sensitivity(layer, proj, e):  # [N, K] laid out as layer.expert_weight(proj, e)
         if sensitivity is None:
@@ -190,7 +285,8 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
                       else [layer.param_name(proj)], (n, k), variants, layer=layer.name, proj=proj,
                       share=layer.top_k / E)
             for opts in variants:
-                c = np.array([[err(layer.expert_weight(proj, e), bb, g, expert_sensitivity(layer, proj, e))
+                c = np.array([[err(layer.expert_weight(proj, e), bb, g, expert_sensitivity(layer, proj, e),
+                                   None if moments is None else moments.experts[(layer.name, proj, e)])
                                for bb, g in opts] for e in range(E)])  # [E, O]
                 it.cost.append(c)
                 it.nbytes.append(np.tile([theoretical_bytes(n, k, bb, g, symmetric) for bb, g in opts], (E, 1)))
@@ -206,8 +302,7 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
             continue
         W = p.detach()
         n, k = W.shape
-        S = None if sensitivity is None else sensitivity[names[0]]
-        c = np.array([[0.0 if bb is None else err(W, bb, g, S) for bb, g in options]])  # [1, O]
+        c = np.array([[0.0 if bb is None else tensor_err(W, sorted(names), bb, g) for bb, g in options]])  # [1, O]
         nb = np.array([[nbytes_float if bb is None else theoretical_bytes(n, k, bb, g, symmetric) for bb, g in options]])
         items.append(Item(names[0], role, sorted(names), (n, k), [options], [c], [nb]))
     return items, fixed, parameters
@@ -216,12 +311,13 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
 def weigh(items: list[Item], weighting: str = "usage", usage: dict | None = None) -> list[Item]:
     """Set each item's error weight: ``"usage"``: an expert's share of the tokens (``usage[layer]``: the measured
     routing frequency of each expert, else top_k / E), 1 for other weights; ``"none"``: 1 (raw error);
-    ``"fisher"``: 1 (the errors of a table built with a Fisher ``sensitivity`` already hold usage)."""
+    ``"fisher"``, ``"activation"``: 1 (the errors of a table built with a Fisher ``sensitivity`` or input
+    ``moments`` already hold usage)."""
     if weighting not in WEIGHTINGS:
         raise BudgetError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     for it in items:
         M = it.cost[0].shape[0]
-        if weighting in ("none", "fisher") or it.kind != "experts":
+        if weighting in ("none", "fisher", "activation") or it.kind != "experts":
             it.weight = np.ones(M)
         elif usage is not None:
             it.weight = np.asarray(usage[it.layer], dtype=np.float64)  # [E]
@@ -346,12 +442,14 @@ def budget_plan(model, cfg: BudgetConfig, batches=None, model_name: str = "", pr
 
     t0 = time.perf_counter()
     layers = find_moe_layers(model)
-    usage, sensitivity = None, None
-    if cfg.weighting == "fisher":
+    usage, sensitivity, moments = None, None, None
+    if cfg.weighting in ("fisher", "activation"):
         if batches is None:
-            raise BudgetError("weighting fisher measures the loss's gradients: it needs calibration text")
-        if table is None:
+            raise BudgetError(f"weighting {cfg.weighting} measures the model on calibration text: it needs some")
+        if table is None and cfg.weighting == "fisher":
             sensitivity = fisher_diagonal(model, batches, progress)
+        elif table is None:
+            moments = input_moments(model, batches, progress)
     elif batches is not None:
         from moe_export.plan.calibration_stats import routing_statistics
 
@@ -359,7 +457,7 @@ def budget_plan(model, cfg: BudgetConfig, batches=None, model_name: str = "", pr
         usage = {n: [float(x) for x in s["frequency"]] for n, s in stats.items()}
     if table is None:
         table = model_items(model, get_quantizer(cfg.quantizer), cfg.symmetric, cfg.bits, cfg.groups, progress,
-                            sensitivity=sensitivity)
+                            sensitivity=sensitivity, moments=moments)
     items, fixed, parameters = table
     weigh(items, cfg.weighting, usage)
     t_err = time.perf_counter() - t0
@@ -399,8 +497,9 @@ def budget_plan(model, cfg: BudgetConfig, batches=None, model_name: str = "", pr
         budget={"bytes": float(budget_bytes), "bits_per_weight": float(f"{bpw:.6g}"), "parameters": int(parameters),
                 "planned_bytes": float(planned)},
         provenance={"method": "budget", "requested_budget": str(cfg.budget), "weighting": cfg.weighting,
-                    "expert_usage": ("calibration squared loss gradients (diagonal Fisher)" if cfg.weighting == "fisher"
-                                     else "calibration routing frequency" if usage is not None else "top_k / E"),
+                    "expert_usage": {"fisher": "calibration squared loss gradients (diagonal Fisher)",
+                                     "activation": "calibration input second moments (output error)"}.get(
+                        cfg.weighting, "calibration routing frequency" if usage is not None else "top_k / E"),
                     "candidate_bits": list(cfg.bits), "candidate_group_sizes": list(cfg.groups),
                     "solver": {"items": len(items), "lambda": float(f"{sol.lam:.6g}"), "seconds": round(sol.seconds, 4),
                                "error_seconds": round(t_err, 2)},

@@ -22,14 +22,19 @@ _CHUNK = 2048
 
 
 def reconstruction_error(W: torch.Tensor, bits: int, quantizer, group_size, symmetric: bool, chunk: int = _CHUNK,
-                         weight: torch.Tensor | None = None) -> float:
+                         weight: torch.Tensor | None = None, moment: torch.Tensor | None = None) -> float:
     """``||W - Q_b(W)||_F^2`` of one ``[N, K]`` weight, quantized ``chunk`` rows at a time (groups run along K);
-    with ``weight`` (``[N, K]``, e.g. a diagonal Fisher) ``sum weight * (W - Q_b(W))^2``."""
+    with ``weight`` (``[N, K]``, e.g. a diagonal Fisher) ``sum weight * (W - Q_b(W))^2``; with ``moment`` (``[K, K]``,
+    the second moment ``E[x x^T]`` of the weight's inputs) ``tr(dW moment dW^T) = E||dW x||^2``."""
     total = 0.0
     for start in range(0, W.shape[0], chunk):
         w = W[start : start + chunk].to(torch.float32)  # [c, K]
         qw = quantizer.quantize(w, bits, group_size, symmetric)
-        sq = (w - qw.dequantize(torch.float32)).square()  # [c, K]
+        d = w - qw.dequantize(torch.float32)  # [c, K]
+        if moment is not None:
+            sq = (d @ moment.to(torch.float32)) * d
+        else:
+            sq = d.square()
         if weight is not None:
             sq = sq * weight[start : start + chunk].to(torch.float32)
         total += float(sq.sum(dtype=torch.float64))

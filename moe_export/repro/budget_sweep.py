@@ -29,6 +29,8 @@ LABELS = {"router+maxvar": "paper (router-norm + MaxVar)", "maxvar": "MaxVar", "
           "budget": "budget allocator (usage-weighted)", "budget-none": "budget allocator (raw error)",
           "budget-calibration": "budget allocator (calibrated usage)", "uniform": "uniform",
           "budget-fisher": "budget allocator (calibrated Fisher)",
+          "budget-activation": "budget allocator (calibrated inputs)",
+          "budget-activation-matched": "budget allocator (calibrated inputs) at the paper plan's bytes",
           "budget-matched": "budget allocator at the paper plan's bytes"}
 
 
@@ -101,7 +103,7 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
     from moe_export.api import MoEQuantConfig, quantize_
     from moe_export.eval import bits_per_byte, logits_fn_for
     from moe_export.plan.bitplan import BitPlan, NonExpertPolicy, default_group_size, expert_in_dims
-    from moe_export.plan.budget import BudgetConfig, budget_plan, fisher_diagonal, model_items
+    from moe_export.plan.budget import BudgetConfig, budget_plan, fisher_diagonal, input_moments, model_items
     from moe_export.quant.base import get_quantizer
     from moe_export.plan.methods import PlanConfig, make_plan
     from moe_export.size import theoretical_model_bytes
@@ -152,7 +154,8 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
     policy = NonExpertPolicy.parse(",".join(f"{r}={sweep.non_expert_bits}" for r in (
         "attention", "shared_experts", "embeddings", "lm_head", "dense_mlp")), gs)
     calib = None
-    if {"budget-calibration", "budget-fisher"} & set(sweep.budget_variants):
+    calibrated = ("budget-calibration", "budget-fisher", "budget-activation", "budget-activation-matched")
+    if set(calibrated) & set(sweep.budget_variants):
         calib = list(calibration_batches(tok, sweep.calib_tokens, entry.seq_len, seed=seed, corpus=corpus).split(8))
     tables = {}  # the budget allocator's error tables (plain, Fisher-weighted), computed once for every target
     for target in sweep.targets:
@@ -168,22 +171,24 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
         for variant in sweep.budget_variants:
             if (variant, target) in have:
                 continue
-            weighting = {"budget-none": "none", "budget-fisher": "fisher"}.get(variant, "usage")
+            base = variant.removesuffix("-matched")
+            weighting = {"budget-none": "none", "budget-fisher": "fisher", "budget-activation": "activation"}.get(base, "usage")
             t = time.perf_counter()
             size = f"{target}bpw"
-            if variant == "budget-matched":  # the paper's plan's own bytes, which can exceed the target
+            if variant.endswith("-matched"):  # the paper's plan's own bytes, which can exceed the target
                 paper = [p for p in rec["points"] if p["method"] == "router+maxvar" and p["target_bpw"] == target]
                 if not paper:
                     continue
                 size = f"{paper[0]['bytes']!r}B"
             cfg = BudgetConfig(size, weighting=weighting)
-            key = "fisher" if weighting == "fisher" else "plain"
+            key = weighting if weighting in ("fisher", "activation") else "plain"
             if key not in tables:
                 sens = fisher_diagonal(model, calib) if weighting == "fisher" else None
+                moments = input_moments(model, calib) if weighting == "activation" else None
                 tables[key] = (model_items(model, get_quantizer(cfg.quantizer), cfg.symmetric, cfg.bits, cfg.groups,
-                                           sensitivity=sens), time.perf_counter() - t)
-            plan = budget_plan(model, cfg, batches=calib if variant in ("budget-calibration", "budget-fisher") else None,
-                               model_name=name, table=tables[key][0])
+                                           sensitivity=sens, moments=moments), time.perf_counter() - t)
+            plan = budget_plan(model, cfg, batches=calib if variant in calibrated else None, model_name=name,
+                               table=tables[key][0])
             point(variant, target, plan, time.perf_counter() - t, error_table_s=tables[key][1], planned_bytes=plan.budget["planned_bytes"],
                   budget_bytes=plan.budget["bytes"], solver_s=plan.provenance["solver"]["seconds"],
                   choices=_choices(plan))
@@ -318,7 +323,10 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
         "(the share of tokens each expert sees), *raw error*: no weighting; *calibrated usage*: expert errors x each "
         f"expert's routing frequency on {sw['calib_tokens']} tokens of the fine-tune corpus's train split; *calibrated "
         "Fisher*: every weight element's squared error x its diagonal empirical Fisher (per-sequence squared "
-        "gradients of the next-token loss) on the same tokens, nothing else; *at the paper plan's bytes*: usage-weighted, "
+        "gradients of the next-token loss) on the same tokens, nothing else; *calibrated inputs*: every weight's output "
+        "error tr(dW H dW^T) with H the second moment of its inputs on the same tokens (an expert's routed tokens "
+        "only), scaled to mean input variance 1 (embeddings: raw error); *at the paper plan's bytes*: usage-weighted "
+        "(or calibrated inputs), "
         "with the budget set to the bytes the paper's plan actually used at that target (equal bytes, where the "
         "per-layer methods could not get down to the target). Uniform b: every quantizable "
         f"weight at b bits, group {_groups(runs)}. Routers and norms stay float in every point. "
@@ -481,7 +489,8 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default=None)
     ap.add_argument("--seeds", default=None)
     ap.add_argument("--variants", default=None,
-                    help="budget variants: budget,budget-none,budget-matched,budget-calibration,budget-fisher")
+                    help="budget variants: budget,budget-none,budget-matched,budget-calibration,budget-fisher,"
+                         "budget-activation,budget-activation-matched")
     ap.add_argument("--from-json", default=None, help="rebuild the section and plot from saved records")
     ap.add_argument("--note", default=None, help="a paragraph kept with the records and shown under the section's intro")
     a = ap.parse_args(argv)
