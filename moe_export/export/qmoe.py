@@ -1,9 +1,10 @@
 """One routed-expert layer as onnxruntime ``com.microsoft.QMoE`` nodes, one node per width group.
 
 A QMoE node takes one expert width, so a layer whose experts have different widths becomes one node per width
-group, all fed the layer's *global* routing: the graph computes softmax -> top-k -> renormalised weights as a dense
-``[T, E]`` table, and each node gets its group's columns as ``router_weights`` (input 14) with
-``normalize_routing_weights=0``. Each node then mixes exactly the weights of the experts the layer selected; a
+group, all fed the layer's *global* routing as a dense ``[T, E]`` table (the selected experts' weights, zero
+elsewhere; in a decoder step the block's own router computes it, so softmax top-k, DeepSeek-V3's grouped sigmoid
+routing and shared experts beside the routed ones are traced as the model runs them), and each node gets its
+group's columns as ``router_weights`` (input 14) with ``normalize_routing_weights=0``. Each node then mixes exactly the weights of the experts the layer selected; a
 node none of whose experts was selected for a token skips it (weights <= 1e-8 are not computed), so only the
 routed experts run and nothing is ever dequantized whole. The outputs are summed. Semantics and the node recipe
 were checked by running onnxruntime 1.32 (README of ``shared/probes/ort-qmoe``; numbers in ``docs/``).
@@ -107,30 +108,20 @@ def swiglu_interleave(n_rows: int) -> torch.Tensor:
     return torch.stack([torch.arange(i), torch.arange(i) + i], dim=1).reshape(-1)
 
 
-def moe_layer_nodes(prefix: str, hidden: str, out: str, gate_up, down, router_weight: torch.Tensor, top_k: int,
-                    normalize_topk: bool = True, accuracy_level: int = 0) -> tuple[list, list]:
-    """Nodes and initializers computing a routed-expert layer ``out [T, H] = MoE(hidden [T, H])``.
-
-    ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]`` are the stacks' layouts (``runtime.layout.WidthGroups``,
-    what ``width_groups()`` of a subclass or an export module returns) with the same width per expert (a plan gives
-    an expert one width); ``router_weight`` ``[E, H]``.
-    """
+def routing_nodes(prefix: str, hidden: str, router_weight: torch.Tensor, top_k: int,
+                  normalize_topk: bool = True) -> tuple[list, list, str]:
+    """Softmax -> top-k (-> renormalise) routing of ``hidden [T, H]`` as a dense ``[T, E]`` weight table (zero for
+    unrouted experts): the router of a standalone layer (:func:`moe_layer_model`). Returns nodes, initializers and
+    the table's name. A decoder step traces its blocks' own routers instead (:class:`QMoEExperts`)."""
     from onnx import helper, numpy_helper
 
-    if tuple(gate_up.bit_widths) != tuple(down.bit_widths):
-        raise ValueError("QMoE runs one width per expert: gate_up and down must have the same per-expert widths "
-                         "(a budget plan may give them different ones); use --onnx-mode packed or fast")
-    if gate_up.group_size != down.group_size:  # one block_size attribute for both projections
-        raise ValueError(f"QMoE takes one block size per node: gate_up has group size {gate_up.group_size} and down "
-                         f"{down.group_size}; use --onnx-mode packed or fast")
-    E = gate_up.num_experts
-    inits = [numpy_helper.from_array(router_weight.detach().float().t().contiguous().numpy(), prefix + "router_wt")]
+    inits = [numpy_helper.from_array(router_weight.detach().float().t().contiguous().numpy(), prefix + "router_wt"),
+             numpy_helper.from_array(np.array([top_k], dtype=np.int64), prefix + "k")]
     nodes = [
         helper.make_node("MatMul", [hidden, prefix + "router_wt"], [prefix + "logits"]),  # [T, E]
         helper.make_node("Softmax", [prefix + "logits"], [prefix + "probs"], axis=-1),
         helper.make_node("TopK", [prefix + "probs", prefix + "k"], [prefix + "topv", prefix + "topi"], axis=-1),
     ]
-    inits.append(numpy_helper.from_array(np.array([top_k], dtype=np.int64), prefix + "k"))
     topw = prefix + "topv"
     if normalize_topk:
         nodes.append(helper.make_node("ReduceSum", [prefix + "topv", prefix + "axes"], [prefix + "topsum"], keepdims=1))
@@ -141,6 +132,30 @@ def moe_layer_nodes(prefix: str, hidden: str, out: str, gate_up, down, router_we
         helper.make_node("Sub", [prefix + "probs", prefix + "probs"], [prefix + "zeros"]),
         helper.make_node("ScatterElements", [prefix + "zeros", prefix + "topi", topw], [prefix + "dense"], axis=-1),
     ]
+    return nodes, inits, prefix + "dense"
+
+
+def expert_nodes(prefix: str, hidden: str, dense: str, out: str, gate_up, down, top_k: int,
+                 accuracy_level: int = 0) -> tuple[list, list]:
+    """Nodes and initializers computing the routed experts ``out [T, H]`` of ``hidden [T, H]`` mixed by the dense
+    routing table ``dense [T, E]`` (the selected experts' weights, zero elsewhere), one QMoE node per width group.
+
+    ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]`` are the stacks' layouts (``runtime.layout.WidthGroups``,
+    what ``width_groups()`` of a subclass or an export module returns) with the same width per expert (a plan gives
+    an expert one width). A group's columns of ``dense`` are both its node's ``router_probs`` (the node's top-k
+    picks every selected expert of the group, at most ``top_k`` of them, before any zero column) and its
+    ``router_weights``, used as they are (``normalize_routing_weights=0``); zero-weight picks are skipped.
+    """
+    from onnx import helper, numpy_helper
+
+    if tuple(gate_up.bit_widths) != tuple(down.bit_widths):
+        raise ValueError("QMoE runs one width per expert: gate_up and down must have the same per-expert widths "
+                         "(a budget plan may give them different ones); use --onnx-mode packed or fast")
+    if gate_up.group_size != down.group_size:  # one block_size attribute for both projections
+        raise ValueError(f"QMoE takes one block size per node: gate_up has group size {gate_up.group_size} and down "
+                         f"{down.group_size}; use --onnx-mode packed or fast")
+    E = gate_up.num_experts
+    nodes, inits = [], []
     rows = swiglu_interleave(gate_up.n)
     outs = []
     for (b, p1, s1, z1), (b2, p2, s2, z2) in zip(gate_up.groups(), down.groups()):
@@ -155,9 +170,8 @@ def moe_layer_nodes(prefix: str, hidden: str, out: str, gate_up, down, router_we
         if has_zp:
             inits += [numpy_helper.from_array(fc1["zp"], g + "fc1_zp"), numpy_helper.from_array(fc2["zp"], g + "fc2_zp")]
         inits.append(numpy_helper.from_array(np.array(experts, dtype=np.int64), g + "idx"))
-        nodes += [helper.make_node("Gather", [prefix + "logits", g + "idx"], [g + "logits"], axis=1),
-                  helper.make_node("Gather", [prefix + "dense", g + "idx"], [g + "weights"], axis=1)]
-        ins = [hidden, g + "logits", g + "fc1_w", g + "fc1_s", "", g + "fc2_w", g + "fc2_s", "", "", "", "",
+        nodes.append(helper.make_node("Gather", [dense, g + "idx"], [g + "weights"], axis=1))  # [T, E_b]
+        ins = [hidden, g + "weights", g + "fc1_w", g + "fc1_s", "", g + "fc2_w", g + "fc2_s", "", "", "", "",
                g + "fc1_zp" if has_zp else "", g + "fc2_zp" if has_zp else "", "", g + "weights"]
         attrs = dict(k=min(top_k, len(experts)), activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
                      activation_beta=0.0, normalize_routing_weights=0, use_sparse_mixer=0,
@@ -176,8 +190,9 @@ def moe_layer_model(gate_up, down, router_weight: torch.Tensor, top_k: int, norm
     from onnx import TensorProto, helper
 
     H = gate_up.k
-    nodes, inits = moe_layer_nodes("moe_", "hidden", "out", gate_up, down, router_weight, top_k, normalize_topk,
-                                   accuracy_level)
+    nodes, inits, dense = routing_nodes("moe_", "hidden", router_weight, top_k, normalize_topk)
+    expert_n, expert_i = expert_nodes("moe_", "hidden", dense, "out", gate_up, down, top_k, accuracy_level)
+    nodes, inits = nodes + expert_n, inits + expert_i
     graph = helper.make_graph(nodes, "moe_export_qmoe_layer",
                               [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["T", H])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["T", H])], initializer=inits)
@@ -186,46 +201,54 @@ def moe_layer_model(gate_up, down, router_weight: torch.Tensor, top_k: int, norm
     return model
 
 
-# --- the decoder step: each MoE block becomes a placeholder op, spliced into QMoE nodes after export ------------
+# --- the decoder step: each block's experts become a placeholder op, spliced into QMoE nodes after export ------
 
 DOMAIN = "com.moe_export"  # the placeholder's domain; no node of it is left in a written model
 _OP_DEFINED = False
 
 
 def define_block_op() -> None:
-    """``moe_export::qmoe_block(hidden [T, H], layer) -> [T, H]``: stands for one MoE block while torch.onnx traces
-    the step (explicit and idempotent, like ``export.ops.define_ops``). It has only a shape; running it is an error."""
+    """``moe_export::qmoe_block(hidden [T, H], routing [T, E], layer) -> [T, H]``: stands for one block's routed
+    experts while torch.onnx traces the step (explicit and idempotent, like ``export.ops.define_ops``). It has only
+    a shape; running it is an error."""
     global _OP_DEFINED
     if _OP_DEFINED:
         return
 
     @torch.library.custom_op("moe_export::qmoe_block", mutates_args=())
-    def qmoe_block(hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    def qmoe_block(hidden: torch.Tensor, routing: torch.Tensor, layer: int) -> torch.Tensor:
         raise RuntimeError("moe_export::qmoe_block only marks an MoE block for the QMoE ONNX export; it does not run")
 
     @qmoe_block.register_fake
-    def _(hidden, layer):
+    def _(hidden, routing, layer):
         return torch.empty_like(hidden)
 
     _OP_DEFINED = True
 
 
-class QMoEBlock(torch.nn.Module):
-    """In place of a sparse MoE block (router + experts) while the step is traced for ``mode="native"``."""
+class QMoEExperts(torch.nn.Module):
+    """In place of a block's experts module while the step is traced for ``mode="native"``: the block itself (its
+    router, its shared experts and their sigmoid gate, residual sums) is traced as the model computes it, and only
+    the routed experts become QMoE nodes, fed the block's own routing as a dense ``[T, E]`` table."""
 
-    def __init__(self, layer: int):
+    def __init__(self, layer: int, num_experts: int):
         super().__init__()
-        self.layer = layer
+        self.layer, self.num_experts = layer, num_experts
 
-    def forward(self, hidden_states):  # [B, T, H]
-        shape = hidden_states.shape
-        out = torch.ops.moe_export.qmoe_block(hidden_states.reshape(-1, shape[-1]), self.layer)  # [B*T, H]
-        return out.reshape(shape)
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, H], [T, k], [T, k] -> [T, H]
+        t = hidden_states.shape[0]
+        zeros = hidden_states.new_zeros(t, self.num_experts, dtype=torch.float32)  # [T, E]
+        dense = zeros.scatter(1, top_k_index.long(), top_k_weights.float())  # [T, E]
+        out = torch.ops.moe_export.qmoe_block(hidden_states.float(), dense, self.layer)
+        return out.to(hidden_states.dtype)
 
 
 def to_qmoe_blocks(step: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, dict]]:
-    """A copy of a prepared decoder step whose MoE blocks are placeholders, and what each one's nodes are built from."""
+    """A copy of a prepared decoder step whose blocks' experts are placeholders, and what each one's nodes are
+    built from."""
     import copy
+
+    from transformers.activations import SiLUActivation
 
     from moe_export.export.experts import PackedMixedExperts, moe_blocks
 
@@ -236,17 +259,17 @@ def to_qmoe_blocks(step: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, di
         ex = block.experts
         if not isinstance(ex, PackedMixedExperts):
             raise ValueError(f"{name}: QMoE export takes a model prepared with prepare_for_export (packed experts)")
-        if getattr(block, "shared_expert", None) is not None or getattr(block, "shared_experts", None) is not None:
-            raise ValueError(f"{name}: blocks with shared experts have no QMoE form yet; use --onnx-mode packed or fast")
+        if not isinstance(ex.act_fn, (SiLUActivation, torch.nn.SiLU)):
+            raise ValueError(f"{name}: QMoE computes SwiGLU experts (SiLU); this block's activation is "
+                             f"{type(ex.act_fn).__name__}: use --onnx-mode packed or fast")
         router = block.gate.weight
         if type(router) is not torch.nn.Parameter and type(router) is not torch.Tensor:
-            router = router.dequantize()  # a quantized router: its float values, as the eager model computes with
+            # a quantized router: its float values, as the eager model computes with
+            block.gate.weight = torch.nn.Parameter(router.dequantize().detach().float(), requires_grad=False)
         top_k = getattr(block, "top_k", None) or block.gate.top_k
         layers[i] = {"gate_up": ex.gate_up_proj.width_groups(), "down": ex.down_proj.width_groups(),
-                     "router": router.detach().float(), "top_k": int(top_k),
-                     "normalize": bool(getattr(block.gate, "norm_topk_prob", True))}  # Mixtral renormalises
-        parent_name, _, attr = name.rpartition(".")
-        step.get_submodule(parent_name).add_module(attr, QMoEBlock(i))
+                     "top_k": int(top_k)}
+        block.experts = QMoEExperts(i, ex.num_experts)
     if not layers:
         raise ValueError("the model has no MoE block with a router and fused experts to export as QMoE")
     return step, layers
@@ -257,8 +280,8 @@ def translation_table() -> dict:
 
     placeholder = Opset(DOMAIN, 1)
 
-    def qmoe_block(hidden, layer: int):
-        return placeholder.QMoEBlock(hidden, layer=layer)
+    def qmoe_block(hidden, routing, layer: int):
+        return placeholder.QMoEBlock(hidden, routing, layer=layer)
 
     define_block_op()
     return {torch.ops.moe_export.qmoe_block.default: qmoe_block}
@@ -273,7 +296,7 @@ def register_schema() -> None:
     except onnx.defs.SchemaError:
         onnx.defs.register_schema(OpSchema(
             "QMoEBlock", DOMAIN, 1,
-            inputs=[OpSchema.FormalParameter("hidden", "T")], outputs=[OpSchema.FormalParameter("out", "T")],
+            inputs=[OpSchema.FormalParameter("hidden", "T"), OpSchema.FormalParameter("routing", "T")], outputs=[OpSchema.FormalParameter("out", "T")],
             type_constraints=[("T", ["tensor(float)"], "activations")],
             attributes=[OpSchema.Attribute("layer", OpSchema.AttrType.INT, "MoE block index")]))
 
@@ -288,9 +311,8 @@ def splice(proto, layers: dict[int, dict], accuracy_level: int = 0) -> None:
         if node.domain == DOMAIN and node.op_type == "QMoEBlock":
             layer = next(a.i for a in node.attribute if a.name == "layer")
             spec = layers[layer]
-            nodes, inits = moe_layer_nodes(f"moe{layer}_", node.input[0], node.output[0], spec["gate_up"],
-                                           spec["down"], spec["router"], spec["top_k"], spec["normalize"],
-                                           accuracy_level)
+            nodes, inits = expert_nodes(f"moe{layer}_", node.input[0], node.input[1], node.output[0],
+                                        spec["gate_up"], spec["down"], spec["top_k"], accuracy_level)
             new_nodes += nodes
             graph.initializer.extend(inits)
             seen.add(layer)
