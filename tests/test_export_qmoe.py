@@ -76,6 +76,11 @@ def test_container_codes_reproduce_every_width_exactly():
                 zc = zc[..., :2].float().repeat_interleave(32, -1)
             got = (qc - zc) * torch.from_numpy(f["s"]).repeat_interleave(32, -1)
             assert c == CONTAINER[bits] and torch.equal(got, want), (bits, symmetric)
+            rows = torch.tensor([1, 0, 3, 2])  # a row permutation (the SwiGLU interleave) moves whole rows
+            fr = qmoe_weights(bits, pack(q, bits), scale, zero, 64, rows)
+            for key in ("w", "s", "zp"):
+                assert (fr[key] is None) == (f[key] is None)
+                assert f[key] is None or torch.equal(torch.from_numpy(fr[key]), torch.from_numpy(f[key])[:, rows])
 
 
 def test_fractional_zero_points_are_refused():

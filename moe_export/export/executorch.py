@@ -53,9 +53,41 @@ def lower_to_executorch(ep, mode: str = "packed"):
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         partitioner = [XnnpackPartitioner()]
+    passes = [_xnnpack_friendly_pass()] if mode in ("native", "native-int8") else None
     # gather_dequant has only a CompositeImplicitAutograd kernel: to_edge decomposes it into aten ops.
-    edge = to_edge_transform_and_lower(ep, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    edge = to_edge_transform_and_lower(ep, transform_passes=passes, partitioner=partitioner,
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
     return edge.to_executorch()
+
+
+def _xnnpack_friendly_pass():
+    """An edge pass that lets XNNPACK take more of the float graph in fewer, larger delegates: every delegate
+    boundary costs the program a serialized XNNPACK graph and the tensors between them (a tiny model's program
+    is mostly that). Expands to the shape they already have (matmul's batch broadcast) are dropped, and a mean
+    over the last dim of a 3-D tensor (RMSNorm), which XNNPACK takes only as a 4-D mean over dims 2-3, becomes
+    one through views (float rounding of the sum differs, nothing else)."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.pass_base import ExportPass
+
+    aten = exir_ops.edge.aten
+
+    def fixed(shape):  # a view's target: static dims, at most one dynamic dim as -1, else None
+        dims = [d if isinstance(d, int) else -1 for d in shape]
+        return dims if dims.count(-1) <= 1 else None
+
+    class XnnpackFriendly(ExportPass):
+        def call_operator(self, op, args, kwargs, meta):
+            if op == aten.expand_copy.default and tuple(args[0].to_tensor().shape) == tuple(meta["val"].shape):
+                return args[0]
+            if op == aten.mean.dim and not kwargs.get("dtype") and len(args) > 2 and args[2]:
+                shape = list(args[0].to_tensor().shape)  # [B, T, H]
+                if len(shape) == 3 and [d % 3 for d in args[1]] == [2] and fixed(shape):
+                    x4 = super().call_operator(aten.view_copy.default, (args[0], fixed(shape + [1])), {}, meta)
+                    m = super().call_operator(op, (x4, [2, 3], True), {}, meta)  # [B, T, 1, 1]
+                    return super().call_operator(aten.view_copy.default, (m, fixed(shape[:2] + [1])), {}, meta)
+            return super().call_operator(op, args, kwargs, meta)
+
+    return XnnpackFriendly()
 
 
 def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "native", max_seq_len: int = 128) -> Path:

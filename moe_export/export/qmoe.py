@@ -39,25 +39,24 @@ def _sym_zero(bits: int) -> float:
     return 0.5 if bits == 1 else float(2 ** (bits - 1))
 
 
-def container_codes(bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, k: int):
-    """``(c, q, s, z)``: one width group's codes moved into the ``c = CONTAINER[bits]``-bit container exactly.
+def container_grid(bits: int, scale: torch.Tensor, zero: torch.Tensor | None):
+    """``(c, s, z, mul, add)``: where a ``bits``-wide group goes in the ``c = CONTAINER[bits]``-bit container
+    exactly, its codes becoming ``mul * q + add``.
 
-    ``q`` int32 ``[.., N, K]`` codes in [0, 2^c); ``s`` the scales, float16 as stored where that is exact (always,
-    except a 1-bit group whose halved scale would lose a bit), else float32; ``z`` None (symmetric: the container's
-    implied zero point 2^(c-1) reproduces ours) or the integer zero codes ``[.., N, G]`` uint8, unpacked.
+    ``s`` the scales, float16 as stored where that is exact (always, except a 1-bit group whose halved scale would
+    lose a bit), else float32; ``z`` None (symmetric: the container's implied zero point 2^(c-1) reproduces ours)
+    or the integer zero codes ``[.., N, G]`` uint8, unpacked.
     """
     c = CONTAINER[bits]
-    q = unpack(packed, bits, k).to(torch.int32)  # [.., N, K]
-    s = scale
-    z = None
+    s, z, mul, add = scale, None, 1, 0
     if zero is None:
         # implied zero point of a c-bit container: 2^(c-1); ours is _sym_zero(bits): move the codes onto it
         if bits == 1:  # (q - 1/2) s == (2q + 1 - 2) (s / 2)
-            q, s = 2 * q + 1, scale.float() / 2
+            mul, add, s = 2, 1, scale.float() / 2
             if torch.equal(s.half().float(), s):
                 s = s.half()
         else:
-            q = q + (2 ** (c - 1) - 2 ** (bits - 1))
+            add = 2 ** (c - 1) - 2 ** (bits - 1)
     else:
         zf = zero.float()
         if not torch.equal(zf, zf.round()) or zf.min() < 0 or zf.max() > 2**bits - 1:
@@ -65,7 +64,15 @@ def container_codes(bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: 
                              "grid, which binarises around the mean); QMoE takes integer zero codes only: use a "
                              "symmetric grid or rtn/gptq at 2+ bits, or export with the packed ONNX mode")
         z = zf.to(torch.uint8)
-    return c, q, s, z
+    return c, s, z, mul, add
+
+
+def container_codes(bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, k: int):
+    """``(c, q, s, z)``: one width group's codes moved into the ``c = CONTAINER[bits]``-bit container exactly
+    (:func:`container_grid`); ``q`` int32 ``[.., N, K]`` codes in [0, 2^c)."""
+    c, s, z, mul, add = container_grid(bits, scale, zero)
+    q = unpack(packed, bits, k).to(torch.int32)  # [.., N, K]
+    return c, mul * q + add, s, z
 
 
 def qmoe_weights(bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, k: int,
@@ -78,13 +85,22 @@ def qmoe_weights(bits: int, packed: torch.Tensor, scale: torch.Tensor, zero: tor
     float32 scales) or float32 (a 1-bit group whose halved scale float16 cannot hold), ``zp`` packed
     ``[E_b, N, ceil(G*c/8)]`` uint8 or None.
     """
-    c, q, s, z = container_codes(bits, packed, scale, zero, k)
+    c, s, z, mul, add = container_grid(bits, scale, zero)
     zp = None if z is None else pack_codes(z, c)  # [.., ceil(G*c/8)], packed along the block axis
     if rows is not None:
-        q, s = q[:, rows], s[:, rows]
+        s = s[:, rows]
         zp = None if zp is None else zp[:, rows]
-    w = pack(q.to(torch.uint8), c)
-    return {"bits": c, "w": w.numpy(), "s": s.contiguous().numpy(), "zp": None if zp is None else zp.numpy()}
+    if c == bits and (mul, add) == (1, 0):  # the stored bytes are the container's: rows move whole
+        w = packed if rows is None else packed[:, rows]
+    else:
+        # one expert at a time: unpacking a whole group takes 8 bytes a weight at once (GBs at real sizes)
+        e_b, n = packed.shape[:2]
+        w = torch.empty(e_b, n, k * c // 8, dtype=torch.uint8)
+        for e in range(e_b):
+            q = unpack(packed[e], bits, k) * mul + add  # [N, K] uint8: codes < 2^c <= 256
+            w[e] = pack(q if rows is None else q[rows], c)
+    return {"bits": c, "w": w.contiguous().numpy(), "s": s.contiguous().numpy(),
+            "zp": None if zp is None else zp.numpy()}
 
 
 def container_groups(groups) -> "WidthGroups":
