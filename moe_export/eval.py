@@ -103,13 +103,28 @@ def _check_logits(logits: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def bits_per_byte(logits_fn: LogitsFn, tokenizer, ids: torch.Tensor | str, seq_len: int, batch_size: int = 8,
-                  max_tokens: int | None = None, progress: bool = True, desc: str = "bpb") -> dict:
+                  max_tokens: int | None = None, progress: bool = True, desc: str = "bpb",
+                  accuracy: str = "exact") -> dict:
     """Bits per UTF-8 byte of held-out text, scored in non-overlapping windows of ``seq_len`` tokens.
 
     Evaluate at the training context length: RoPE models were never trained on longer positions.
     Within a window, ``logits[:, t]`` is scored against token ``t + 1`` for ``t >= score_from(T)``;
     the byte count is that of the scored target tokens, so bpb is tokenizer-independent.
+    ``accuracy``: the CPU kernels' arithmetic while scoring (``_scoring``).
     """
+    with _scoring(accuracy):
+        return _bits_per_byte(logits_fn, tokenizer, ids, seq_len, batch_size, max_tokens, progress, desc)
+
+
+def _scoring(accuracy: str):
+    """The CPU kernels' arithmetic while a quality number is computed: "exact" (default) scores the quantized
+    weights themselves, whatever the process's inference default (int8 activations); "int8" scores that."""
+    from moe_export.kernels import cpu_ops
+
+    return cpu_ops.use_accuracy(accuracy)
+
+
+def _bits_per_byte(logits_fn, tokenizer, ids, seq_len, batch_size, max_tokens, progress, desc) -> dict:
     from moe_export.zoo.data import encode
     from moe_export.zoo.tokenizer import token_bytes
 
@@ -182,14 +197,17 @@ def context_logprobs(logits_fn: LogitsFn, contexts: torch.Tensor, continuation: 
 
 
 def cloze(logits_fn: LogitsFn, tokenizer, corpus: str, seq_len: int, n_items: int = 200, choice_len: int | None = None,
-          split: str = "test", seed: int = 0, batch_size: int = 8, progress: bool = True) -> dict:
+          split: str = "test", seed: int = 0, batch_size: int = 8, progress: bool = True,
+          accuracy: str = "exact") -> dict:
     """Context cloze on held-out text: which of 4 passages (1 true, 3 from elsewhere) precedes the next
-    ``choice_len`` tokens? Scored by log p(continuation | passage), so span frequency cancels out."""
+    ``choice_len`` tokens? Scored by log p(continuation | passage), so span frequency cancels out.
+    ``accuracy``: the CPU kernels' arithmetic while scoring (``_scoring``)."""
     from moe_export.zoo.data import cloze_items, token_stream
 
     L = choice_len or seq_len // 4
     ctx, cont, ans = cloze_items(token_stream(tokenizer, corpus, split), n_items, seq_len - L, L, 4, seed)
-    scores = context_logprobs(logits_fn, ctx, cont, batch_size, progress, desc=f"cloze {corpus}")
+    with _scoring(accuracy):
+        scores = context_logprobs(logits_fn, ctx, cont, batch_size, progress, desc=f"cloze {corpus}")
     acc = (scores.argmax(-1) == ans).double().mean().item()
     return {"accuracy": acc, "n": n_items, "chance": 0.25,
             "task": f"{corpus}/{split} context cloze: which of 4 passages of {seq_len - L} tokens precedes {L} tokens"}
@@ -201,18 +219,15 @@ def cloze(logits_fn: LogitsFn, tokenizer, corpus: str, seq_len: int, n_items: in
 def evaluate(logits_fn: LogitsFn, tokenizer, corpora: list[str], seq_len: int, max_tokens: int | None = 16384,
              n_cloze: int = 200, batch_size: int = 8, progress: bool = True, accuracy: str = "exact") -> dict:
     """bpb on each corpus' test split + cloze accuracy on each: the numbers every later stage compares.
-
-    ``accuracy``: the arithmetic of the CPU kernels while scoring. "exact" (default) scores the quantized
-    weights themselves, whatever the process's inference default (int8 activations); "int8" scores that."""
-    from moe_export.kernels import cpu_ops
+    ``accuracy``: the CPU kernels' arithmetic while scoring (``_scoring``; "exact" unless asked)."""
     from moe_export.zoo.data import token_stream
 
     out = {}
-    with cpu_ops.use_accuracy(accuracy):
-        for c in corpora:
-            r = {"bpb": bits_per_byte(logits_fn, tokenizer, token_stream(tokenizer, c, "test"), seq_len, batch_size,
-                                      max_tokens, progress, desc=f"bpb {c}")}
-            if n_cloze:
-                r["cloze"] = cloze(logits_fn, tokenizer, c, seq_len, n_cloze, batch_size=batch_size, progress=progress)
-            out[c] = r
+    for c in corpora:
+        r = {"bpb": bits_per_byte(logits_fn, tokenizer, token_stream(tokenizer, c, "test"), seq_len, batch_size,
+                                  max_tokens, progress, desc=f"bpb {c}", accuracy=accuracy)}
+        if n_cloze:
+            r["cloze"] = cloze(logits_fn, tokenizer, c, seq_len, n_cloze, batch_size=batch_size, progress=progress,
+                               accuracy=accuracy)
+        out[c] = r
     return out

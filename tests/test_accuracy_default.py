@@ -49,6 +49,9 @@ def test_eval_scores_in_the_exact_arithmetic_unless_asked():
         g = _Recording(len(tok))
         ev.evaluate(g, tok, ["shakespeare"], 32, max_tokens=256, n_cloze=0, progress=False, accuracy="int8")
         assert g.seen == {"int8"}
+        h = _Recording(len(tok))  # the primitive the sweeps call directly pins the same way
+        ev.bits_per_byte(h, tok, text[:4000], 32, progress=False)
+        assert h.seen == {"exact"}
         assert cpu_ops.accuracy() == "int8"  # restored afterwards
 
 

@@ -125,10 +125,7 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
     have = {(p["method"], p["target_bpw"]) for p in rec["points"]}
 
     def score(m) -> dict:
-        from moe_export.kernels import cpu_ops
-
-        with cpu_ops.use_accuracy("exact"):  # the quantized weights themselves, whatever the inference default
-            r = bits_per_byte(logits_fn_for(m), tok, test, entry.seq_len, max_tokens=sweep.eval_tokens, progress=False)
+        r = bits_per_byte(logits_fn_for(m), tok, test, entry.seq_len, max_tokens=sweep.eval_tokens, progress=False)
         import math
 
         return {"bpb": r["bits_per_byte"], "ppl": math.exp(r["nats_per_token"]), "tokens": r["tokens_scored"]}
