@@ -105,6 +105,11 @@ def _step_fn(step, tokens):
 
 
 def _compiled(module):
+    """A decoder step as a decode loop compiles it (``CompiledStep``), a MoE block as the model's forward does."""
+    from moe_export.export.wrapper import CompiledStep, DecoderStep
+
+    if isinstance(module, DecoderStep):
+        return CompiledStep(_own_code(module))
     return torch.compile(_own_code(module), fullgraph=True, dynamic=False)
 
 

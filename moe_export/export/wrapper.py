@@ -134,3 +134,40 @@ class DecoderStep(nn.Module):
             h = out[0] if isinstance(out, tuple) else out
         logits = self.model.lm_head(inner.norm(h))  # [1, T, V]
         return logits, torch.stack(cache.k_out), torch.stack(cache.v_out)
+
+
+class CompiledStep:
+    """A :class:`DecoderStep` under ``torch.compile`` for a decode loop: full graph, static shapes (one graph per
+    token count), called like the step (``step(tokens, input_pos, k_cache, v_cache)``).
+
+    Once a call signature has run, its later calls skip dynamo's guard evaluation
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, which keeps only the guards that tell compiled
+    graphs apart). A step's weights, cache shape and code stay fixed between decode steps, so its guards could
+    only confirm the graph they already picked, and checking them (a few hundred tensor and attribute checks over
+    the packed weights) costs a tenth of a quantized decode step on the Mixtral slice. What can select another
+    graph between calls is part of the signature and runs guarded (compiling on first sight): the token count,
+    the cache dtype, grad mode and the fused ops' arithmetic (``cpu_ops.accuracy``). Weights replaced or
+    changed in place after the first call are not seen: compile a new step for them.
+    ``backend`` and ``options``: as ``torch.compile`` takes them."""
+
+    def __init__(self, step: DecoderStep, backend: str = "inductor", **options):
+        self.step = step
+        self.compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=backend, options=options or None)
+        self._warm: set[tuple] = set()
+
+    def cache_shape(self) -> tuple[int, ...]:
+        return self.step.cache_shape()
+
+    def empty_cache(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step.empty_cache(dtype)
+
+    def __call__(self, tokens, input_pos, k_cache, v_cache):
+        from moe_export.kernels import cpu_ops
+
+        key = (tuple(tokens.shape), k_cache.dtype, torch.is_grad_enabled(), cpu_ops.accuracy())
+        if key in self._warm:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.compiled(tokens, input_pos, k_cache, v_cache)
+        out = self.compiled(tokens, input_pos, k_cache, v_cache)
+        self._warm.add(key)
+        return out

@@ -1,0 +1,53 @@
+"""CompiledStep: a decoder step under torch.compile that skips dynamo's guards once a call signature is warm."""
+
+import torch
+
+from moe_export.api import MoEQuantConfig, quantize_
+from moe_export.export.wrapper import CompiledStep, DecoderStep
+from moe_export.kernels import cpu_ops
+from moe_export.model_configs import tiny_random_model
+from tests._mixed_plans import mixed_plan
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_compiled_step_decodes_like_the_step_skipping_guards_only_on_warm_signatures(monkeypatch):
+    model = tiny_random_model("MixtralForCausalLM", num_layers=1)
+    quantize_(model, MoEQuantConfig(mixed_plan(model)), progress=False)
+    step = DecoderStep(model, 16)
+    compiled = CompiledStep(step, backend="aot_eager")  # inductor's C++ build takes minutes on the CI box
+    skipped = []
+    real = torch.compiler.set_stance
+
+    def spy(*args, **kwargs):
+        skipped.append(kwargs.get("skip_guard_eval_unsafe", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", spy)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), cpu_ops.use_accuracy("exact"):
+        ke, ve = step.empty_cache()
+        kc, vc = compiled.empty_cache()
+        tok, pos = prompt, 0
+        for i in range(5):  # prefill (4 tokens), then 4 greedy decode steps
+            le, ke, ve = step(tok, torch.tensor([pos]), ke, ve)
+            lc, kc, vc = compiled(tok, torch.tensor([pos]), kc, vc)
+            assert _rel(lc, le) < 1e-5 and _rel(kc, ke) < 1e-5, f"call {i}"
+            pos += tok.shape[1]
+            tok = le[:, -1:].argmax(-1)
+            assert torch.equal(lc[:, -1:].argmax(-1), tok)
+        # the prefill and the first decode call ran guarded (each compiled its graph); the 3 later ones skipped
+        assert skipped == [True, True, True]
+        exact = compiled(tok, torch.tensor([pos]), kc.clone(), vc.clone())[0]
+    # another arithmetic selects another graph: guarded (a recompile), not the exact graph with its guards skipped
+    with torch.no_grad(), cpu_ops.use_accuracy("int8"):
+        n = len(skipped)
+        fast = compiled(tok, torch.tensor([pos]), kc.clone(), vc.clone())[0]
+        assert len(skipped) == n
+        eager_int8 = step(tok, torch.tensor([pos]), kc.clone(), vc.clone())[0]
+        assert _rel(fast, eager_int8) < 1e-5
+        assert not torch.equal(fast, exact)
+        compiled(tok, torch.tensor([pos]), kc.clone(), vc.clone())
+        assert skipped[n:] == [True]
