@@ -87,7 +87,7 @@ def _open_artifact(path: Path, threads: int) -> Target:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; pass a .pte or .onnx written by `moe-export export`")
     try:
-        runner = PteRunner(path) if path.suffix == ".pte" else OnnxRunner(path, threads=threads)
+        runner = PteRunner(path, threads=threads) if path.suffix == ".pte" else OnnxRunner(path, threads=threads)
     except Exception as err:  # noqa: BLE001 - each runtime raises its own error types
         raise CheckpointError(f"{path}: the runtime cannot load it ({str(err).splitlines()[0]})") from None
     # the tokenizer travels with the artifacts; the export report names the checkpoint they came from

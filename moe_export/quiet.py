@@ -28,8 +28,9 @@ _SHARED_DIM = r"# The axis name: .* will not be used, since it shares the same s
 
 # ExecuTorch's threadpool sizes itself from the CPU model on its first run and logs (C++, straight to
 # file descriptor 2) each /sys file it tries: an x86 machine has no ARM MIDR file and no soc0 image, so
-# every run on x86 prints these five lines. The pool still gets the cores the OS reports.
-_EXECUTORCH_CPUINFO = re.compile(rb"^\[cpuinfo_utils\.cpp:\d+\] ")
+# every run on x86 prints these five lines. The pool still gets the cores the OS reports. Resizing the pool
+# (``export.runners.executorch_threads``, asked for by the caller) logs that it did.
+_EXECUTORCH_CPUINFO = re.compile(rb"^\[(cpuinfo_utils\.cpp:\d+\] |threadpool\.cpp:\d+\] Resetting threadpool to \d+ threads)")
 
 
 @contextlib.contextmanager

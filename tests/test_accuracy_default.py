@@ -79,3 +79,33 @@ def test_export_parity_reference_is_exact():
         report = compare(Runner(), eager, torch.zeros(1, 3, dtype=torch.long))
     assert seen == ["exact"]
     assert report.max_abs_err_vs_eager == 1.0
+
+
+def test_native_pte_follows_the_inference_default(tmp_path):
+    """``--pte-mode native`` bakes the inference default arithmetic into the program's kernels (int8 activations
+    unless pinned exact, as the compiled path); ``native-exact`` / ``native-int8`` pin one whatever the default.
+    The exact program matches eager to float rounding, the int8 one to an SQNR floor but not to rounding."""
+    from moe_export.eval import logits_fn_for
+    from moe_export.export.executorch import export_pte, native_accuracy
+    from moe_export.export.parity import APPROX_MIN_SQNR_DB, check_parity, compare
+    from moe_export.export.prepare import prepare_for_export
+    from moe_export.export.runners import PteRunner
+    from moe_export.export.wrapper import DecoderStep
+    from moe_export.model_configs import tiny_random_model
+    from test_export_targets import _quantize
+
+    fmodel = tiny_random_model("MixtralForCausalLM", seed=0, num_hidden_layers=1).eval()
+    qmodel, _ = _quantize(fmodel, [[2, 3, 3, 2, 2, 3, 2, 3]])
+    ids = torch.randint(0, fmodel.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    step = DecoderStep(prepare_for_export(qmodel), max_seq_len=16)
+    reports = {}
+    for default in ("int8", "exact"):
+        with cpu_ops.use_accuracy(default):
+            assert native_accuracy("native") == default
+            assert (native_accuracy("native-exact"), native_accuracy("native-int8")) == ("exact", "int8")
+            pte = export_pte(step, tmp_path / f"{default}.pte", mode="native")
+        reports[default] = compare(PteRunner(pte), logits_fn_for(qmodel), ids)
+    assert native_accuracy("packed") is None
+    check_parity(reports["exact"])
+    check_parity(reports["int8"], min_sqnr_db=APPROX_MIN_SQNR_DB)
+    assert reports["int8"].sqnr_vs_eager_db < 100 < reports["exact"].sqnr_vs_eager_db

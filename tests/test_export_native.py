@@ -92,6 +92,29 @@ def test_native_kernels_refuse_bad_input(native):
     assert torch.isfinite(runner.step(native["ids"][:, :3], 0)).all()  # the method still runs afterwards
 
 
+def test_executorch_threads_are_set_before_programs_load(native):
+    """The runtime's one threadpool (XNNPACK's and the moe_export kernels') is sized by PteRunner(threads=...); a
+    loaded program keeps the pool it was loaded with, so resizing it under a live runner is refused, and allowed
+    again once the runners are gone. A fresh process: the pool is process-wide."""
+    script = (
+        "import gc, sys, torch\n"
+        "from moe_export.export.runners import PteRunner, executorch_threads\n"
+        "r = PteRunner(sys.argv[1], threads=1)\n"
+        "print('one', r.threads, executorch_threads())\n"
+        "try:\n    executorch_threads(2)\nexcept ValueError as e:\n    print('refused |', e)\n"
+        "del r\ngc.collect()\n"
+        "r = PteRunner(sys.argv[1], threads=2)\n"
+        "print('two', r.threads, bool(torch.isfinite(r.step(torch.tensor([[1, 2, 3]]), 0)).all()))\n")
+    res = subprocess.run([sys.executable, "-c", script, str(native["pte"])], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == "one 1 1", res.stdout
+    assert lines[1].startswith("refused |") and "keeps the pool it was loaded with" in lines[1], res.stdout
+    assert lines[2] == "two 2 True", res.stdout
+    assert "Resetting threadpool" not in res.stderr and "cpuinfo" not in res.stderr, res.stderr[-2000:]
+
+
 def test_native_ops_eager_and_fake():
     """The functional ops (what torch.export traces) compute the compiled path's answer and check their inputs."""
     from moe_export.export.ops import _moe_reference, define_native_ops

@@ -79,7 +79,7 @@ def _throughput_section(res: dict) -> list[str]:
                      f"{tp['decode_steps']}`), tok/s = steps / wall time of the run; prefill: one {tp['prefill_tokens']}-token "
                      f"step from an empty cache. Median of {tp['reps']} interleaved runs per thread count. GB/s = the plan's "
                      "weight bytes per token (Roofline) x tok/s, for float and our exact-width forms (ORT's QMoE/MatMulNBits "
-                     "forms read other bytes). .pte rows are absent: the ExecuTorch runtime's threads are not set from Python. "
+                     "forms read other bytes). .pte rows: the ExecuTorch runtime's threadpool at that size (the programs are loaded again). "
                      "llama.cpp rows (when a build was given): the float model converted to GGUF and quantized to that "
                      "k-quant (one type for all experts of a layer), one `llama-bench -r 1` run per turn in the same "
                      "rounds, llama-bench's own tok/s.",

@@ -1,4 +1,4 @@
-"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode native,packed,xnnpack,xnnpack-int] [--onnx-mode native,packed,fast]
+"""``moe-export export QDIR --to pte,onnx -o OUTDIR [--pte-mode native,native-exact,packed,xnnpack,xnnpack-int] [--onnx-mode native,packed,fast]
 [--onnx-accuracy fast|exact] [--float MODEL_DIR]``."""
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import click
 @click.option("--pte-mode", "pte_modes", default="native", show_default=True,
               help="Comma-separated: native (moe_export's ExecuTorch kernels read every packed weight at its width, "
                    "routed experts only, float parts on XNNPACK: small and fast; the kernel library is built on "
-                   "first use and the runners load it), native-int8 (the same kernels with int8 activations: ~42 dB vs eager), "
+                   "first use and the runners load it; its kernels run the inference default arithmetic, int8 "
+                   "activations, ~40 dB vs eager, unless MOE_EXPORT_ACCURACY=exact), native-exact / native-int8 "
+                   "(the same kernels with fp32 / int8 activations pinned), "
                    "packed (portable kernels, every expert at its width), xnnpack "
                    "(same packed experts, XNNPACK delegate for the float ops) and/or xnnpack-int (int4-exact experts "
                    "on XNNPACK's int8-activation int4 kernel: fast, larger file, ~40-50 dB vs eager).")

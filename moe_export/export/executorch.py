@@ -6,9 +6,12 @@ Modes (``PTE_MODES``):
   codes (:mod:`moe_export.export.native`): one ``mixed_width_moe`` per MoE block (routed experts only, each at its
   own width), ``packed_linear`` for quantized linears, ``packed_embedding`` for a quantized table; the float parts
   on XNNPACK. The program needs the kernel library at run time (``moe_export.kernels.et_native.load``; the
-  runners load it). Smallest file and the fastest .pte.
-* ``native-int8``: the same program whose kernels quantize activations to int8 per group block and use integer
-  dot products (the kernel core's Int8 accuracy); parity is an SQNR floor, not float rounding.
+  runners load it). Smallest file and the fastest .pte. Its kernels run the inference default arithmetic of the
+  compiled path (``kernels.cpu_ops.accuracy()``: int8 activations unless ``MOE_EXPORT_ACCURACY=exact`` or
+  ``cpu_ops.set_accuracy`` say otherwise), baked into the program when it is exported (:func:`native_accuracy`).
+* ``native-exact`` / ``native-int8``: the same program with the arithmetic pinned: fp32 activations (the
+  dequantize formula, float rounding from eager), or activations quantized to int8 per group block with integer
+  dot products (the kernel core's Int8 accuracy; parity is an SQNR floor, not float rounding).
 * ``packed``: portable kernels only. Every expert keeps its own width in the file (packed bytes plus the
   in-graph unpack of :mod:`moe_export.export.experts`); smallest file, portable-kernel speed.
 * ``xnnpack``: same packed experts, and the XNNPACK delegate takes the float parts (attention, router,
@@ -33,7 +36,20 @@ import torch
 from moe_export.io import atomic_path
 from moe_export.quiet import exporting
 
-PTE_MODES = ("native", "native-int8", "packed", "xnnpack", "xnnpack-int")
+PTE_MODES = ("native", "native-exact", "native-int8", "packed", "xnnpack", "xnnpack-int")
+NATIVE_MODES = ("native", "native-exact", "native-int8")
+
+
+def native_accuracy(mode: str) -> str | None:
+    """The arithmetic (``"exact"`` or ``"int8"``) the kernels of a native ``mode`` are exported with; None for the
+    other modes. ``native`` follows the inference default of the compiled path as it is now."""
+    if mode not in NATIVE_MODES:
+        return None
+    if mode == "native":
+        from moe_export.kernels import cpu_ops
+
+        return cpu_ops.accuracy()
+    return mode.removeprefix("native-")
 
 
 def export_program(step: torch.nn.Module, max_tokens: int | None = None) -> torch.export.ExportedProgram:
@@ -49,11 +65,11 @@ def lower_to_executorch(ep, mode: str = "packed"):
     if mode not in PTE_MODES:
         raise ValueError(f"unknown pte mode {mode!r}; choose one of {', '.join(PTE_MODES)}")
     partitioner = []
-    if mode in ("native", "native-int8", "xnnpack", "xnnpack-int"):
+    if mode in NATIVE_MODES or mode in ("xnnpack", "xnnpack-int"):
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         partitioner = [XnnpackPartitioner()]
-    passes = [_xnnpack_friendly_pass()] if mode in ("native", "native-int8") else None
+    passes = [_xnnpack_friendly_pass()] if mode in NATIVE_MODES else None
     # gather_dequant has only a CompositeImplicitAutograd kernel: to_edge decomposes it into aten ops.
     edge = to_edge_transform_and_lower(ep, transform_passes=passes, partitioner=partitioner,
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
@@ -100,10 +116,10 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "nat
         step = model if isinstance(model, Seq2SeqStep) else Seq2SeqStep(model, max_seq_len)
         return _export_seq2seq(step, path, mode)
     step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
-    if mode in ("native", "native-int8"):
+    if mode in NATIVE_MODES:
         from moe_export.export.native import to_native
 
-        step = to_native(step, accuracy="int8" if mode == "native-int8" else "exact")
+        step = to_native(step, accuracy=native_accuracy(mode))
     elif mode == "xnnpack-int":
         from torchao.utils import unwrap_tensor_subclass
 

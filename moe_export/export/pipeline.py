@@ -49,8 +49,10 @@ def seq2seq_modes(target: str, modes) -> list[tuple[str, str | None]]:
     return list(out.items())
 
 
-def _approximate(target: str, mode: str | None, accuracy_level: int, metadata: dict | None = None) -> bool:
-    """Modes whose kernels quantize activations to int8: parity is an SQNR floor, not a tight max error."""
+def _approximate(target: str, mode: str | None, accuracy_level: int, metadata: dict | None = None,
+                 accuracy: str | None = None) -> bool:
+    """Modes whose kernels quantize activations to int8: parity is an SQNR floor, not a tight max error.
+    ``accuracy``: the arithmetic a native .pte was exported with (``export.executorch.native_accuracy``)."""
     if target == "onnx" and mode == "native":
         # QMoE / MatMulNBits: 2-bit (LUT) and 8-bit block-wise containers compute with int8 activations on
         # onnxruntime's CPU EP at every accuracy level; 4-bit is fp32 at level 0
@@ -60,7 +62,7 @@ def _approximate(target: str, mode: str | None, accuracy_level: int, metadata: d
         used = [c for key in ("moe_export.containers", "moe_export.linear_containers")
                 for c in json.loads(meta.get(key, "{}")).values()]
         return accuracy_level != 0 or any(c in APPROXIMATE_CONTAINERS for c in used)
-    return ((target == "pte" and mode in ("xnnpack-int", "native-int8"))
+    return ((target == "pte" and (mode == "xnnpack-int" or accuracy == "int8"))
             or (target == "onnx" and mode == "fast" and accuracy_level != 0))
 
 
@@ -87,8 +89,9 @@ def export_artifacts(
     ``check``: parity vs the eager quantized model (raises :class:`ParityError` on a mismatch, after the
     report is written). ``float_baseline``: also export ``float_model`` to each target so decode latency
     is compared in the same run. ``onnx_modes``: ``packed`` (smallest) and/or ``fast`` (MatMulNBits experts at
-    MatMulNBits ``accuracy_level``); ``pte_modes``: ``native`` (the moe_export kernels), ``packed``, ``xnnpack``,
-    ``xnnpack-int``. Modes with int8
+    MatMulNBits ``accuracy_level``); ``pte_modes``: ``native`` (the moe_export kernels at the inference default
+    arithmetic, int8 activations unless pinned exact; the row's ``accuracy`` says which), ``native-exact``,
+    ``native-int8``, ``packed``, ``xnnpack``, ``xnnpack-int``. Modes with int8
     activation arithmetic are checked against an SQNR floor (``parity.APPROX_MIN_SQNR_DB``). ``prompt``: token ids for the parity checks (default: random ids).
     A bfloat16/float16 ``qmodel`` is exported computing in float32 (``export.prepare.to_float32_``), and its parity is
     checked against the same model computing in float32; the report's ``dtype`` says so.
@@ -96,7 +99,7 @@ def export_artifacts(
     tokenizer files are copied beside the artifacts and the report names it, so `moe-export eval ARTIFACT` can
     score text.
     """
-    from moe_export.export.executorch import PTE_MODES, export_pte, pte_ops
+    from moe_export.export.executorch import PTE_MODES, export_pte, native_accuracy, pte_ops
     from moe_export.export.onnx import ONNX_MODES, export_onnx, onnx_initializer_types, onnx_metadata, onnx_ops
     from moe_export.eval import logits_fn_for
     from moe_export.export.parity import APPROX_MIN_SQNR_DB, ParityError, check_parity, compare
@@ -156,6 +159,7 @@ def export_artifacts(
         path = out_dir / name
         src = make_step(prepare_for_export(float_model), max_seq_len) if is_float else step
         t0 = time.perf_counter()
+        accuracy = native_accuracy(mode) if base == "pte" and not is_float else None
         if base == "pte":
             export_pte(src, path, mode=mode)
             ops = pte_ops(path)
@@ -166,6 +170,8 @@ def export_artifacts(
             "target": target, "mode": mode, "path": str(path), "export_s": round(time.perf_counter() - t0, 1),
             "bytes": path.stat().st_size, "ops": ops,
         }
+        if accuracy is not None:  # the arithmetic baked into a native .pte's kernels
+            row["accuracy"] = accuracy
         if note:
             row["note"] = note
         if seq2seq and base == "onnx":  # the encoder model beside the decoder step: one artifact, two files
@@ -184,7 +190,7 @@ def export_artifacts(
             rep = compare(runner, eager_fn, check_ids, float_fn, gen_model=qmodel, gen_prompt=prompt, new_tokens=new_tokens)
             row["parity"] = rep.to_dict()
             try:
-                approx = _approximate(base, mode, accuracy_level, row.get("metadata"))
+                approx = _approximate(base, mode, accuracy_level, row.get("metadata"), accuracy)
                 row["parity_rule"] = f"SQNR vs eager >= {APPROX_MIN_SQNR_DB} dB" if approx else "max abs err, 1e-4 relative"
                 check_parity(rep, min_sqnr_db=APPROX_MIN_SQNR_DB if approx else None)
                 row["parity_ok"] = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -86,16 +87,51 @@ class EagerStepRunner(StepRunner):
             return self.module(tokens, pos, k, v, *self.extra)
 
 
+# The PteRunners alive in this process: the ExecuTorch threadpool can be resized only while none is (see
+# executorch_threads).
+_LIVE_PTE: weakref.WeakSet = weakref.WeakSet()
+
+
+def executorch_threads(threads: int | None = None) -> int:
+    """The size of the ExecuTorch runtime's threadpool, after resizing it to ``threads`` when given.
+
+    One pool per process runs everything a .pte splits across threads: the XNNPACK delegates and the ``moe_export``
+    kernels (``kernels/et_ops.cpp``). The runtime sizes it to the CPU's cores; a latency comparison with other
+    one-thread runtimes (torch at ``set_num_threads(1)``, onnxruntime sessions at one intra-op thread) sets it to 1:
+    on a shared machine a 2-thread pool waits at every op for a thread another job holds. An XNNPACK delegate
+    keeps the pool it was loaded with, so the pool is resized only while no :class:`PteRunner` is alive
+    (``ValueError`` otherwise)."""
+    from executorch.extension.pybindings import portable_lib
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"ExecuTorch threads must be >= 1, got {threads}")
+    with executorch_first_run():  # the pool probes the CPU when first asked for, and logs a resize
+        have = int(portable_lib._threadpool_get_thread_count())
+        if threads is None or threads == have:
+            return have
+        if len(_LIVE_PTE):
+            raise ValueError(f"the ExecuTorch threadpool has {have} threads and {len(_LIVE_PTE)} loaded .pte "
+                             f"program(s) use it (an XNNPACK delegate keeps the pool it was loaded with): drop them "
+                             f"before asking for {threads}")
+        portable_lib._unsafe_reset_threadpool(threads)
+        return int(portable_lib._threadpool_get_thread_count())
+
+
 class PteRunner(StepRunner):
+    """A .pte decoder step in the ExecuTorch Python runtime. ``threads``: the runtime's threadpool size for this
+    process (:func:`executorch_threads`; None keeps it as it is: the CPU's cores unless set before)."""
+
     name = "executorch"
 
-    def __init__(self, path: str | os.PathLike | bytes, cache_shape: tuple[int, ...] | None = None):
+    def __init__(self, path: str | os.PathLike | bytes, cache_shape: tuple[int, ...] | None = None,
+                 threads: int | None = None):
         import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed kernels, if a graph uses them)
         from executorch.runtime import Runtime
 
         from moe_export.export.executorch import load_native_kernels_for
         from moe_export.export.seq2seq import ENCODER_METHOD
 
+        self.threads = executorch_threads(threads)
         # the moe_export kernels register into the runtime when their library loads: before the program
         self.native_ops = load_native_kernels_for(path)
 
@@ -111,6 +147,7 @@ class PteRunner(StepRunner):
             meta = self.method.metadata
             cache_shape = tuple(meta.input_tensor_meta(2).sizes())
         super().__init__(cache_shape)
+        _LIVE_PTE.add(self)
 
     _ran = False  # the runtime probes the CPU (and logs it) on the first execution in a process
 
@@ -231,12 +268,14 @@ class HFCacheRunner(FullForwardRunner):
         return out.logits.float()
 
 
-def open_runner(path: str | os.PathLike) -> StepRunner:
+def open_runner(path: str | os.PathLike, threads: int | None = None) -> StepRunner:
+    """The runner of a .pte or .onnx file; ``threads``: the runtime's threads (None: each runtime's default here,
+    the CPU's cores for ExecuTorch, one for onnxruntime)."""
     p = Path(path)
     if p.suffix == ".pte":
-        return PteRunner(p)
+        return PteRunner(p, threads=threads)
     if p.suffix == ".onnx":
-        return OnnxRunner(p)
+        return OnnxRunner(p) if threads is None else OnnxRunner(p, threads=threads)
     raise ValueError(f"{p}: expected a .pte or .onnx file written by `moe-export export`")
 
 
