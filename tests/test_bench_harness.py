@@ -135,6 +135,7 @@ def test_run_bench_eager_only_writes_json_and_markdown(tmp_path):
                     progress=False, echo=lambda *_: None)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["settings"]["baseline"] == "float eager"
+    assert data["settings"]["command"].endswith(" --no-export")  # what reproduces a run without exports
     dec = data["latency"]["decode"]
     assert set(dec) == {"float eager", "quantized eager"}
     from moe_export.bench.run import BURST
@@ -268,3 +269,13 @@ def test_cycled_plan_gives_each_expert_its_width():
     plan = cycled_plan(tiny_random_model("MixtralForCausalLM", num_layers=1), [3, 2], group_size=32)
     assert plan.layers[0].bits == [3, 2] * 4 and plan.levels == [3, 2] and plan.quantizer.symmetric
     assert plan.mean_bits() == 2.5
+
+
+def test_bench_no_export_refuses_export_modes(tmp_path):
+    from click.testing import CliRunner
+
+    from moe_export.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "--no-export", "--pte-modes", "native", "-o", str(tmp_path / "b")])
+    assert r.exit_code != 0 and "--no-export exports nothing" in r.output
+    assert not (tmp_path / "b").exists()

@@ -139,9 +139,11 @@ def _default_modes(model, quick: bool) -> dict:
     return QUICK_MODES if quick else FULL_MODES
 
 
-def _command_line(model_name: str, quick: bool, pte_modes, onnx_modes) -> str:
+def _command_line(model_name: str, quick: bool, pte_modes, onnx_modes, export: bool = True) -> str:
     """The ``moe-export bench`` command that reproduces a run (modes spelled out only where not the default)."""
     cmd = f"moe-export bench{' --quick' if quick else ''} --model {model_name}"
+    if not export:
+        return cmd + " --no-export"
     defaults = _default_modes(model_name, quick)
     for kind, given in (("pte", pte_modes), ("onnx", onnx_modes)):
         if tuple(given) != tuple(defaults[kind]):
@@ -209,7 +211,7 @@ def run_bench(model="tiny", out_dir: str | Path | None = None, quick: bool = Tru
 
     echo("[1/9] model and plan")
     fmodel, info = load_bench_model(model)
-    res["settings"]["command"] = _command_line(info["model"], quick, pte_modes, onnx_modes)
+    res["settings"]["command"] = _command_line(info["model"], quick, pte_modes, onnx_modes, bool(targets))
     info["parameters"] = count_params(fmodel)
     info["experts_implementation"] = getattr(fmodel.config, "_experts_implementation", None)
     res["model"] = info

@@ -29,11 +29,13 @@ import click
               help="A llama.cpp build folder (bin/llama-bench; tools/build_llama_cpp.sh makes one) [default: "
                    "$MOE_EXPORT_LLAMA_CPP]: the float model as GGUF k-quants joins the throughput phase.")
 @click.option("--no-peers", is_flag=True, help="Skip the torchao / onnxruntime peers (slices skip them by default).")
+@click.option("--no-export", is_flag=True, help="Skip the .pte / .onnx exports and their rows (the torch paths and "
+                                                  "llama.cpp only).")
 @click.option("--no-rss", is_flag=True, help="Skip the peak-RSS subprocesses.")
 @click.option("--no-offline", is_flag=True, help="Skip plan/quantizer timings (slices skip them by default).")
 @click.option("--docs", type=click.Path(dir_okay=False), default=None, help="Also write the markdown here (docs/benchmarks.md).")
 def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes, onnx_modes, threads, llama_cpp, no_peers,
-            no_rss, no_offline, docs):
+            no_export, no_rss, no_offline, docs):
     from moe_export.bench.run import DEFAULT_NON_EXPERT, run_bench
     from moe_export.plan.bitplan import NonExpertPolicy
     from moe_export.export.executorch import PTE_MODES
@@ -66,6 +68,8 @@ def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes
         if bad or not ms:
             raise click.BadParameter(f"unknown mode(s) {bad or given!r}; choose from {', '.join(allowed)}", param_hint=opt)
         modes[opt] = ms
+    if no_export and modes:
+        raise click.BadParameter("--no-export exports nothing; drop --pte-modes / --onnx-modes", param_hint="--no-export")
     from moe_export.bench.llama_cpp import LlamaCpp
 
     try:
@@ -75,7 +79,7 @@ def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes
     try:
         run_bench(model, out_dir, quick=quick, reps=reps, avg_bits=avg_bits, levels=lv, non_expert=non_expert,
                   pte_modes=modes.get("--pte-modes"), onnx_modes=modes.get("--onnx-modes"),
-                  peers=False if no_peers else None, offline=False if no_offline else None, rss=not no_rss, docs=docs,
+                  targets=() if no_export else ("pte", "onnx"), peers=False if no_peers else None, offline=False if no_offline else None, rss=not no_rss, docs=docs,
                   threads=n_threads, llama_cpp=llama_cpp, echo=click.echo)
     except FileNotFoundError as err:
         raise click.BadParameter(str(err), param_hint="--model")
