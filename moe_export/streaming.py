@@ -141,17 +141,17 @@ def _model_key(disk_key: str, model_type: str) -> str:
 def _rest(rd, unit: Unit, model_type: str, roles: Callable[[str], str], plan) -> dict[str, torch.Tensor]:
     """The non-expert tensors of ``unit``, packed where ``plan`` gives the tensor (``BitPlan.non_expert_quant_for``:
     its own entry, else its role's policy) a width and the weight packs (``size.packs``; otherwise kept float, as ``quant.apply.quantize_non_expert_`` does)."""
-    from moe_export.quant.rtn import RTNQuantizer
+    from moe_export.quant.apply import non_expert_quantizer
     from moe_export.size import packs
     from moe_export.tensors import PackedLinearWeight
 
-    out = {}
+    out, quantizer = {}, non_expert_quantizer()
     for key in unit.keys:
         w = _finite(rd.read(key), key, rd.folder)
         name = _model_key(key, model_type)
         q = plan.non_expert_quant_for([name], roles(name))
         if q is not None and packs(w.shape, q.group_size):
-            w = PackedLinearWeight.from_quantized(RTNQuantizer().quantize(w.float(), q.bits, q.group_size, q.symmetric),
+            w = PackedLinearWeight.from_quantized(quantizer.quantize(w.float(), q.bits, q.group_size, q.symmetric),
                                                   dtype=w.dtype)
         out[name] = w
     return out

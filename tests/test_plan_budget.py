@@ -331,3 +331,79 @@ def test_budget_sweep_merges_models_and_states_the_quality_targets():
     assert "quality target at 2.2 bpw, perplexity within 5% of float: not met;" in text and "(+10.0%)" in text
     with pytest.raises(ValueError, match="eval_tokens"):
         budget_sweep.merge(old, {**new, "sweep": {**new["sweep"], "eval_tokens": 1}})
+
+
+def test_error_table_scores_experts_with_the_plans_quantizer_and_the_rest_as_stored():
+    """The table judges each expert width by the grid the plan's quantizer stores: HQQ's, or GPTQ's quantized
+    against the expert's measured input moment and scored on it (GPTQ cannot be scored without inputs); non-expert
+    weights by the quantizer that stores them (RTN), whatever the experts use. A GPTQ budget plan quantizes with
+    GPTQ to its planned bytes."""
+    import torch
+
+    from moe_export.models import find_moe_layers
+    from moe_export.plan.budget import input_moments, model_items
+    from moe_export.quant.apply import non_expert_quantizer
+    from moe_export.quant.base import get_quantizer
+    from moe_export.quant.calibration import CalibrationConfig
+
+    model = tiny_random_model("MixtralForCausalLM", seed=0)
+    x = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))  # [B, S]
+    M = input_moments(model, [x[:2], x[2:]])
+    layer = find_moe_layers(model)[0]
+    proj = layer.projections[0]
+    W, H = layer.expert_weight(proj, 1).detach(), M.experts[(layer.name, proj, 1)]  # [N, K], [K, K]
+    gptq, hqq = get_quantizer("gptq"), get_quantizer("hqq")
+    with pytest.raises(BudgetError, match="needs them"):
+        model_items(model, gptq, False, (2,), (32,))
+    for quantizer, moments in ((gptq, M), (hqq, None)):
+        items, _, _ = model_items(model, quantizer, False, (2, 3), (32,), moments=moments)
+        stack = next(i for i in items if i.key == f"{layer.name}.{proj}")
+        q = quantizer.quantize(W, 2, 32, False, hessian=H if quantizer is gptq else None).dequantize(torch.float32)
+        d = W - q  # [N, K]
+        want = float(torch.trace(d @ H @ d.T)) if quantizer is gptq else float(d.square().sum())
+        assert stack.cost[0][1, 0] == pytest.approx(want, rel=1e-4)
+        rtn = non_expert_quantizer()
+        assert rtn.name == "rtn"
+        it = next(i for i in items if i.kind == "attention")
+        A = model.get_parameter(it.names[0]).detach()
+        d = A - rtn.quantize(A, 2, 32, False).dequantize(torch.float32)
+        o = it.variants[0].index((2, 32))
+        want = float(torch.trace(d @ M.linear[it.names[0]] @ d.T)) if moments is not None else float(d.square().sum())
+        assert it.cost[0][0, o] == pytest.approx(want, rel=1e-4)
+    cfg = BudgetConfig("3.1bpw", bits=(2, 3, 4, 8), groups=(32, 64), weighting="activation", quantizer="gptq")
+    plan = budget_plan(model, cfg, batches=[x])
+    assert plan.quantizer.name == "gptq"
+    q = quantize_(model, MoEQuantConfig(plan=plan, quantizer="gptq", calibration=CalibrationConfig(batches=x)),
+                  progress=False)
+    got = theoretical_model_bytes(q)
+    assert got == pytest.approx(plan.budget["planned_bytes"], rel=1e-12)
+    assert 0.99 * plan.budget["bytes"] <= got <= plan.budget["bytes"]
+    with pytest.raises(BudgetError, match="needs them"):
+        budget_plan(model, BudgetConfig("3.1bpw", bits=(2, 3), groups=(32,), quantizer="gptq"))
+
+
+def test_budget_sweep_names_the_quantizer_and_compares_like_with_like():
+    """``method@q`` stores the experts with q (``@scorer:q``: widths scored by another quantizer's error); the
+    section gets one table per quantizer, and each budget variant is compared with the per-layer methods whose
+    experts the same quantizer stores."""
+    from moe_export.repro import budget_sweep
+
+    assert budget_sweep.quantizers_of("maxvar") == ("maxvar", "rtn", "rtn")
+    assert budget_sweep.quantizers_of("budget-activation@gptq") == ("budget-activation", "gptq", "gptq")
+    assert budget_sweep.quantizers_of("budget-activation@rtn:gptq") == ("budget-activation", "rtn", "gptq")
+    assert budget_sweep.label("budget-activation@rtn:gptq") == \
+        "budget allocator (calibrated inputs), widths by RTN error, + GPTQ"
+    pts = [{"method": m, "target_bpw": 2.7, "bpw": bpw, "bytes": bpw * 100 / 8, "bpb": bpb, "ppl": ppl}
+           for m, bpw, bpb, ppl in [("maxvar", 2.70, 2.90, 120.0), ("maxvar@gptq", 2.70, 2.80, 105.0),
+                                    ("budget-activation", 2.70, 2.85, 110.0),
+                                    ("budget-activation@gptq", 2.70, 2.75, 101.0)]]
+    results = {"sweep": budget_sweep.BudgetSweep(models=("m",), targets=(2.7,)).to_dict(),
+               "runs": [{"model": "m", "seed": 0, "parameters": 100, "group_size": 64, "points": pts,
+                         "float": {"bpb": 2.7, "ppl": 100.0, "bpw": 32.0}}]}
+    text = "\n".join(budget_sweep.markdown(results))
+    assert "Experts quantized with RTN:" in text and "Experts quantized with GPTQ:" in text
+    assert "| target bpw | MaxVar + GPTQ | budget allocator (calibrated inputs) + GPTQ |" in text
+    # RTN against RTN (2.85 vs 2.90), GPTQ against GPTQ (2.75 vs 2.80): never across quantizers
+    assert "budget allocator (calibrated inputs) 2.700 bpw, bpb 2.8500" in text and "MaxVar 2.700 bpw" in text
+    assert "better by 0.0500 bits per byte" in text and "worse" not in text
+    assert "quality target at 2.7 bpw, perplexity within 1.5% of float: met;" in text  # the GPTQ point, +1.0%

@@ -43,6 +43,13 @@ noise. Measured on small-mixtral's experts, sign binarisation (1 bit) and a min/
 weight errors of 0.35 and 0.24, but relative expert output errors of ~0.49 and ~0.05-0.13 on the calibration
 tokens: binarisation's error lies along the weight, where the inputs are, and ``||dW||^2`` cannot see it.
 
+Which quantizer's error: the table quantizes each expert with the plan's quantizer (``BudgetConfig.quantizer``),
+so a width is judged by the grid that quantizer will store: HQQ's optimised zero-points, or GPTQ's error-feedback
+grid, quantized against the expert's measured input moment as its Hessian and scored on the same inputs (GPTQ
+needs ``weighting="activation"``; ``quantize_`` then calibrates on the quantized model's own inputs, all tokens to
+every expert by default, so the table's GPTQ error is that of the float model's routed inputs). Non-expert weights
+are scored with ``quant.apply.non_expert_quantizer`` (RTN), which is what stores them whatever the experts use.
+
 Constraint of the runtime: a fused expert parameter ``[E, N, K]`` stores one group size
 (``runtime.layout.WidthGroups``), so each projection stack chooses one group size for all its experts and one
 width per expert; experts are never float (a width group holds 1..8-bit codes).
@@ -238,6 +245,7 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
 
     from moe_export.models import find_moe_layers, parameter_role_lookup
     from moe_export.plan.weight_error import reconstruction_error
+    from moe_export.quant.apply import non_expert_quantizer
     from moe_export.size import theoretical_bytes
 
     layers = find_moe_layers(model)
@@ -252,17 +260,22 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
     non_persistent = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
     fixed = float(sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n not in non_persistent))
 
-    def err(W, b, g, S=None, H=None) -> float:
-        return reconstruction_error(W, b, quantizer, g, symmetric, weight=S, moment=H)
+    if quantizer.needs_calibration and moments is None:
+        raise BudgetError(f"{quantizer.name} quantizes each weight against its inputs: its error table needs them "
+                          "(weighting activation: --usage activation with calibration text)")
+    rest = non_expert_quantizer()  # what quantize_ stores the non-expert weights with, whatever the experts get
+
+    def err(W, b, g, S=None, H=None, q=quantizer) -> float:
+        return reconstruction_error(W, b, q, g, symmetric, weight=S, moment=H)
 
     def tensor_err(W, names, b, g) -> float:
         """A non-expert weight: summed over the linears that read it (a tied embedding counts as its lm_head)."""
         if moments is None:
-            return err(W, b, g, None if sensitivity is None else sensitivity[names[0]])
+            return err(W, b, g, None if sensitivity is None else sensitivity[names[0]], q=rest)
         measured = [n for n in names if n in moments.linear]
         if not measured:
-            return err(W, b, g)
-        return sum(err(W, b, g, H=moments.linear[n]) for n in measured)
+            return err(W, b, g, q=rest)
+        return sum(err(W, b, g, H=moments.linear[n], q=rest) for n in measured)
 
     def expert_sensitivity(layer, proj, e):  # [N, K] laid out as layer.expert_weight(proj, e)
         if sensitivity is None:

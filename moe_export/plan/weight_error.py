@@ -25,11 +25,16 @@ def reconstruction_error(W: torch.Tensor, bits: int, quantizer, group_size, symm
                          weight: torch.Tensor | None = None, moment: torch.Tensor | None = None) -> float:
     """``||W - Q_b(W)||_F^2`` of one ``[N, K]`` weight, quantized ``chunk`` rows at a time (groups run along K);
     with ``weight`` (``[N, K]``, e.g. a diagonal Fisher) ``sum weight * (W - Q_b(W))^2``; with ``moment`` (``[K, K]``,
-    the second moment ``E[x x^T]`` of the weight's inputs) ``tr(dW moment dW^T) = E||dW x||^2``."""
+    the second moment ``E[x x^T]`` of the weight's inputs) ``tr(dW moment dW^T) = E||dW x||^2``. A data-aware
+    quantizer (GPTQ) quantizes against ``moment`` as its Hessian (rows are independent given it, so chunks are
+    too): the error is that of the grid it produces on those inputs."""
+    if quantizer.needs_calibration and moment is None:
+        raise ValueError(f"{quantizer.name} quantizes a weight against its inputs: its error needs their moment")
+    hessian = moment.to(torch.float32) if quantizer.needs_calibration else None
     total = 0.0
     for start in range(0, W.shape[0], chunk):
         w = W[start : start + chunk].to(torch.float32)  # [c, K]
-        qw = quantizer.quantize(w, bits, group_size, symmetric)
+        qw = quantizer.quantize(w, bits, group_size, symmetric, hessian=hessian)
         d = w - qw.dequantize(torch.float32)  # [c, K]
         if moment is not None:
             sq = (d @ moment.to(torch.float32)) * d

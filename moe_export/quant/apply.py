@@ -19,7 +19,17 @@ from moe_export.quant.base import QuantizedWeight, Quantizer
 log = logging.getLogger(__name__)
 
 __all__ = ["quantize_layer_experts", "install_quantized_layer", "install_fake_quant", "quantize_non_expert_",
-           "for_projection"]
+           "for_projection", "non_expert_quantizer"]
+
+
+def non_expert_quantizer() -> Quantizer:
+    """The quantizer of every non-expert weight a plan gives a width (attention, lm_head, embeddings, ...), whichever
+    quantizer the experts use: round-to-nearest. GPTQ's calibration pass captures the experts' inputs only, and the
+    streamed path (``streaming.py``) must store what the in-memory one does. The budget allocator scores these
+    weights with it too, so its costs are the errors of the weights that will be stored."""
+    from moe_export.quant.rtn import RTNQuantizer
+
+    return RTNQuantizer()
 
 
 def for_projection(value, proj: str):
@@ -89,11 +99,10 @@ def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = N
     Tied parameters (e.g. embeddings and lm_head) are quantized once and stay tied.
     """
     from moe_export.models import parameter_role_lookup
-    from moe_export.quant.rtn import RTNQuantizer
     from moe_export.size import packs
     from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 
-    quantizer = quantizer or RTNQuantizer()
+    quantizer = quantizer or non_expert_quantizer()
     if plan.non_expert_policy().all_float and not plan.tensors:
         return []
     by_id: dict[int, list[str]] = {}

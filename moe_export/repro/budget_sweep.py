@@ -12,6 +12,12 @@ model, in bits per parameter of the whole model (bpw), so methods are compared a
   * the budget allocator (``plan.budget``) at each target, with each weighting.
 
 Routers, norms and biases stay float everywhere (the same bytes in every point).
+
+Quantizers: a method named ``method@q`` stores its experts with quantizer ``q`` (``rtn``, ``hqq``, ``gptq``; plain
+names: RTN). GPTQ calibrates on the same calibration text as the calibrated allocators. Per-layer plans are made
+as always (the weight-error knapsack scores with ``q`` when ``q`` is data-free, else RTN); a budget allocator
+variant scores its widths with ``q``'s own error (``plan.budget``), or with another quantizer's when named
+``method@scorer:q``. Non-expert weights are RTN in every point (``quant.apply.non_expert_quantizer``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,24 @@ LABELS = {"router+maxvar": "paper (router-norm + MaxVar)", "maxvar": "MaxVar", "
           "budget-activation": "budget allocator (calibrated inputs)",
           "budget-activation-matched": "budget allocator (calibrated inputs) at the paper plan's bytes",
           "budget-matched": "budget allocator at the paper plan's bytes"}
+QUANTIZER_NAMES = {"rtn": "RTN", "hqq": "HQQ", "gptq": "GPTQ"}
+
+
+def quantizers_of(method: str) -> tuple[str, str, str]:
+    """``"method[@[scorer:]quantizer]"`` -> ``(method, the quantizer the budget allocator scores widths with, the
+    quantizer that stores the experts)``; RTN where none is named, the storing one where no scorer is."""
+    base, _, q = method.partition("@")
+    scorer, _, store = q.rpartition(":")
+    store = store or "rtn"
+    return base, scorer or store, store
+
+
+def label(method: str) -> str:
+    base, scorer, store = quantizers_of(method)
+    text = LABELS.get(base, base)
+    if scorer != store:
+        text += f", widths by {QUANTIZER_NAMES.get(scorer, scorer)} error,"
+    return text if (store, scorer) == ("rtn", "rtn") else f"{text} + {QUANTIZER_NAMES.get(store, store)}"
 
 
 @dataclass
@@ -112,6 +136,8 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
     from moe_export.zoo.folders import load
     from moe_export.zoo.registry import get_entry
     from moe_export.models import find_moe_layers, model_architecture
+    from moe_export.quant.calibration import CalibrationConfig
+    import torch
 
     entry = get_entry(name)
     folder = build(name, seed=seed, progress=progress)
@@ -136,10 +162,15 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
         rec["float_eval_s"] = time.perf_counter() - t0
 
     def point(method, target, plan, plan_s, **extra):
-        q = quantize_(copy.deepcopy(model), MoEQuantConfig(plan=plan), progress=False)
+        store = quantizers_of(method)[2]
+        cal = None
+        if get_quantizer(store).needs_calibration:  # the calibrated allocators' text, for a fair comparison
+            cal = CalibrationConfig(n_tokens=sweep.calib_tokens, seq_len=entry.seq_len, seed=seed, corpus=corpus,
+                                    batches=torch.cat(calib))
+        q = quantize_(copy.deepcopy(model), MoEQuantConfig(plan=plan, quantizer=store, calibration=cal), progress=False)
         nbytes = theoretical_model_bytes(q)
         p = {"method": method, "target_bpw": target, "bpw": 8 * nbytes / n_params, "bytes": nbytes,
-             "plan_s": plan_s, **score(q), **extra}
+             "plan_s": plan_s, **score(q), "quantizer": store, **extra}
         del q
         rec["points"].append(p)
         if save is not None:
@@ -155,39 +186,45 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
         "attention", "shared_experts", "embeddings", "lm_head", "dense_mlp")), gs)
     calib = None
     calibrated = ("budget-calibration", "budget-fisher", "budget-activation", "budget-activation-matched")
-    if set(calibrated) & set(sweep.budget_variants):
+    named = [quantizers_of(m) for m in (*sweep.methods, *sweep.budget_variants)]
+    if {b for b, _, _ in named} & set(calibrated) or any(get_quantizer(q).needs_calibration for _, _, q in named):
         calib = list(calibration_batches(tok, sweep.calib_tokens, entry.seq_len, seed=seed, corpus=corpus).split(8))
-    tables = {}  # the budget allocator's error tables (plain, Fisher-weighted), computed once for every target
+    tables = {}  # the budget allocator's error tables (per weighting and scoring quantizer), computed once
     for target in sweep.targets:
         avg = expert_mean_for(model, target, policy, gs)
         for method in sweep.methods:
             if (method, target) in have:
                 continue
-            levels = [4, 3, 2, 1] if method == "weight-error" else _levels(avg)
-            cfg = PlanConfig(avg_bits=avg, levels=levels, method=method, group_size=gs, non_expert=policy)
+            base, _, store = quantizers_of(method)
+            levels = [4, 3, 2, 1] if base == "weight-error" else _levels(avg)
+            cfg = PlanConfig(avg_bits=avg, levels=levels, method=base, group_size=gs, non_expert=policy,
+                             quantizer="rtn" if get_quantizer(store).needs_calibration else store)
             t = time.perf_counter()
             plan = make_plan(model, cfg, reference=folder / "pretrained", progress=False)
             point(method, target, plan, time.perf_counter() - t, expert_avg_bits=avg, levels=levels)
         for variant in sweep.budget_variants:
             if (variant, target) in have:
                 continue
-            base = variant.removesuffix("-matched")
+            name_, scorer, _ = quantizers_of(variant)
+            base = name_.removesuffix("-matched")
             weighting = {"budget-none": "none", "budget-fisher": "fisher", "budget-activation": "activation"}.get(base, "usage")
             t = time.perf_counter()
             size = f"{target}bpw"
-            if variant.endswith("-matched"):  # the paper's plan's own bytes, which can exceed the target
+            if name_.endswith("-matched"):  # the paper's plan's own bytes, which can exceed the target
                 paper = [p for p in rec["points"] if p["method"] == "router+maxvar" and p["target_bpw"] == target]
                 if not paper:
                     continue
                 size = f"{paper[0]['bytes']!r}B"
-            cfg = BudgetConfig(size, weighting=weighting)
-            key = weighting if weighting in ("fisher", "activation") else "plain"
+            cfg = BudgetConfig(size, weighting=weighting, quantizer=scorer)
+            key = (weighting if weighting in ("fisher", "activation") else "plain", scorer)
             if key not in tables:
                 sens = fisher_diagonal(model, calib) if weighting == "fisher" else None
-                moments = input_moments(model, calib) if weighting == "activation" else None
+                if weighting == "activation" and "moments" not in tables:  # one measurement for every scorer
+                    tables["moments"] = input_moments(model, calib)
+                moments = tables["moments"] if weighting == "activation" else None
                 tables[key] = (model_items(model, get_quantizer(cfg.quantizer), cfg.symmetric, cfg.bits, cfg.groups,
                                            sensitivity=sens, moments=moments), time.perf_counter() - t)
-            plan = budget_plan(model, cfg, batches=calib if variant in calibrated else None, model_name=name,
+            plan = budget_plan(model, cfg, batches=calib if name_ in calibrated else None, model_name=name,
                                table=tables[key][0])
             point(variant, target, plan, time.perf_counter() - t, error_table_s=tables[key][1], planned_bytes=plan.budget["planned_bytes"],
                   budget_bytes=plan.budget["bytes"], solver_s=plan.provenance["solver"]["seconds"],
@@ -275,7 +312,7 @@ def plot(results: dict, path) -> None:
             pts = sorted((p["bpw"], p["bpb"]) for r in rs for p in r["points"] if p["method"] == method)
             if pts:
                 ax.plot(*zip(*pts), marker="s" if method == "uniform" else "o", linestyle=":" if method == "uniform" else "-",
-                        label=LABELS.get(method, method))
+                        label=label(method))
         fl = sum(r["float"]["bpb"] for r in rs) / len(rs)
         ax.axhline(fl, color="grey", linewidth=0.8, linestyle="--", label="float")
         ax.set_xlabel("whole-model bits per weight (theoretical bytes x 8 / parameters)")
@@ -309,8 +346,16 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
     """The section of docs/results.md: how it was made, the table per model, the plot, what it shows."""
     sw, runs = results["sweep"], results["runs"]
     lines = [SECTION, ""]
+    stores = {quantizers_of(p["method"])[2] for r in runs for p in r["points"]}
+    quant = "RTN, asymmetric" if stores == {"rtn"} else (
+        "RTN, asymmetric, or, in the tables headed HQQ or GPTQ, the experts stored by that quantizer (GPTQ calibrated "
+        f"on the {sw['calib_tokens']} calibration tokens the calibrated allocators measure, every token to every "
+        "expert, layer by layer on the quantized model's own inputs); non-expert weights are RTN in every point. "
+        "Per-layer plans are the same plans in every table (the weight-error knapsack scores with HQQ in the HQQ "
+        "table); a budget allocator scores each width with the error of the quantizer that stores it unless its "
+        "column says otherwise (GPTQ: quantized against each expert's measured routed-input moment and scored on it)")
     lines += [
-        "Each point: a plan, `moe_export.api.quantize_` (RTN, asymmetric), then held-out bits per byte and perplexity "
+        f"Each point: a plan, `moe_export.api.quantize_` ({quant}), then held-out bits per byte and perplexity "
         f"per token on the first {sw['eval_tokens']} tokens of the fine-tune corpus's test split, on the fine-tuned model. "
         "Size is the whole model's theoretical bytes (`moe_export.size.theoretical_model_bytes`: packed codes, float16 "
         "scales and zeros, every float weight at its stored float32) x 8 / all parameters, so methods are compared at "
@@ -342,31 +387,13 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
         rs = [r for r in runs if r["model"] == model]
         fl_bpb = sum(r["float"]["bpb"] for r in rs) / len(rs)
         fl_ppl = sum(r["float"]["ppl"] for r in rs) / len(rs)
-        methods = _method_order(rs)
         lines.append(f"**{model}** ({rs[0]['parameters']:,} parameters; float32: bpb {fl_bpb:.4f}, perplexity "
                      f"{fl_ppl:.3f}). Cells: achieved bpw / bits per byte / perplexity (change from float); best "
-                     "bits per byte at each target in bold.")
+                     "bits per byte at each target in bold" + (", one table per quantizer of the experts."
+                                                              if len(_by_quantizer(rs)) > 1 else "."))
         lines.append("")
-        lines.append("| target bpw | " + " | ".join(LABELS.get(m, m) for m in methods) + " |")
-        lines.append("|---|" + "---|" * len(methods))
-        for t in sw["targets"]:
-            cells = {}
-            for m in methods:
-                ps = [p for r in rs for p in r["points"] if p["method"] == m and abs(p["target_bpw"] - t) < 1e-9]
-                if ps:
-                    cells[m] = (sum(p["bpw"] for p in ps) / len(ps), sum(p["bpb"] for p in ps) / len(ps),
-                                sum(p["ppl"] for p in ps) / len(ps))
-            best = min(v[1] for v in cells.values()) if cells else None
-            row = []
-            for m in methods:
-                if m not in cells:
-                    row.append("")
-                    continue
-                bpw, bpb, ppl = cells[m]
-                txt = f"{bpw:.3f} / {bpb:.4f} / {ppl:.3f} ({100 * (ppl / fl_ppl - 1):+.1f}%)"
-                row.append(f"**{txt}**" if bpb == best else txt)
-            lines.append(f"| {t:g} | " + " | ".join(row) + " |")
-        lines.append("")
+        for store, methods in _by_quantizer(rs).items():
+            lines += _table(rs, methods, sw["targets"], fl_ppl, store if len(_by_quantizer(rs)) > 1 else None)
         lines += _verdicts(rs, sw["targets"], fl_ppl)
         lines += _quality_verdicts(rs, fl_ppl)
         uni = sorted((p["bits"], p["bpw"], p["bpb"], p["ppl"]) for r in rs for p in r["points"] if p["method"] == "uniform")
@@ -379,24 +406,60 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
     return lines
 
 
+def _by_quantizer(rs) -> dict[str, list[str]]:
+    """The methods of ``rs`` by the quantizer that stores their experts (RTN first)."""
+    out: dict[str, list[str]] = {}
+    for m in sorted(_method_order(rs), key=lambda m: quantizers_of(m)[2] != "rtn"):
+        out.setdefault(quantizers_of(m)[2], []).append(m)
+    return out
+
+
+def _table(rs, methods, targets, fl_ppl, store: str | None) -> list[str]:
+    """One table of ``methods`` (rows: targets); ``store``: the quantizer it is headed with, None for no heading."""
+    lines = [f"Experts quantized with {QUANTIZER_NAMES.get(store, store)}:", ""] if store else []
+    lines.append("| target bpw | " + " | ".join(label(m) for m in methods) + " |")
+    lines.append("|---|" + "---|" * len(methods))
+    for t in targets:
+        cells = {}
+        for m in methods:
+            ps = [p for r in rs for p in r["points"] if p["method"] == m and abs(p["target_bpw"] - t) < 1e-9]
+            if ps:
+                cells[m] = (sum(p["bpw"] for p in ps) / len(ps), sum(p["bpb"] for p in ps) / len(ps),
+                            sum(p["ppl"] for p in ps) / len(ps))
+        best = min(v[1] for v in cells.values()) if cells else None
+        row = []
+        for m in methods:
+            if m not in cells:
+                row.append("")
+                continue
+            bpw, bpb, ppl = cells[m]
+            txt = f"{bpw:.3f} / {bpb:.4f} / {ppl:.3f} ({100 * (ppl / fl_ppl - 1):+.1f}%)"
+            row.append(f"**{txt}**" if bpb == best else txt)
+        lines.append(f"| {t:g} | " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
+
+
 def _verdicts(rs, targets, fl_ppl) -> list[str]:
-    """Per target: each budget allocator variant against the best per-layer method at no more bytes."""
+    """Per target: each budget allocator variant against the best per-layer method at no more bytes whose experts
+    the same quantizer stores."""
     out = []
     for t in targets:
         pts = [p for r in rs for p in r["points"] if abs(p["target_bpw"] - t) < 1e-9]
-        per_layer = [p for p in pts if p["method"] in PER_LAYER]
+        per_layer = [p for p in pts if quantizers_of(p["method"])[0] in PER_LAYER]
         for variant in dict.fromkeys(p["method"] for p in pts if p["method"].startswith("budget")):
             mine = [p for p in pts if p["method"] == variant]
             if not mine or not per_layer:
                 continue
             m = mine[0]
-            rivals = [p for p in per_layer if p["bpw"] >= m["bpw"] - 1e-9]
+            rivals = [p for p in per_layer if p["bpw"] >= m["bpw"] - 1e-9
+                      and quantizers_of(p["method"])[2] == quantizers_of(variant)[2]]
             if not rivals:
                 continue
             best = min(rivals, key=lambda p: p["bpb"])
-            out.append(f"- target {t:g}: {LABELS[variant]} {m['bpw']:.3f} bpw, bpb {m['bpb']:.4f} (perplexity "
+            out.append(f"- target {t:g}: {label(variant)} {m['bpw']:.3f} bpw, bpb {m['bpb']:.4f} (perplexity "
                        f"{100 * (m['ppl'] / fl_ppl - 1):+.1f}% from float) against the best per-layer method at "
-                       f"as many or more bytes, {LABELS[best['method']]} {best['bpw']:.3f} bpw, bpb {best['bpb']:.4f}: "
+                       f"as many or more bytes, {label(best['method'])} {best['bpw']:.3f} bpw, bpb {best['bpb']:.4f}: "
                        f"{'better' if m['bpb'] < best['bpb'] else 'worse'} by {abs(m['bpb'] - best['bpb']):.4f} bits per byte.")
     return out + ([""] if out else [])
 
@@ -413,7 +476,7 @@ def _quality_verdicts(rs, fl_ppl) -> list[str]:
         change = 100 * (best["ppl"] / fl_ppl - 1)
         out.append(f"- quality target at {t:g} bpw, perplexity within {pct:g}% of float: "
                    f"{'met' if change <= pct else 'not met'}; the best whole-model plan at or under {t:g} bpw is "
-                   f"{LABELS.get(best['method'], best['method'])}, {best['bpw']:.3f} bpw, perplexity {best['ppl']:.3f} "
+                   f"{label(best['method'])}, {best['bpw']:.3f} bpw, perplexity {best['ppl']:.3f} "
                    f"({change:+.1f}%).")
     return out + ([""] if out else [])
 
@@ -491,6 +554,10 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default=None,
                     help="budget variants: budget,budget-none,budget-matched,budget-calibration,budget-fisher,"
                          "budget-activation,budget-activation-matched")
+    ap.add_argument("--methods", default=None,
+                    help="per-layer methods: router+maxvar,maxvar,weight-error; METHOD@QUANTIZER (hqq, gptq) stores the "
+                         "experts with that quantizer, for the budget variants too (VARIANT@SCORER:QUANTIZER: widths "
+                         "scored with SCORER's error)")
     ap.add_argument("--from-json", default=None, help="rebuild the section and plot from saved records")
     ap.add_argument("--note", default=None, help="a paragraph kept with the records and shown under the section's intro")
     a = ap.parse_args(argv)
@@ -507,6 +574,8 @@ def main(argv=None) -> None:
             sweep = replace(sweep, seeds=tuple(int(s) for s in a.seeds.split(",")))
         if a.variants:
             sweep = replace(sweep, budget_variants=tuple(a.variants.split(",")))
+        if a.methods:
+            sweep = replace(sweep, methods=tuple(a.methods.split(",")))
         results = run(sweep, partial=Path(a.out) / "results-budget.partial.json")
         command = "python -m moe_export.repro.budget_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
         results["commands"] = {m: command for m in sweep.models}
