@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moe_export.quant.apply import install_quantized_layer, quantize_layer_experts, quantize_non_expert_
+from moe_export.quant.apply import install_quantized_layer, non_expert_targets, quantize_layer_experts, \
+    quantize_non_expert_
 from moe_export.quant.base import Quantizer, get_quantizer
 
 __all__ = ["MoEQuantConfig", "quantize_", "calibration_batches_for"]
@@ -96,7 +97,7 @@ def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -
     with torch.no_grad():
         if quantizer.needs_calibration:
             from moe_export.eval import logits_fn_for
-            from moe_export.quant.calibration import quantize_sequential, resolve_calibration
+            from moe_export.quant.calibration import linear_hessians, quantize_sequential, resolve_calibration
 
             from moe_export.kernels import cpu_ops
 
@@ -107,13 +108,21 @@ def quantize_(model: nn.Module, config: MoEQuantConfig, progress: bool = True) -
             with cpu_ops.use_accuracy("exact"):
                 quantize_sequential(model, plan, quantizer, cal, batches=batches, forward=logits_fn_for(model),
                                     progress=progress)
+                # then the non-expert linears the plan gives a width, on the inputs of the quantized experts
+                # (a tied weight serves two roles with different inputs: RTN, as data-free plans store it)
+                linears = [names[0] for names, _, _ in non_expert_targets(model, plan) if len(names) == 1]
+                hessians = linear_hessians(model, linears, batches.long(), logits_fn_for(model), cal.batch_size) \
+                    if linears else {}
+            quantize_non_expert_(model, plan, quantizer, hessians)
+            if hessians:
+                plan.provenance["calibration"]["non_expert"] = sorted(hessians)
         else:
             layers = find_moe_layers(model)
             for layer in tqdm(layers, desc=f"{quantizer.name} experts", disable=not progress):
                 bits, groups = plan.expert_quant(layer.name, layer.projections)
                 qweights = quantize_layer_experts(layer, bits, quantizer, groups, sym)
                 install_quantized_layer(model, layer, qweights)
-        quantize_non_expert_(model, plan)
+            quantize_non_expert_(model, plan)
     if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
         model.set_experts_implementation("moe_export_mixed")
     model.moe_export_plan = plan

@@ -336,8 +336,8 @@ def test_budget_sweep_merges_models_and_states_the_quality_targets():
 def test_error_table_scores_experts_with_the_plans_quantizer_and_the_rest_as_stored():
     """The table judges each expert width by the grid the plan's quantizer stores: HQQ's, or GPTQ's quantized
     against the expert's measured input moment and scored on it (GPTQ cannot be scored without inputs); non-expert
-    weights by the quantizer that stores them (RTN), whatever the experts use. A GPTQ budget plan quantizes with
-    GPTQ to its planned bytes."""
+    weights by the quantizer that stores them (GPTQ for a measured linear under GPTQ, RTN otherwise). A GPTQ budget
+    plan quantizes with GPTQ to its planned bytes."""
     import torch
 
     from moe_export.models import find_moe_layers
@@ -366,7 +366,10 @@ def test_error_table_scores_experts_with_the_plans_quantizer_and_the_rest_as_sto
         assert rtn.name == "rtn"
         it = next(i for i in items if i.kind == "attention")
         A = model.get_parameter(it.names[0]).detach()
-        d = A - rtn.quantize(A, 2, 32, False).dequantize(torch.float32)
+        if quantizer is gptq:  # GPTQ stores the linears it measured inputs for too (api.quantize_)
+            d = A - gptq.quantize(A, 2, 32, False, hessian=M.linear[it.names[0]]).dequantize(torch.float32)
+        else:
+            d = A - rtn.quantize(A, 2, 32, False).dequantize(torch.float32)
         o = it.variants[0].index((2, 32))
         want = float(torch.trace(d @ M.linear[it.names[0]] @ d.T)) if moments is not None else float(d.square().sum())
         assert it.cost[0][0, o] == pytest.approx(want, rel=1e-4)

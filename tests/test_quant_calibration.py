@@ -209,3 +209,44 @@ def test_gptq_beats_rtn_on_held_out_text_of_the_trained_tiny_model(tiny_zoo_dir)
         bpb[name] = bits_per_byte(logits_fn_for(model), tok, ids, 64, max_tokens=16384, progress=False)["bits_per_byte"]
     print(f"\ntiny, 2 bits g=32, python-stdlib test bpb: rtn {bpb['rtn']:.4f} gptq {bpb['gptq']:.4f}")
     assert bpb["gptq"] < bpb["rtn"]
+
+
+def test_gptq_quantizes_the_planned_non_expert_linears_on_their_inputs():
+    """With GPTQ, the non-expert linears a plan gives a width (attention, lm_head) are quantized by GPTQ against the
+    Hessian of their inputs in the model whose experts are already quantized; embeddings (no linear inputs) stay
+    RTN. The calibration provenance lists the GPTQ-quantized linears."""
+    from moe_export.api import MoEQuantConfig, quantize_
+    from moe_export.quant.apply import install_quantized_layer
+    from moe_export.quant.calibration import linear_hessians
+    from moe_export.quant.rtn import RTNQuantizer
+    from moe_export.tensors import PackedLinearWeight
+
+    x = _batches(tiny_random_model(MIXTRAL), n=4, seq=32)
+    packed, ref = tiny_random_model(MIXTRAL, seed=0), tiny_random_model(MIXTRAL, seed=0)
+    plan = BitPlan.uniform(find_moe_layers(packed), 3, group_size=32)
+    plan.non_expert["attention"] = {"bits": 3, "group_size": 32, "symmetric": False}
+    plan.non_expert["lm_head"] = {"bits": 4, "group_size": 32, "symmetric": False}
+    plan.non_expert["embeddings"] = {"bits": 4, "group_size": 32, "symmetric": False}
+    cal = CalibrationConfig(batches=x, all_experts=False, min_tokens=8)
+    quantize_(packed, MoEQuantConfig(copy.deepcopy(plan), "gptq", calibration=cal), progress=False)
+    # the same steps by hand: experts layer by layer, then the linears' Hessians on the quantized-expert model
+    gptq = get_quantizer("gptq")
+    ref_plan = copy.deepcopy(plan)
+    quantize_sequential(ref, ref_plan, gptq, cal, batches=x, forward=logits_fn_for(ref), install=install_quantized_layer,
+                        progress=False)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight", "lm_head.weight"]
+    H = linear_hessians(ref, names, x, logits_fn_for(ref), cal.batch_size)
+    assert set(H) == set(names)
+    for n in names:
+        W = ref.get_parameter(n).detach()
+        q = plan.non_expert_quant_for([n], "lm_head" if n.startswith("lm_head") else "attention")
+        want = gptq.quantize(W, q.bits, q.group_size, q.symmetric, hessian=H[n])
+        got = packed.get_parameter(n)
+        assert isinstance(got, PackedLinearWeight)
+        torch.testing.assert_close(got.dequantize(), want.dequantize(), rtol=0, atol=0)
+        assert not torch.equal(got.dequantize(), RTNQuantizer().quantize(W, q.bits, q.group_size, False).dequantize())
+    emb = packed.model.embed_tokens.weight
+    E = ref.model.embed_tokens.weight.detach()
+    torch.testing.assert_close(emb.dequantize(), RTNQuantizer().quantize(E, 4, 32, False).dequantize(), rtol=0, atol=0)
+    prov = packed.moe_export_plan.provenance["calibration"]
+    assert "lm_head.weight" in prov["non_expert"] and "model.embed_tokens.weight" not in prov["non_expert"]

@@ -48,7 +48,8 @@ so a width is judged by the grid that quantizer will store: HQQ's optimised zero
 grid, quantized against the expert's measured input moment as its Hessian and scored on the same inputs (GPTQ
 needs ``weighting="activation"``; ``quantize_`` then calibrates on the quantized model's own inputs, all tokens to
 every expert by default, so the table's GPTQ error is that of the float model's routed inputs). Non-expert weights
-are scored with ``quant.apply.non_expert_quantizer`` (RTN), which is what stores them whatever the experts use.
+are scored with the quantizer that stores them: GPTQ for an untied linear (attention, lm_head) when the experts
+get GPTQ (``quantize_`` measures their inputs too), else ``quant.apply.non_expert_quantizer`` (RTN).
 
 Constraint of the runtime: a fused expert parameter ``[E, N, K]`` stores one group size
 (``runtime.layout.WidthGroups``), so each projection stack chooses one group size for all its experts and one
@@ -263,7 +264,7 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
     if quantizer.needs_calibration and moments is None:
         raise BudgetError(f"{quantizer.name} quantizes each weight against its inputs: its error table needs them "
                           "(weighting activation: --usage activation with calibration text)")
-    rest = non_expert_quantizer()  # what quantize_ stores the non-expert weights with, whatever the experts get
+    rest = non_expert_quantizer()  # what quantize_ stores non-expert weights with when it has no inputs for them
 
     def err(W, b, g, S=None, H=None, q=quantizer) -> float:
         return reconstruction_error(W, b, q, g, symmetric, weight=S, moment=H)
@@ -275,7 +276,9 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
         measured = [n for n in names if n in moments.linear]
         if not measured:
             return err(W, b, g, q=rest)
-        return sum(err(W, b, g, H=moments.linear[n], q=rest) for n in measured)
+        # a data-aware quantizer stores an untied linear it measured (quantize_non_expert_), RTN the rest
+        q = quantizer if quantizer.needs_calibration and len(names) == 1 else rest
+        return sum(err(W, b, g, H=moments.linear[n], q=q) for n in measured)
 
     def expert_sensitivity(layer, proj, e):  # [N, K] laid out as layer.expert_weight(proj, e)
         if sensitivity is None:

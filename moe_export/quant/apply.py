@@ -19,14 +19,15 @@ from moe_export.quant.base import QuantizedWeight, Quantizer
 log = logging.getLogger(__name__)
 
 __all__ = ["quantize_layer_experts", "install_quantized_layer", "install_fake_quant", "quantize_non_expert_",
-           "for_projection", "non_expert_quantizer"]
+           "for_projection", "non_expert_quantizer", "non_expert_targets"]
 
 
 def non_expert_quantizer() -> Quantizer:
-    """The quantizer of every non-expert weight a plan gives a width (attention, lm_head, embeddings, ...), whichever
-    quantizer the experts use: round-to-nearest. GPTQ's calibration pass captures the experts' inputs only, and the
-    streamed path (``streaming.py``) must store what the in-memory one does. The budget allocator scores these
-    weights with it too, so its costs are the errors of the weights that will be stored."""
+    """The quantizer of the non-expert weights a plan gives a width (attention, lm_head, embeddings, ...) when the
+    experts' quantizer is data-free: round-to-nearest (the streamed path, ``streaming.py``, stores what the
+    in-memory one does). A data-aware quantizer (GPTQ) quantizes the non-expert linears whose inputs it measured
+    (``quantize_non_expert_(hessians=...)``) and leaves the rest (embeddings, tied weights) to this one. The budget
+    allocator scores these weights the same way, so its costs are the errors of the weights that will be stored."""
     from moe_export.quant.rtn import RTNQuantizer
 
     return RTNQuantizer()
@@ -93,16 +94,14 @@ def _set_param(model: nn.Module, fqn: str, value: nn.Parameter) -> None:
     setattr(model.get_submodule(mod_name) if mod_name else model, attr, value)
 
 
-def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = None) -> list[str]:
-    """Quantize 2-D weights of the roles the plan's ``non_expert`` policy gives a width; returns their FQNs.
-
-    Tied parameters (e.g. embeddings and lm_head) are quantized once and stay tied.
-    """
+def non_expert_targets(model: nn.Module, plan) -> list[tuple[list[str], nn.Parameter, object]]:
+    """The non-expert weights ``plan`` gives a width: ``(every FQN of the parameter, the parameter, its
+    NonExpertQuant)``; a tied parameter once. Expert weights, 1-D parameters, float roles and weights that do not
+    pack are left out."""
     from moe_export.models import parameter_role_lookup
     from moe_export.size import packs
     from moe_export.tensors import MixedWidthExpertsTensor, PackedLinearWeight
 
-    quantizer = quantizer or non_expert_quantizer()
     if plan.non_expert_policy().all_float and not plan.tensors:
         return []
     by_id: dict[int, list[str]] = {}
@@ -110,8 +109,8 @@ def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = N
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
         params[id(p)] = p
-    done = []
-    role_of = parameter_role_lookup(model)  # the module tree before any weight is swapped
+    out = []
+    role_of = parameter_role_lookup(model)
     for pid, names in by_id.items():
         p = params[pid]
         if isinstance(p, (MixedWidthExpertsTensor, PackedLinearWeight)) or p.dim() != 2:
@@ -130,8 +129,26 @@ def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = N
             log.warning("%s: input dim %d is not a multiple of 8 and of group size %s; kept float",
                         names[0], p.shape[1], q.group_size)
             continue
-        bits, gs, sym = q.bits, q.group_size, q.symmetric
-        qw = quantizer.quantize(p.detach(), bits, gs, sym)
+        out.append((names, p, q))
+    return out
+
+
+def quantize_non_expert_(model: nn.Module, plan, quantizer: Quantizer | None = None,
+                         hessians: dict | None = None) -> list[str]:
+    """Quantize 2-D weights of the roles the plan's ``non_expert`` policy gives a width; returns their FQNs.
+
+    Tied parameters (e.g. embeddings and lm_head) are quantized once and stay tied. ``hessians``: FQN -> ``[K, K]``
+    of the linears a data-aware ``quantizer`` (GPTQ) measured inputs for; it quantizes those, RTN the rest
+    (``non_expert_quantizer``). Without ``hessians``: ``quantizer`` (default RTN) quantizes every one.
+    """
+    from moe_export.tensors import PackedLinearWeight
+
+    done = []
+    for names, p, q in non_expert_targets(model, plan):
+        h = hessians.get(names[0]) if hessians is not None and len(names) == 1 else None
+        qz = (quantizer if h is not None else non_expert_quantizer()) if hessians is not None else \
+            (quantizer or non_expert_quantizer())
+        qw = qz.quantize(p.detach(), q.bits, q.group_size, q.symmetric, hessian=h)
         new = nn.Parameter(PackedLinearWeight.from_quantized(qw, dtype=p.dtype), requires_grad=False)
         for n in names:
             _set_param(model, n, new)

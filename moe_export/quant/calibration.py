@@ -165,6 +165,37 @@ def quantize_layer_calibrated(layer, X: torch.Tensor, routed: torch.Tensor, bits
     return qweights, n_tokens, fallback, max_damp
 
 
+@torch.no_grad()
+def linear_hessians(model, names, batches: torch.Tensor, forward: Callable, batch_size: int) -> dict[str, torch.Tensor]:
+    """``2/n X^T X`` ``[K, K]`` of the inputs of every ``nn.Linear`` whose weight FQN is in ``names``, over all the
+    calibration tokens, in one pass of ``model`` as it is (``quantize_`` runs it after the experts are quantized, so
+    attention and lm_head see the quantized experts' outputs). One Hessian per weight is held at once: for
+    Mixtral-8x7B's 128 attention weights and lm_head, ~8 GB in float32."""
+    names = set(names)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # [T_b, K]
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    hooks = [mod.register_forward_pre_hook(hook(f"{m}.weight" if m else "weight"))
+             for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and
+             (f"{m}.weight" if m else "weight") in names]
+    if not hooks:
+        return {}
+    try:
+        for i in range(0, batches.shape[0], batch_size):
+            forward(batches[i : i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (2.0 / max(counts[n], 1) * sums[n]).float() for n in sums}
+
+
 def resolve_calibration(calibration) -> CalibrationConfig:
     """``MoEQuantConfig.calibration`` -> a ``CalibrationConfig`` (None: the defaults)."""
     if calibration is None:

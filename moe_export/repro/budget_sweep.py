@@ -17,7 +17,8 @@ Quantizers: a method named ``method@q`` stores its experts with quantizer ``q`` 
 names: RTN). GPTQ calibrates on the same calibration text as the calibrated allocators. Per-layer plans are made
 as always (the weight-error knapsack scores with ``q`` when ``q`` is data-free, else RTN); a budget allocator
 variant scores its widths with ``q``'s own error (``plan.budget``), or with another quantizer's when named
-``method@scorer:q``. Non-expert weights are RTN in every point (``quant.apply.non_expert_quantizer``).
+``method@scorer:q``. Non-expert weights are RTN, except under GPTQ, which also quantizes the untied linears
+(attention, lm_head) on their calibration inputs (``api.quantize_``); embeddings stay RTN.
 """
 
 from __future__ import annotations
@@ -350,7 +351,8 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
     quant = "RTN, asymmetric" if stores == {"rtn"} else (
         "RTN, asymmetric, or, in the tables headed HQQ or GPTQ, the experts stored by that quantizer (GPTQ calibrated "
         f"on the {sw['calib_tokens']} calibration tokens the calibrated allocators measure, every token to every "
-        "expert, layer by layer on the quantized model's own inputs); non-expert weights are RTN in every point. "
+        "expert, layer by layer on the quantized model's own inputs, then attention and lm_head on their inputs "
+        "in the model with quantized experts); other non-expert weights (embeddings; all of them under HQQ) are RTN. "
         "Per-layer plans are the same plans in every table (the weight-error knapsack scores with HQQ in the HQQ "
         "table); a budget allocator scores each width with the error of the quantizer that stores it unless its "
         "column says otherwise (GPTQ: quantized against each expert's measured routed-input moment and scored on it)")
