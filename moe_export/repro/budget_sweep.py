@@ -311,9 +311,10 @@ def plot(results: dict, path) -> None:
         rs = [r for r in runs if r["model"] == model]
         for method in _method_order(rs) + ["uniform"]:
             pts = sorted((p["bpw"], p["bpb"]) for r in rs for p in r["points"] if p["method"] == method)
-            if pts:
-                ax.plot(*zip(*pts), marker="s" if method == "uniform" else "o", linestyle=":" if method == "uniform" else "-",
-                        label=label(method))
+            if pts:  # uniform dotted, experts stored by another quantizer than RTN dashed
+                other = quantizers_of(method)[2] != "rtn"
+                ax.plot(*zip(*pts), marker="s" if method == "uniform" else "^" if other else "o",
+                        linestyle=":" if method == "uniform" else "--" if other else "-", label=label(method))
         fl = sum(r["float"]["bpb"] for r in rs) / len(rs)
         ax.axhline(fl, color="grey", linewidth=0.8, linestyle="--", label="float")
         ax.set_xlabel("whole-model bits per weight (theoretical bytes x 8 / parameters)")
