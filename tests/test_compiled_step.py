@@ -51,3 +51,15 @@ def test_compiled_step_decodes_like_the_step_skipping_guards_only_on_warm_signat
         assert not torch.equal(fast, exact)
         compiled(tok, torch.tensor([pos]), kc.clone(), vc.clone())
         assert skipped[n:] == [True]
+    # another thread count (the bench's 2-thread phase) also runs guarded first: skipping its guards raised
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if threads == 1 else 1)
+        with torch.no_grad(), cpu_ops.use_accuracy("exact"):
+            n = len(skipped)
+            again = compiled(tok, torch.tensor([pos]), kc.clone(), vc.clone())[0]
+            assert len(skipped) == n and _rel(again, exact) < 1e-5
+            compiled(tok, torch.tensor([pos]), kc.clone(), vc.clone())
+            assert skipped[n:] == [True]
+    finally:
+        torch.set_num_threads(threads)

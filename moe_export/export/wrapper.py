@@ -146,7 +146,8 @@ class CompiledStep:
     only confirm the graph they already picked, and checking them (a few hundred tensor and attribute checks over
     the packed weights) costs a tenth of a quantized decode step on the Mixtral slice. What can select another
     graph between calls is part of the signature and runs guarded (compiling on first sight): the token count,
-    the cache dtype, grad mode and the fused ops' arithmetic (``cpu_ops.accuracy``). Weights replaced or
+    the cache dtype, grad mode, the fused ops' arithmetic (``cpu_ops.accuracy``) and the intra-op thread count
+    (inductor's CPU kernels are compiled for it). Weights replaced or
     changed in place after the first call are not seen: compile a new step for them.
     ``backend`` and ``options``: as ``torch.compile`` takes them."""
 
@@ -164,7 +165,7 @@ class CompiledStep:
     def __call__(self, tokens, input_pos, k_cache, v_cache):
         from moe_export.kernels import cpu_ops
 
-        key = (tuple(tokens.shape), k_cache.dtype, torch.is_grad_enabled(), cpu_ops.accuracy())
+        key = (tuple(tokens.shape), k_cache.dtype, torch.is_grad_enabled(), cpu_ops.accuracy(), torch.get_num_threads())
         if key in self._warm:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self.compiled(tokens, input_pos, k_cache, v_cache)
