@@ -901,7 +901,9 @@ MOE_T_AVX512 inline void int8_rows_512(const uint8_t* prow, int64_t stride, cons
       }
       if (u < nfull) {  // an odd count of whole vectors: the last one is even
         const __m512i x0 = _mm512_loadu_si512(xg + u * 64);
-        for (int r = 0; r < NR; ++r) v[r] = _mm512_dpbusd_epi32(v[r], whole_codes64<B, UNPACKED>(prow + r * stride + gi * gb, u, full_cm, perm, ctrl, mask), x0);
+        for (int r = 0; r < NR; ++r)
+          v[r] = _mm512_dpbusd_epi32(v[r], whole_codes64<B, UNPACKED>(prow + r * stride + gi * gb, u, full_cm, perm,
+                                                                      ctrl, mask), x0);
         ++u;
       }
       if (tail) {

@@ -79,7 +79,7 @@ def command(quick, model, out_dir, reps, avg_bits, levels, non_expert, pte_modes
     try:
         run_bench(model, out_dir, quick=quick, reps=reps, avg_bits=avg_bits, levels=lv, non_expert=non_expert,
                   pte_modes=modes.get("--pte-modes"), onnx_modes=modes.get("--onnx-modes"),
-                  targets=() if no_export else ("pte", "onnx"), peers=False if no_peers else None, offline=False if no_offline else None, rss=not no_rss, docs=docs,
-                  threads=n_threads, llama_cpp=llama_cpp, echo=click.echo)
+                  peers=False if no_peers else None, offline=False if no_offline else None, rss=not no_rss, docs=docs,
+                  threads=n_threads, llama_cpp=llama_cpp, echo=click.echo, **({"targets": ()} if no_export else {}))
     except FileNotFoundError as err:
         raise click.BadParameter(str(err), param_hint="--model")

@@ -165,7 +165,7 @@ class CompiledStep:
     def __call__(self, tokens, input_pos, k_cache, v_cache):
         from moe_export.kernels import cpu_ops
 
-        key = (tuple(tokens.shape), k_cache.dtype, torch.is_grad_enabled(), cpu_ops.accuracy(), torch.get_num_threads())
+        key = (tuple(tokens.shape), k_cache.dtype, torch.is_grad_enabled(), cpu_ops.ACCURACY, torch.get_num_threads())
         if key in self._warm:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self.compiled(tokens, input_pos, k_cache, v_cache)
