@@ -13,6 +13,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <mutex>
+#include <set>
+#include <thread>
+
 #include <torch/library.h>
 
 #include <cstdint>
@@ -31,6 +35,18 @@ struct AtenPar {
     at::parallel_for(begin, end, 1, fn);
   }
 };
+
+// How many threads AtenPar spreads n blocks over: at::parallel_for is a header template that splits work only in
+// a build with OpenMP (-fopenmp, as ATen's own); without it the loop runs on the caller alone, silently.
+int64_t parallel_threads(int64_t n) {
+  std::mutex m;
+  std::set<std::thread::id> ids;
+  AtenPar{}(0, n, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(m);
+    ids.insert(std::this_thread::get_id());
+  });
+  return int64_t(ids.size());
+}
 
 void check_path() { TORCH_CHECK(core::path_error() == nullptr, "moe_export CPU kernels: ", core::path_error()); }
 

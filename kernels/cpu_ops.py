@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -56,6 +57,13 @@ def load(simd: bool = True):
         return _load(simd)
 
 
+def _openmp_flags() -> list[str]:
+    """at::parallel_for (the kernels' output-row split across intra-op threads) is inline OpenMP in ATen's
+    headers: built without -fopenmp it compiles to a serial loop, silently. On Linux (gcc) the library then links
+    the libgomp torch has already loaded; elsewhere the compiler may lack the flag, and a serial build beats none."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+
+
 def _load(simd: bool):
     if simd not in _modules:
         from torch.utils.cpp_extension import load_inline
@@ -64,16 +72,17 @@ def _load(simd: bool):
         # The build is for the baseline ISA: the core picks AVX2 / AVX-VNNI / AVX-512 VNNI per function at run
         # time. Its name carries a hash of both sources: load_inline hashes only the .cpp, and worktrees or
         # versions with other sources must not rebuild over each other's cached library.
-        digest = hashlib.sha256((source + _CORE.read_text()).encode()).hexdigest()[:12]
-        flags = ["-O3"]
+        flags = ["-O3", *_openmp_flags()]
+        digest = hashlib.sha256((source + _CORE.read_text() + " ".join(flags)).encode()).hexdigest()[:12]
         if not simd:
             flags += ["-DMOE_EXPORT_CORE_SCALAR_ONLY", "-DMOE_EXPORT_NO_OPS"]  # the dispatcher ops: default build only
         _modules[simd] = load_inline(
             name=f"moe_export_cpu_mixed_width{'' if simd else '_portable'}_{digest}",
             cpp_sources=[source],
             functions=["mixed_width_gemv", "has_simd", "kernel_path", "set_kernel_path", "path_available", "moe_ffn",
-                       "packed_linear", "packed_gather"],
+                       "packed_linear", "packed_gather", "parallel_threads"],
             extra_cflags=flags,
+            extra_ldflags=_openmp_flags(),
             extra_include_paths=[str(_DIR)],
             verbose=False,
         )

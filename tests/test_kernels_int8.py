@@ -186,3 +186,29 @@ def test_forcing_a_path_the_cpu_lacks_is_an_error(ext):
     with pytest.raises(RuntimeError, match="must be one of"):
         with cpu_ops.forced_path("sse9"):
             pass
+
+
+def test_kernels_split_output_rows_across_intra_op_threads(ext):
+    """At 2 intra-op threads the ops' row loop runs on 2 threads (a build without OpenMP ran it on the caller
+    alone: no speed from a second thread), and the results are the same bits as at 1 thread: the split is by
+    output rows, each row summed whole by one thread."""
+    from tests.test_kernels_cpu import _ffn_args, _ffn_layer
+
+    widths = [2, 3, 6, 2, 8]
+    up, down = _ffn_layer(widths, 128, 96, 32, True)
+    torch.manual_seed(5)
+    x = torch.randn(3, 128)
+    args = _ffn_args(x, torch.stack([torch.randperm(len(widths))[:2] for _ in range(3)]), torch.rand(3, 2), up, down)
+    p, s, z = _weight(4, 640, 256, 32, False, seed=11)
+    xl = torch.randn(2, 256)
+    before = torch.get_num_threads()
+    outs = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert ext.parallel_threads(64) == n
+            outs[n] = [torch.ops.moe_export.cpu_moe_ffn(*args, acc) for acc in (INT8, cpu_ops.ACCURACIES["exact"])]
+            outs[n] += [LIN(xl, p, s, z, 4, acc) for acc in (INT8, cpu_ops.ACCURACIES["exact"])]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[2]))
