@@ -6,7 +6,7 @@ import torch
 # One thread is faster than two on a loaded 2-core machine, and keeps results deterministic.
 torch.set_num_threads(int(os.environ.get("MOE_EXPORT_TEST_THREADS", "1")))
 
-# Inference defaults to the int8-activation arithmetic (kernels/cpu_ops.py); the suite's parity tests compare the
+# Inference defaults to the int8-activation arithmetic (moe_export/kernels/cpu_ops.py); the suite's parity tests compare the
 # exact arithmetic with dequantized references, so the suite runs exact unless told otherwise (subprocesses
 # inherit it). The int8 arithmetic and the default itself have their own tests (test_kernels_int8.py,
 # test_accuracy_default.py).

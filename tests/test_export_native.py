@@ -1,4 +1,4 @@
-"""The native .pte: moe_export's ExecuTorch kernels (kernels/et_ops.cpp over the kernel core) run every packed weight
+"""The native .pte: moe_export's ExecuTorch kernels (moe_export/kernels/et_ops.cpp over the kernel core) run every packed weight
 straight from its codes; the float parts run on XNNPACK.
 
 Measured on the tiny zoo model (2 layers, experts at 2/3/4/8 bits, attention at 4 bits, lm_head at 8 bits, the
@@ -218,7 +218,7 @@ def test_native_exports_and_runs_under_a_memory_cap(tmp_path):
 
 @pytest.mark.slow
 def test_cmake_builds_the_same_library(tmp_path):
-    """kernels/CMakeLists.txt against the wheel's CMake package gives a library with the same kernels."""
+    """moe_export/kernels/CMakeLists.txt against the wheel's CMake package gives a library with the same kernels."""
     import shutil
     from pathlib import Path
 
@@ -226,7 +226,7 @@ def test_cmake_builds_the_same_library(tmp_path):
 
     if shutil.which("cmake") is None:
         pytest.fail("cmake is not installed: this check needs it")
-    src = Path(__file__).resolve().parent.parent / "kernels"
+    src = Path(__file__).resolve().parent.parent / "moe_export" / "kernels"
     pkg = Path(executorch.version.__file__).parent / "share" / "cmake"
     for cmd in (["cmake", "-S", str(src), "-B", str(tmp_path), "-DCMAKE_BUILD_TYPE=Release", f"-Dexecutorch_DIR={pkg}"],
                 ["cmake", "--build", str(tmp_path)]):

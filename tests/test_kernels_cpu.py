@@ -1,4 +1,4 @@
-"""The C++ CPU mixed-width mat-vec (kernels/cpu_mixed_width.cpp) against the plain-torch dequantize reference.
+"""The C++ CPU mixed-width mat-vec (moe_export/kernels/cpu_mixed_width.cpp) against the plain-torch dequantize reference.
 
 The extension builds once per machine (~30-90 s, cached in the torch_extensions dir); the session fixture
 builds it up front so a build failure shows as one clear error. Tolerance: the reference is float64

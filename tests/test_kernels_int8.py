@@ -1,4 +1,4 @@
-"""The int8-activation arithmetic of the CPU kernel core (kernels/core/mixed_width.h, ``accuracy="int8"``).
+"""The int8-activation arithmetic of the CPU kernel core (moe_export/kernels/core/mixed_width.h, ``accuracy="int8"``).
 
 Every vector path this CPU has (``avx512-vnni``, ``avx-vnni``, ``avx2``; ``scalar`` always) is checked bit for bit
 against :func:`int8_reference`, a numpy model of the same integer arithmetic in the same float order:

@@ -10,8 +10,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# source folder -> the dotted package it installs as (pyproject's package-dir: kernels/ is moe_export.kernels)
-SOURCES = {ROOT / "moe_export": "moe_export", ROOT / "kernels": "moe_export.kernels"}
+# source folder -> the dotted package it installs as
+SOURCES = {ROOT / "moe_export": "moe_export"}
 CLI = ("moe_export.commands", "moe_export.cli", "moe_export.__main__")
 
 # Cycles still waiting for their cut. Each entry must be a cycle the graph has now: once a cut lands, this test
@@ -133,3 +133,14 @@ def test_no_module_changes_the_recursion_limit():
             if isinstance(node, ast.Attribute) and node.attr == "setrecursionlimit":
                 calls.append(f"{m}:{node.lineno}")
     assert not calls, f"sys.setrecursionlimit in {calls}"
+
+
+def test_no_top_level_kernels_module_from_the_repository_root():
+    """`python -m pytest` / `python -c` from the repository root put it on sys.path: a kernels/ folder there would
+    be importable as `kernels` and shadow the hub package of that name, which transformers imports."""
+    import subprocess
+    import sys
+
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
+    origin = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert not origin.stdout.strip().startswith(str(ROOT)), origin.stdout

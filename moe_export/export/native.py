@@ -9,7 +9,7 @@ The ops' buffers are the prepared model's tensors (no copy, no repack): the prog
 its width, as a constant. The float parts (attention math, norms, router, float linears) go to XNNPACK. Nothing
 the size of a dequantized expert exists at run time, so the memory plan does not grow with experts x tokens.
 The ops and their kernels: ``export.ops.define_native_ops`` (schemas, eager and fake kernels) and
-``kernels/et_ops.cpp`` (the ExecuTorch kernels, built and loaded by ``moe_export.kernels.et_native``).
+``moe_export/kernels/et_ops.cpp`` (the ExecuTorch kernels, built and loaded by ``moe_export.kernels.et_native``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ ONNX exporter keeps the ops and translates them to ``com.microsoft::GatherBlockQ
 
 The native ``.pte`` ops, defined by :func:`define_native_ops` (``export.native`` calls it), stay whole in the
 program: each has a functional form (what ``torch.export`` traces: a CPU kernel and a fake one) and an ``.out``
-form (what ExecuTorch runs: the C++ kernels of ``kernels/et_ops.cpp``, loaded by ``moe_export.kernels.et_native``):
+form (what ExecuTorch runs: the C++ kernels of ``moe_export/kernels/et_ops.cpp``, loaded by ``moe_export.kernels.et_native``):
 
     moe_export::mixed_width_moe(x [T, H], topk_ids [T, k], topk_weights [T, k], up_packed[], up_scale[],
                                 up_zero?[], down_packed[], down_scale[], down_zero?[], bits[], expert_bits[E],
@@ -20,8 +20,8 @@ form (what ExecuTorch runs: the C++ kernels of ``kernels/et_ops.cpp``, loaded by
     moe_export::packed_embedding(ids [...], packed [V, H*b/8], scale, zero?, bits) -> [..., H]
 
 The lists hold one entry per width group (``bits`` ascending), in the layout of docs/architecture.md. Their CPU
-kernels are the compiled path's: the torch extension (``kernels/cpu_ops``) where it is built, else the
-plain-torch reference (``kernels/reference``, ``runtime.layout``).
+kernels are the compiled path's: the torch extension (``moe_export/kernels/cpu_ops``) where it is built, else the
+plain-torch reference (``moe_export/kernels/reference``, ``runtime.layout``).
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def executorch_threads(threads: int | None = None) -> int:
     """The size of the ExecuTorch runtime's threadpool, after resizing it to ``threads`` when given.
 
     One pool per process runs everything a .pte splits across threads: the XNNPACK delegates and the ``moe_export``
-    kernels (``kernels/et_ops.cpp``). The runtime sizes it to the CPU's cores; a latency comparison with other
+    kernels (``moe_export/kernels/et_ops.cpp``). The runtime sizes it to the CPU's cores; a latency comparison with other
     one-thread runtimes (torch at ``set_num_threads(1)``, onnxruntime sessions at one intra-op thread) sets it to 1:
     on a shared machine a 2-thread pool waits at every op for a thread another job holds. An XNNPACK delegate
     keeps the pool it was loaded with, so the pool is resized only while no :class:`PteRunner` is alive

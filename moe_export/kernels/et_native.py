@@ -13,7 +13,7 @@ headers, ``ET_EVENT_TRACER_ENABLED`` as the shipped libraries are built (else pr
 a new source or wheel builds a new one and concurrent first uses wait for one build. Loading it with
 ``RTLD_GLOBAL`` before a program registers the kernels into the runtime the Python bindings use; without it a
 native program fails ``load_method`` with OperatorMissing (0x14). On-device runtimes build the same sources
-with ``kernels/CMakeLists.txt``.
+with ``moe_export/kernels/CMakeLists.txt``.
 """
 
 from __future__ import annotations
