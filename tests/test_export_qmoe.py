@@ -120,7 +120,8 @@ def test_decoder_step_exports_as_qmoe_nodes(tmp_path):
     plan = mixed_plan(model, widths=(4, 3))
     plan.quantizer.symmetric = True
     q = quantize_(copy.deepcopy(model), MoEQuantConfig(plan), progress=False)
-    path = export_onnx(DecoderStep(prepare_for_export(q), 32), tmp_path / "m.onnx", mode="native", accuracy_level=0)
+    step = DecoderStep(prepare_for_export(q), 32)
+    path = export_onnx(step, tmp_path / "m.onnx", mode="native", accuracy_level=0)
     ops = onnx_ops(path)
     n_layers = model.config.num_hidden_layers
     assert ops.get("com.microsoft::QMoE", ops.get("QMoE", 0)) == 2 * n_layers, ops
@@ -129,6 +130,10 @@ def test_decoder_step_exports_as_qmoe_nodes(tmp_path):
     assert {o.domain for o in proto.opset_import} >= {"", "com.microsoft"} and "com.moe_export" not in {
         o.domain for o in proto.opset_import}
     assert onnx_metadata(path)["moe_export.containers"] == '{"3": 4, "4": 4}'
+    # grouped attention: the cache is not copied per query head (repeat_kv's Expand); the same step exported in
+    # another form keeps transformers' eager attention
+    assert model.config.num_key_value_heads < model.config.num_attention_heads and "Expand" not in ops
+    assert onnx_ops(export_onnx(step, tmp_path / "p.onnx", mode="packed"))["Expand"]
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     rep = compare(OnnxRunner(path), logits_fn_for(q), ids, gen_model=q, gen_prompt=ids[0, :6], new_tokens=16)
     check_parity(rep)  # max abs err within 1e-4 of the largest logit, prefill and KV-cache decode; greedy equal

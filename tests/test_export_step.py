@@ -63,6 +63,35 @@ def test_step_leaves_the_callers_model_as_it_was():
     assert all(a is b for a, b in zip(model.parameters(), step.model.parameters()))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grouped_attention_equals_eager_attention(arch):
+    """The attention of the native .onnx (query heads grouped per key/value head, no repeat_kv copy) computes
+    transformers' eager attention bit for bit: directly (GQA and MHA shapes, prefill and decode, masked slots),
+    and as a whole step of each architecture."""
+    from transformers.models.mixtral.modeling_mixtral import eager_attention_forward
+
+    from moe_export.export.wrapper import grouped_eager_attention, use_grouped_attention
+
+    g = torch.Generator().manual_seed(0)
+    for heads, kv_heads, t in ((4, 2, 1), (4, 2, 5), (6, 3, 3), (4, 4, 2), (8, 1, 1)):
+        module = torch.nn.Module().eval()
+        module.num_key_value_groups = heads // kv_heads
+        q, k, v = (torch.randn(1, n, m, 8, generator=g) for n, m in ((heads, t), (kv_heads, 16), (kv_heads, 16)))
+        mask = torch.where(torch.rand(1, 1, t, 16, generator=g) < 0.7, 0.0, torch.finfo(torch.float32).min)
+        want, want_w = eager_attention_forward(module, q, k, v, mask, 0.35)
+        got, got_w = grouped_eager_attention(module, q, k, v, mask, 0.35)
+        assert torch.equal(got, want) and torch.equal(got_w, want_w)
+
+    model = prepare_for_export(tiny_random_model(arch, seed=0))
+    eager, grouped = DecoderStep(model, max_seq_len=12), DecoderStep(model, max_seq_len=12)
+    use_grouped_attention(grouped)
+    assert eager.model.config._attn_implementation == "eager"  # each step holds its own config
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    a, b = EagerStepRunner(eager), EagerStepRunner(grouped)
+    assert torch.equal(a.step(ids[:, :5], 0), b.step(ids[:, :5], 0))
+    assert torch.equal(a.step(ids[:, 5:6], 5), b.step(ids[:, 5:6], 5)) and torch.equal(a.k, b.k)
+
+
 def test_clear_errors():
     model = tiny_random_model("MixtralForCausalLM", seed=0)
     with pytest.raises(ValueError, match="sliding_window=8 < max_seq_len=16"):

@@ -253,14 +253,20 @@ def _export_seq2seq(step, path: str | os.PathLike, mode: str, quantized_ops: boo
 
 def _native_step(step: torch.nn.Module, accuracy_level: int):
     """The step of ``mode="native"``: MoE blocks as QMoE placeholders, packed linears as MatMulNBits, packed
-    embeddings in GatherBlockQuantized containers; the translation table and the metadata saying what went where."""
+    embeddings in GatherBlockQuantized containers, attention without repeat_kv's copies of the cache
+    (``wrapper.grouped_eager_attention``: the same values); the translation table and the metadata saying what went
+    where."""
     from moe_export.export import qmoe
     from moe_export.export.fast import nbits_linear, replace_packed_linears
     from moe_export.export.prepare import PackedEmbedding
+    from moe_export.export.wrapper import use_grouped_attention
 
     _register_ort_schemas()
     qmoe.register_schema()
     step, layers = qmoe.to_qmoe_blocks(step)  # a copy
+    # repeat_kv copies each layer's cache n_rep times per decode step (Expand): 5% of a Mixtral-slice decode step
+    # at 1 thread (interleaved A/B, same outputs bit for bit)
+    use_grouped_attention(step)
     linears = replace_packed_linears(step, lambda p, s, z, b, k: nbits_linear(p, s, z, b, k, accuracy_level))
     tables = {}
     for name, mod in step.named_modules():

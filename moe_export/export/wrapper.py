@@ -57,6 +57,38 @@ def step_positions(input_pos: torch.Tensor, t, max_seq_len: int, dtype: torch.dt
     return positions, write, keep, mask
 
 
+GROUPED_ATTENTION = "moe_export_grouped_eager"  # an attention implementation name (transformers' AttentionInterface)
+
+
+def grouped_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention (``eager_attention_forward``: scores, additive mask, float32 softmax, weighted
+    values) without ``repeat_kv``: the ``n_rep`` query heads that share a key/value head are one broadcast batch
+    over it (query ``[B, Hkv, n_rep, T, D]`` against key ``[B, Hkv, 1, S, D]``), so a traced step does not copy the
+    cache ``n_rep`` times per layer (``Expand`` of ``[1, Hkv, n_rep, S, D]`` every decode step). The same products
+    and sums as the eager form, row for row."""
+    b, h, t, _ = query.shape
+    hkv = key.shape[1]
+    if h % hkv:
+        raise ValueError(f"{h} query heads do not divide into {hkv} key/value heads")
+    q = query.reshape(b, hkv, h // hkv, t, -1)  # head j * n_rep + r reads kv head j, as repeat_kv orders them
+    scores = torch.matmul(q, key.transpose(2, 3)[:, :, None]) * scaling  # [B, Hkv, n_rep, T, S]
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, None]  # [B, 1, 1, T, S]
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value[:, :, None])  # [B, Hkv, n_rep, T, Dv]
+    return out.reshape(b, h, t, -1).transpose(1, 2).contiguous(), weights.reshape(b, h, t, -1)
+
+
+def use_grouped_attention(step: "DecoderStep") -> None:
+    """Make ``step`` (its own module tree and config) attend with :func:`grouped_eager_attention`: the onnxruntime
+    ``native`` .onnx. Registers it under ``GROUPED_ATTENTION`` (explicit and idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_eager_attention)
+    step.model.config._attn_implementation = GROUPED_ATTENTION
+
+
 class DecoderStep(nn.Module):
     def __init__(self, model: nn.Module, max_seq_len: int = 128):
         super().__init__()
