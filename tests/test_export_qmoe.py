@@ -104,6 +104,46 @@ def test_projections_of_other_widths_or_group_sizes_are_refused():
         moe_layer_model(gu, dataclasses.replace(dn, group_size=64), block.gate.weight, 2)
 
 
+def _ort_optimized_ops(path, tmp_path) -> dict[str, int]:
+    """Operator counts of the graph onnxruntime runs (after its fusions) for the model at ``path``."""
+    import onnx
+    import onnxruntime as ort
+
+    from moe_export.export.onnx import onnx_ops
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return {k.split("::")[-1]: v for k, v in onnx_ops(onnx.load(so.optimized_model_filepath)).items()}
+
+
+def test_reciprocal_roots_become_divisions():
+    """``Mul(x, Reciprocal(Sqrt(v)))`` (torch's rsqrt) becomes ``Div(x, Sqrt(v))``, the form onnxruntime fuses
+    into an RMS norm kernel; a reciprocal read elsewhere too stays. Same outputs to float rounding."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from moe_export.export.onnx import _divide_by_root, onnx_ops
+
+    nodes = [helper.make_node("Sqrt", ["v"], ["s"]), helper.make_node("Reciprocal", ["s"], ["r"]),
+             helper.make_node("Mul", ["r", "x"], ["y"]),  # either operand order
+             helper.make_node("Sqrt", ["x"], ["s2"]), helper.make_node("Reciprocal", ["s2"], ["r2"]),
+             helper.make_node("Mul", ["v", "r2"], ["z"]), helper.make_node("Add", ["r2", "z"], ["w"])]  # r2 read twice
+    info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3]) for n in ("v", "x", "y", "w")]
+    model = helper.make_model(helper.make_graph(nodes, "g", info[:2], info[2:]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    assert _divide_by_root(model.graph) == 1
+    assert onnx_ops(model) == {"Sqrt": 2, "Div": 1, "Reciprocal": 1, "Mul": 1, "Add": 1}
+    onnx.checker.check_model(model)
+    feed = {"v": np.array([4.0, 2.0, 9.0], np.float32), "x": np.array([1.0, 3.0, 0.5], np.float32)}
+    want, got = (_session(m).run(None, feed) for m in (before, model))
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_decoder_step_exports_as_qmoe_nodes(tmp_path):
     """`export_onnx(mode="native")`: every MoE block becomes QMoE nodes (one per width group), nothing of the
     placeholder is left, and the whole step matches the eager quantized model (4-bit containers, fp32: exact)."""
@@ -134,6 +174,8 @@ def test_decoder_step_exports_as_qmoe_nodes(tmp_path):
     # another form keeps transformers' eager attention
     assert model.config.num_key_value_heads < model.config.num_attention_heads and "Expand" not in ops
     assert onnx_ops(export_onnx(step, tmp_path / "p.onnx", mode="packed"))["Expand"]
+    # RMS norms as x / sqrt(mean(x^2) + eps) * w: onnxruntime fuses each into one SimplifiedLayerNormalization
+    assert "Reciprocal" not in ops and _ort_optimized_ops(path, tmp_path)["SimplifiedLayerNormalization"] == 2 * n_layers + 1
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     rep = compare(OnnxRunner(path), logits_fn_for(q), ids, gen_model=q, gen_prompt=ids[0, :6], new_tokens=16)
     check_parity(rep)  # max abs err within 1e-4 of the largest logit, prefill and KV-cache decode; greedy equal
