@@ -78,23 +78,62 @@ def lower_to_executorch(ep, mode: str = "packed"):
 
 def _xnnpack_friendly_pass():
     """An edge pass that lets XNNPACK take more of the float graph in fewer, larger delegates: every delegate
-    boundary costs the program a serialized XNNPACK graph and the tensors between them (a tiny model's program
-    is mostly that). Expands to the shape they already have (matmul's batch broadcast) are dropped, and a mean
-    over the last dim of a 3-D tensor (RMSNorm), which XNNPACK takes only as a 4-D mean over dims 2-3, becomes
-    one through views (float rounding of the sum differs, nothing else)."""
+    boundary costs the program a serialized XNNPACK graph and the tensors between them (on a tiny model the
+    graph is a few percent of the file), and a step between delegates on portable kernels. Every rewrite moves the
+    same values (no arithmetic changes), except the mean:
+
+    * expands to the shape they already have (matmul's batch broadcast) are dropped;
+    * reshapes to sizes that name the token count symbolically, and float unsqueezes (XNNPACK reshapes only to
+      static sizes with one inferred dim, and unsqueezes only the last dim), become views to static sizes;
+    * a broadcasting expand of one dim (GQA's repeat_kv, the cache write's batch broadcast), which XNNPACK has no
+      op for, becomes a concatenation of copies, and a concatenation that repeats an input (the rotary table) takes
+      copies: XNNPACK's partitioner counts distinct inputs and takes no concatenation of one;
+    * a mean over the last dim of a 3-D tensor (RMSNorm), which XNNPACK takes only as a 4-D mean over dims 2-3,
+      becomes one through views (float rounding of the sum differs, nothing else)."""
     from executorch.exir.dialects._ops import ops as exir_ops
     from executorch.exir.pass_base import ExportPass
 
     aten = exir_ops.edge.aten
+    max_cat = 5  # inputs of one XNNPACK concatenation node
 
     def fixed(shape):  # a view's target: static dims, at most one dynamic dim as -1, else None
         dims = [d if isinstance(d, int) else -1 for d in shape]
         return dims if dims.count(-1) <= 1 else None
 
+    def repeated_dim(src, out):  # the one dim an expand broadcasts from 1 to n (static), else None
+        src = [1] * (len(out) - len(src)) + list(src)
+        dims = [(d, o) for d, (s, o) in enumerate(zip(src, out)) if s != o]
+        if len(dims) != 1 or not isinstance(dims[0][1], int) or src[dims[0][0]] != 1 or not 1 < dims[0][1] <= max_cat:
+            return None
+        return src, dims[0]
+
     class XnnpackFriendly(ExportPass):
+        def copies(self, x, n, meta):  # [x, copy of x, ...]: n distinct nodes holding x's values
+            return [x] + [super(XnnpackFriendly, self).call_operator(aten.clone.default, (x,), {}, meta)
+                          for _ in range(n - 1)]
+
         def call_operator(self, op, args, kwargs, meta):
+            val = meta.data.get("val")
+            floats = isinstance(val, torch.Tensor) and val.dtype == torch.float32
             if op == aten.expand_copy.default and tuple(args[0].to_tensor().shape) == tuple(meta["val"].shape):
                 return args[0]
+            if op == aten.expand_copy.default and floats:
+                rep = repeated_dim(args[0].to_tensor().shape, meta["val"].shape)
+                if rep is not None and fixed(rep[0]) is not None:
+                    src, (dim, n) = rep
+                    x = super().call_operator(aten.view_copy.default, (args[0], fixed(src)), {}, meta)
+                    return super().call_operator(aten.cat.default, (self.copies(x, n, meta), dim), {}, meta)
+            if op == aten.cat.default and floats and len(set(map(id, args[0]))) < len(args[0]):
+                parts, seen = [], set()
+                for x in args[0]:
+                    parts.append(self.copies(x, 2, meta)[1] if id(x) in seen else x)
+                    seen.add(id(x))
+                return super().call_operator(op, (parts, *args[1:]), kwargs, meta)
+            if op in (aten.view_copy.default, aten.unsqueeze_copy.default) and floats:
+                dims = fixed(meta["val"].shape)
+                symbolic = op != aten.view_copy.default or not all(isinstance(d, int) for d in args[1])
+                if dims is not None and symbolic:
+                    return super().call_operator(aten.view_copy.default, (args[0], dims), {}, meta)
             if op == aten.mean.dim and not kwargs.get("dtype") and len(args) > 2 and args[2]:
                 shape = list(args[0].to_tensor().shape)  # [B, T, H]
                 if len(shape) == 3 and [d % 3 for d in args[1]] == [2] and fixed(shape):
