@@ -16,6 +16,7 @@ import torch
 
 from moe_export.eval import logits_fn_for
 from moe_export.export.executorch import export_pte, pte_ops
+from moe_export.export.ops import define_native_ops
 from moe_export.export.parity import check_parity, compare
 from moe_export.export.prepare import prepare_for_export
 from moe_export.export.runners import PteRunner
@@ -113,6 +114,74 @@ def test_executorch_threads_are_set_before_programs_load(native):
     assert lines[1].startswith("refused |") and "keeps the pool it was loaded with" in lines[1], res.stdout
     assert lines[2] == "two 2 True", res.stdout
     assert "Resetting threadpool" not in res.stderr and "cpuinfo" not in res.stderr, res.stderr[-2000:]
+
+
+class _PackedLinearProgram(torch.nn.Module):
+    """One ``moe_export::packed_linear`` over a packed weight held as buffers: a program of that op alone."""
+
+    def __init__(self, packed, scale, zero, bits, accuracy):
+        super().__init__()
+        define_native_ops()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.bits, self.accuracy = bits, accuracy
+
+    def forward(self, x):  # [M, K] -> [M, N]
+        return torch.ops.moe_export.packed_linear(x, self.packed, self.scale, self.zero, self.bits, self.accuracy)
+
+
+def test_native_kernels_split_rows_across_threads_exactly(native, tmp_path):
+    """A weight whose rows the kernels split over the ExecuTorch pool (4096 rows, 2 MB of 8-bit codes) gives
+    bit-identical values at 1 and 2 threads, exact and int8 arithmetic, and the eager op's (the same core in the
+    torch extension's build: float rounding); a PteRunner step runs torch at one intra-op thread and hands its count back. A fresh process: the
+    pool is process-wide."""
+    from moe_export.export.executorch import lower_to_executorch
+    from moe_export.quant.rtn import RTNQuantizer
+    from moe_export.runtime.layout import WidthGroups
+
+    torch.manual_seed(0)
+    g = WidthGroups.from_quantized([RTNQuantizer().quantize(torch.randn(4096, 512), 8, 32, False)])
+    x = torch.randn(2, 512)
+    for acc in (0, 1):
+        mod = _PackedLinearProgram(g.packed[8][0], g.scale[8][0], g.zero[8][0], 8, acc)
+        ep = torch.export.export(mod, (x,), dynamic_shapes=({0: torch.export.Dim("M", min=1, max=8)},))
+        (tmp_path / f"lin{acc}.pte").write_bytes(lower_to_executorch(ep, "native").buffer)
+        torch.save(mod(x), tmp_path / f"eager{acc}.pt")
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import gc, sys, torch\n"
+        "from pathlib import Path\n"
+        "from executorch.runtime import Runtime\n"
+        "from moe_export.export.runners import PteRunner, executorch_threads\n"
+        "from moe_export.kernels import et_native\n"
+        "et_native.load()\n"
+        "d = Path(sys.argv[1]); x = torch.load(d / 'x.pt')\n"
+        "for acc in (0, 1):\n"
+        "    outs = []\n"
+        "    for t in (1, 2):\n"
+        "        executorch_threads(t)\n"
+        "        m = Runtime.get().load_program(str(d / f'lin{acc}.pte')).load_method('forward')\n"
+        "        outs += [m.execute([x])[0], m.execute([x[:1]])[0]]\n"
+        "        del m; gc.collect()\n"
+        "    eager = torch.load(d / f'eager{acc}.pt')\n"
+        "    close = lambda a, b: bool((a - b).abs().max() <= 1e-5 * b.abs().max())  # the torch extension's build\n"
+        "    print('acc', acc, torch.equal(outs[0], outs[2]), torch.equal(outs[1], outs[3]),\n"
+        "          close(outs[0], eager), close(outs[1], eager[:1]))\n"
+        "torch.set_num_threads(2)\n"
+        "r = PteRunner(sys.argv[2], threads=2)\n"
+        "class Spy:  # torch's intra-op threads while the program runs\n"
+        "    def __init__(self, m):\n        self.m, self.seen = m, []\n"
+        "    def execute(self, inputs):\n        self.seen.append(torch.get_num_threads())\n"
+        "        return self.m.execute(inputs)\n"
+        "r.method = Spy(r.method)\n"
+        "r.step(torch.tensor([[1, 2, 3]]), 0)\n"
+        "print('torch threads', r.method.seen, torch.get_num_threads())\n")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(native["pte"])], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == ["acc 0 True True True True", "acc 1 True True True True", "torch threads [1] 2"], \
+        res.stdout
 
 
 def test_native_ops_eager_and_fake():
