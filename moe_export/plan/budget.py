@@ -180,37 +180,17 @@ def input_moments(model, batches, progress: bool = False) -> InputMoments:
     from moe_export.models import find_moe_layers
     from moe_export.plan.calibration_stats import routing_statistics
     from moe_export.plan.methods import _expert_act
+    from moe_export.quant.calibration import linear_input_sums
 
     layers = find_moe_layers(model)
     expert_params = {l.param_name(p, e) for l in layers for p in l.projections for e in range(l.num_experts)}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-
-    def linear_hook(name):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)  # [T, K]
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
-
-    hooked = set()
-    for mname, mod in model.named_modules():
-        for pname, p in mod.named_parameters(recurse=False):
-            fqn = f"{mname}.{pname}" if mname else pname
-            if p.dim() != 2 or fqn in expert_params or pname != "weight":
-                continue
-            if isinstance(mod, torch.nn.Linear):
-                hooks.append(mod.register_forward_pre_hook(linear_hook(fqn)))
-                hooked.add(fqn)
+    linears = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear)} - expert_params
     tokens = sum(int(b.numel()) for b in batches)
-    try:
+    with linear_input_sums(model, linears) as (acc, _):
         stats = routing_statistics(model, batches, keep_inputs=tokens, layers=layers, progress=progress)
-    finally:
-        for h in hooks:
-            h.remove()
     unit = lambda H: (H * (H.shape[0] / max(float(torch.trace(H)), 1e-30))).to(torch.float32)  # mean variance 1
-    linear = {n: unit(sums[n] / counts[n]) for n in hooked if n in sums}
+    linear = {n: unit(s / c) for n, (s, c) in acc.items()}
     experts = {}
     f32 = lambda w: w.to(torch.float32)
     for l in layers:

@@ -21,6 +21,7 @@ Memory: one layer's inputs plus one expert's two Hessians at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -165,35 +166,48 @@ def quantize_layer_calibrated(layer, X: torch.Tensor, routed: torch.Tensor, bits
     return qweights, n_tokens, fallback, max_damp
 
 
+@contextlib.contextmanager
+def linear_input_sums(model, names):
+    """While the block runs, accumulate ``sum x^T x`` (``[K, K]``, float64) and the token count of the inputs of
+    every ``nn.Linear`` whose weight FQN is in ``names``. Yields ``(sums, hooked)``: ``{fqn: [sum, count]}``, filled
+    as the model runs, and the FQNs it hooks. The one hook behind GPTQ's non-expert Hessians (``linear_hessians``) and the budget's input moments
+    (``plan.budget.input_moments``)."""
+    names = set(names)
+    acc: dict[str, list] = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # [T_b, K]
+            s = acc.setdefault(name, [0, 0])
+            s[0] = s[0] + x.T @ x
+            s[1] += x.shape[0]
+        return fn
+
+    hooked = {}
+    for m, mod in model.named_modules():
+        fqn = f"{m}.weight" if m else "weight"
+        if isinstance(mod, torch.nn.Linear) and fqn in names:
+            hooked[fqn] = mod
+    hooks = [mod.register_forward_pre_hook(hook(fqn)) for fqn, mod in hooked.items()]
+    try:
+        yield acc, list(hooked)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def linear_hessians(model, names, batches: torch.Tensor, forward: Callable, batch_size: int) -> dict[str, torch.Tensor]:
     """``2/n X^T X`` ``[K, K]`` of the inputs of every ``nn.Linear`` whose weight FQN is in ``names``, over all the
     calibration tokens, in one pass of ``model`` as it is (``quantize_`` runs it after the experts are quantized, so
     attention and lm_head see the quantized experts' outputs). One Hessian per weight is held at once: for
     Mixtral-8x7B's 128 attention weights and lm_head, ~8 GB in float32."""
-    names = set(names)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # [T_b, K]
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return fn
-
-    hooks = [mod.register_forward_pre_hook(hook(f"{m}.weight" if m else "weight"))
-             for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and
-             (f"{m}.weight" if m else "weight") in names]
-    if not hooks:
-        return {}
-    try:
+    with linear_input_sums(model, names) as (acc, hooked):
+        if not hooked:
+            return {}
         for i in range(0, batches.shape[0], batch_size):
             forward(batches[i : i + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: (2.0 / max(counts[n], 1) * sums[n]).float() for n in sums}
+    return {n: (2.0 / max(c, 1) * s).float() for n, (s, c) in acc.items()}
 
 
 def resolve_calibration(calibration) -> CalibrationConfig:
