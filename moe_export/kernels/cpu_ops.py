@@ -72,7 +72,8 @@ def _load(simd: bool):
         # The build is for the baseline ISA: the core picks AVX2 / AVX-VNNI / AVX-512 VNNI per function at run
         # time. Its name carries a hash of both sources: load_inline hashes only the .cpp, and worktrees or
         # versions with other sources must not rebuild over each other's cached library.
-        flags = ["-O3", *_openmp_flags()]
+        openmp = _openmp_flags()
+        flags = ["-O3", *openmp]
         digest = hashlib.sha256((source + _CORE.read_text() + " ".join(flags)).encode()).hexdigest()[:12]
         if not simd:
             flags += ["-DMOE_EXPORT_CORE_SCALAR_ONLY", "-DMOE_EXPORT_NO_OPS"]  # the dispatcher ops: default build only
@@ -82,7 +83,7 @@ def _load(simd: bool):
             functions=["mixed_width_gemv", "has_simd", "kernel_path", "set_kernel_path", "path_available", "moe_ffn",
                        "packed_linear", "packed_gather", "parallel_threads"],
             extra_cflags=flags,
-            extra_ldflags=_openmp_flags(),
+            extra_ldflags=openmp,
             extra_include_paths=[str(_DIR)],
             verbose=False,
         )

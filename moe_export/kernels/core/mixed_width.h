@@ -845,7 +845,6 @@ inline __mmask64 low_bits64(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mma
 // NR weight rows (`stride` bytes apart) against one quantized row: out[r] for r < NR. The NR rows share each
 // activation load and the 16-group blocks of scales. UNPACKED: the rows are already cut into one byte per code
 // (unpack_row_512; prefill cuts a row once for all the activation rows it meets).
-// Whole vector u of a group: packed codes cut by codes64, or a row already cut into bytes.
 // Widths 2 and 4 hold a lane's four codes in one byte / one 16-bit word of the stream, so a zero-extending load
 // (vpmovzxbd / vpmovzxwd) puts them in their dword without the byte permute; vpmultishiftqb cuts them as above.
 // Same bytes out as codes64; decode from DRAM 1.26-1.45x (2-bit 1024 x 2816) and 1.2x (4-bit) per code on Zen 4.
@@ -864,6 +863,8 @@ MOE_T_AVX512 inline __m512i aligned_codes64(const uint8_t* p, __m512i mask) {
   }
 }
 
+// Whole vector u of a group: packed codes cut by codes64 (aligned_codes64 for 2 and 4 bits), or a row already
+// cut into bytes.
 template <int B, bool UNPACKED>
 MOE_T_AVX512 inline __m512i whole_codes64(const uint8_t* pr, int64_t u, __mmask64 cm, __m512i perm, __m512i ctrl,
                                           __m512i mask) {
