@@ -187,8 +187,8 @@ def test_run_bench_writes_json_and_markdown(tmp_path):
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["plan"]["mean_bits"] <= 3
     dec = data["latency"]["decode"]
-    for name in ("float eager", "float compiled", "quantized eager", "quantized compiled", "pte quantized (packed)",
-                 "pte quantized (xnnpack-int)", "pte float (xnnpack)", "onnx quantized (packed)", "onnx quantized (fast)",
+    for name in ("float eager", "float compiled", "quantized eager", "quantized compiled", "quantized AOTInductor",
+                 "pte quantized (packed)", "pte quantized (xnnpack-int)", "pte float (xnnpack)", "onnx quantized (packed)", "onnx quantized (fast)",
                  "onnx float", "torchao intx-wo int4 g32 eager"):
         assert dec[name]["ms"] > 0, (name, dec[name])
         assert data["latency"]["prefill"][name]["ms"] > 0, name
@@ -279,3 +279,18 @@ def test_bench_no_export_refuses_export_modes(tmp_path):
     r = CliRunner().invoke(main, ["bench", "--no-export", "--pte-modes", "native", "-o", str(tmp_path / "b")])
     assert r.exit_code != 0 and "--no-export exports nothing" in r.output
     assert not (tmp_path / "b").exists()
+
+
+def test_targets_compare_our_torch_decode_with_llama_cpp_q2_k_per_thread_count():
+    from moe_export.bench.run import AOT, _targets
+
+    rows = {"1": {"quantized compiled": {"decode_tok_s": 190.0}, AOT: {"decode_tok_s": 250.0},
+                  "llama.cpp Q2_K (117.0 MB)": {"decode_tok_s": 236.0}},
+            "2": {"quantized compiled": {"decode_tok_s": 300.0}, "llama.cpp Q2_K (117.0 MB)": {"decode_tok_s": 470.0}}}
+    res = {"latency": {"decode": {}}, "plan": {"mean_bits": 2.5}, "model": {}, "sizes": [],
+           "throughput": {"threads": rows}}
+    got = {t["target"]: t for t in _targets(res) if "llama.cpp" in t["target"]}
+    assert got["1 thread(s): quantized compiled decode >= llama.cpp Q2_K (64 steps)"]["met"] is False
+    assert got["1 thread(s): quantized AOTInductor decode >= llama.cpp Q2_K (64 steps)"]["met"] is True
+    assert got["2 thread(s): quantized compiled decode >= llama.cpp Q2_K (64 steps)"]["value"].startswith("0.64x")
+    assert len(got) == 3  # no row for a variant the run did not measure

@@ -13,6 +13,7 @@ cache object they update is ours.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 
@@ -122,6 +123,7 @@ class DecoderStep(nn.Module):
             self.v_head_dim = self.head_dim
         self.vocab_size = cfg.vocab_size
         self._rope = self._rope_table(model.model.rotary_emb, max_seq_len)
+        self._rope_buffers = False  # see rope_table_buffers
         self.eval()
 
     @staticmethod
@@ -135,6 +137,23 @@ class DecoderStep(nn.Module):
             return None
         with torch.no_grad():
             return rotary(torch.zeros(1), torch.arange(max_seq_len).unsqueeze(0))
+
+    @contextlib.contextmanager
+    def rope_table_buffers(self):
+        """Inside the block the rotary table is two buffers of the step (``rope_cos``, ``rope_sin``, not saved) and an
+        export reads its rows, as torch.compile does: the AOTInductor programs (``export.aot``) look their constants
+        up by name. Outside it, .pte and .onnx programs compute rotary with the model's own module, as before."""
+        if self._rope is None:
+            yield
+            return
+        self.register_buffer("rope_cos", self._rope[0], persistent=False)
+        self.register_buffer("rope_sin", self._rope[1], persistent=False)
+        self._rope_buffers = True
+        try:
+            yield
+        finally:
+            self._rope_buffers = False
+            del self.rope_cos, self.rope_sin
 
     def cache_shape(self) -> tuple[int, ...]:
         return (self.num_layers, 1, self.num_kv_heads, self.max_seq_len, self.head_dim)
@@ -157,10 +176,11 @@ class DecoderStep(nn.Module):
 
         h = inner.embed_tokens(tokens)  # [1, T, H]
         position_ids = positions.unsqueeze(0)  # [1, T]
-        if self._rope is None or torch.compiler.is_exporting():
+        if self._rope is None or (torch.compiler.is_exporting() and not self._rope_buffers):
             pe = inner.rotary_emb(h, position_ids)
         else:
-            pe = tuple(t[:, positions].to(h.dtype) for t in self._rope)  # [1, T, D] each
+            table = (self.rope_cos, self.rope_sin) if self._rope_buffers else self._rope
+            pe = tuple(t[:, positions].to(h.dtype) for t in table)  # [1, T, D] each
         for layer in inner.layers:
             out = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache, position_embeddings=pe)
             h = out[0] if isinstance(out, tuple) else out

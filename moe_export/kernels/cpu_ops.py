@@ -246,10 +246,26 @@ def _(x, idx, packed, scale, zero, bits):
 FUSED_WIDTHS = KERNEL_BITS
 
 
+# Whether torch.export may record the C++ ops: only for a program that runs in this process's torch (an
+# AOTInductor step, ``export.aot``), never for a .pte or .onnx, whose runtimes lack them.
+_IN_EXPORT = False
+
+
+@contextlib.contextmanager
+def ops_in_export():
+    """Let ``torch.export`` inside the block record the C++ ops (a program for AOTInductor in this process)."""
+    global _IN_EXPORT
+    before, _IN_EXPORT = _IN_EXPORT, True
+    try:
+        yield
+    finally:
+        _IN_EXPORT = before
+
+
 def runs_on(x: torch.Tensor) -> bool:
     """Whether the C++ ops may take ``x``: a CPU tensor, the ops enabled, and not under ``torch.export`` (an
-    exported graph must not name ops its runtime lacks)."""
-    return x.device.type == "cpu" and enabled() and not torch.compiler.is_exporting()
+    exported graph must not name ops its runtime lacks) unless inside ``ops_in_export``."""
+    return x.device.type == "cpu" and enabled() and (_IN_EXPORT or not torch.compiler.is_exporting())
 
 
 def fused_runs_on(x: torch.Tensor) -> bool:
