@@ -284,6 +284,36 @@ def test_cli_budget_plan_then_quantize_stays_within_one_percent(tiny_zoo_dir, tm
     assert r.exit_code != 0 and "kept float" in r.output
 
 
+def test_cli_plan_default_is_the_calibrated_inputs_budget_and_the_paper_stays_per_layer(tiny_zoo_dir, tmp_path):
+    """`plan --budget SIZE` with no --usage weighs every error by its measured inputs on the default calibration text
+    (the best measured default); --usage uniform is the data-free allocation; --avg-bits with no --method is still
+    the paper's router+maxvar."""
+    from moe_export.cli import main
+
+    runner = CliRunner()
+    plans = {}
+    for name, extra in (("default", []), ("activation", ["--usage", "activation", "--calib-corpus", "shakespeare"]),
+                        ("uniform", ["--usage", "uniform"])):
+        r = runner.invoke(main, ["plan", str(tiny_zoo_dir), "--budget", "2.7bpw", "-q", "-o",
+                                 str(tmp_path / f"{name}.json"), *extra])
+        assert r.exit_code == 0, r.output
+        plans[name] = BitPlan.load(tmp_path / f"{name}.json")
+    d = plans["default"].provenance
+    assert d["method"] == "budget" and d["weighting"] == "activation"
+    assert d["expert_usage"] == "calibration input second moments (output error)"
+    assert d["calibration"].startswith("shakespeare: ")
+    assert plans["default"].tensors == plans["activation"].tensors
+    assert [l.tensors for l in plans["default"].layers] == [l.tensors for l in plans["activation"].layers]
+    u = plans["uniform"].provenance
+    assert u["weighting"] == "usage" and u["expert_usage"] == "top_k / E" and "calibration" not in u
+    r = runner.invoke(main, ["plan", str(tiny_zoo_dir), "--avg-bits", "2.5", "--levels", "3,2", "--group-size", "32",
+                             "-q", "-o", str(tmp_path / "paper.json")])
+    assert r.exit_code == 0, r.output
+    assert BitPlan.load(tmp_path / "paper.json").provenance["method"] == "router+maxvar"
+    r = runner.invoke(main, ["plan", str(tiny_zoo_dir), "-o", str(tmp_path / "none.json")])
+    assert r.exit_code != 0 and "--budget SIZE" in r.output
+
+
 def test_budget_sweep_section_is_spliced_and_kept_by_the_report(tmp_path):
     """The sweep's section of results.md: rendered from its records, replaced in place on a rerun, appended once."""
     from moe_export.repro import budget_sweep
@@ -331,6 +361,28 @@ def test_budget_sweep_merges_models_and_states_the_quality_targets():
     assert "quality target at 2.2 bpw, perplexity within 5% of float: not met;" in text and "(+10.0%)" in text
     with pytest.raises(ValueError, match="eval_tokens"):
         budget_sweep.merge(old, {**new, "sweep": {**new["sweep"], "eval_tokens": 1}})
+
+
+def test_budget_sweep_resumed_run_keeps_its_commands_and_note():
+    """A model's sweep resumed from its recorded points (every old point kept) lists the old command and the new
+    one, and keeps the records' note; the variant calibrated on other text than the scored domain says so."""
+    from moe_export.repro import budget_sweep
+
+    pt = lambda m, t, ppl: {"method": m, "target_bpw": t, "bpw": t, "bytes": t * 100 / 8, "bpb": 2.8, "ppl": ppl}
+    sweep = json.loads(json.dumps(budget_sweep.BudgetSweep(models=("b",), targets=(2.7, 2.2)).to_dict()))
+    run = lambda pts: {"model": "b", "seed": 0, "parameters": 100, "group_size": 64, "points": pts,
+                       "float": {"bpb": 2.7, "ppl": 100.0, "bpw": 32.0}}
+    old = {"sweep": sweep, "runs": [run([pt("budget", 2.7, 101.0)])], "commands": {"b": "sweep one"}, "note": "N."}
+    grown = [pt("budget", 2.7, 101.0), pt("budget-activation-shakespeare", 2.2, 103.0)]
+    merged = budget_sweep.merge(old, {"sweep": sweep, "runs": [run(grown)], "commands": {"b": "sweep two"}})
+    assert merged["commands"] == {"b": ["sweep one", "sweep two"]} and merged["note"] == "N."
+    text = "\n".join(budget_sweep.markdown(merged))
+    assert "Written by `sweep one`, `sweep two`." in text and "\nN.\n" in text
+    assert "| budget allocator (calibrated inputs on Shakespeare, plan's default text) |" in text
+    assert "*Calibrated inputs on Shakespeare*" in text
+    changed = budget_sweep.merge(old, {"sweep": sweep, "runs": [run([pt("budget", 2.7, 99.0)])],
+                                       "commands": {"b": "sweep three"}})
+    assert changed["commands"] == {"b": "sweep three"}
 
 
 def test_error_table_scores_experts_with_the_plans_quantizer_and_the_rest_as_stored():

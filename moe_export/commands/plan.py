@@ -55,16 +55,18 @@ def _non_expert(items, group_size, symmetric):
                    "embedding weight gets its own width (1,2,3,4,6,8 or float) and group size (32,64,128), chosen "
                    "to minimise the weight error (see moe_export/plan/budget.py). --levels, when given, limits the "
                    "widths; --group-size, when given, the group sizes.")
-@click.option("--usage", type=click.Choice(["uniform", "calibration", "activation", "fisher"]), default="uniform",
+@click.option("--usage", type=click.Choice(["uniform", "calibration", "activation", "fisher"]), default="activation",
               show_default=True,
-              help="--budget: what weights each tensor's error: how often each expert is used, top_k/E for all "
-                   "(data-free) or its routing frequency on calibration text (--calib-corpus, --calib-tokens); "
-                   "activation: the output error on the calibration text's inputs (each weight's input second "
-                   "moments, an expert's routed tokens only); fisher: every weight's squared loss gradient on "
-                   "calibration text (diagonal Fisher).")
+              help="--budget: what weights each tensor's error. activation (the default, best measured in "
+                   "docs/results.md section 3): the output error on calibration text's inputs (each weight's input "
+                   "second moments, an expert's routed tokens only; --calib-corpus, --calib-tokens: the shipped "
+                   "English text unless another corpus is named); uniform: data-free, expert usage top_k/E, no "
+                   "forward pass; calibration: each expert's routing frequency on calibration text; fisher: every "
+                   "weight's squared loss gradient on calibration text (diagonal Fisher).")
 @click.option("--levels", default="3,2", show_default=True, callback=_levels, help="Candidate widths, e.g. 3,2 or 3,2,1.")
 @click.option("--method", type=click.Choice(METHOD_CHOICES + ["budget"]), default=None,
-              help="Allocation method [default: budget with --budget, else router+maxvar]. budget needs --budget.")
+              help="Allocation method [default: budget with --budget (the recommended whole-model allocation), "
+                   "router+maxvar (the paper's per-layer method) with --avg-bits]. budget needs --budget.")
 @click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Checkpoint before this training stage, for L_s = ||w_s(final)|| - ||w_s(ref)||. "
                    "Default: pretrained/ of a zoo build; none = final-norm proxy.")
@@ -81,7 +83,9 @@ def _non_expert(items, group_size, symmetric):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --method random and of calibration windows.")
 @click.option("--router-weighting", type=float, default=0.0, show_default=True,
               help="weight-error: weight each expert's error by 1 + GAMMA * (max L - L_s)/(max L - min L).")
-@click.option("--calib-corpus", default="shakespeare", show_default=True, help="Calibration corpus (frequency/routing-weight/pmq).")
+@click.option("--calib-corpus", default="shakespeare", show_default=True,
+              help="Calibration corpus, one of the shipped ones (--budget's calibrated usages, "
+                   "frequency/routing-weight/pmq).")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True)
 @click.option("--calib-seq-len", type=int, default=128, show_default=True)
 @click.option("--non-expert", "non_expert", multiple=True, metavar="ROLE=float|BITS[:GROUP|row][:sym|asym]",
@@ -111,7 +115,8 @@ def command(model_dir, avg_bits, budget, usage, levels, method, reference, zeta,
         raise click.UsageError("--method budget goes with --budget SIZE, and --budget with no other method")
     if (budget is None) == (avg_bits is None):
         raise click.UsageError("give --avg-bits (mean expert width per layer) or --budget (whole-model size), not both"
-                               if budget is not None else "missing --avg-bits (or --budget for a whole-model size)")
+                               if budget is not None else "missing a size: --budget SIZE (whole model, e.g. 2.7bpw: the "
+                               "recommended allocation) or --avg-bits (mean expert width per layer, the paper's methods)")
     src = click.get_current_context().get_parameter_source
     try:
         ckpt_dir, ref = resolve_model_dir(model_dir, reference)

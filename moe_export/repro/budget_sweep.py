@@ -38,8 +38,12 @@ LABELS = {"router+maxvar": "paper (router-norm + MaxVar)", "maxvar": "MaxVar", "
           "budget-fisher": "budget allocator (calibrated Fisher)",
           "budget-activation": "budget allocator (calibrated inputs)",
           "budget-activation-matched": "budget allocator (calibrated inputs) at the paper plan's bytes",
+          "budget-activation-shakespeare": "budget allocator (calibrated inputs on Shakespeare, plan's default text)",
           "budget-matched": "budget allocator at the paper plan's bytes"}
 QUANTIZER_NAMES = {"rtn": "RTN", "hqq": "HQQ", "gptq": "GPTQ"}
+# Variants measured on another corpus than the fine-tune corpus the points are scored on: what a user without text
+# of the model's domain gets from `moe-export plan --budget` (its default --calib-corpus).
+OTHER_TEXT = {"budget-activation-shakespeare": "shakespeare"}
 
 
 def quantizers_of(method: str) -> tuple[str, str, str]:
@@ -186,7 +190,8 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
     policy = NonExpertPolicy.parse(",".join(f"{r}={sweep.non_expert_bits}" for r in (
         "attention", "shared_experts", "embeddings", "lm_head", "dense_mlp")), gs)
     calib = None
-    calibrated = ("budget-calibration", "budget-fisher", "budget-activation", "budget-activation-matched")
+    calibrated = ("budget-calibration", "budget-fisher", "budget-activation", "budget-activation-matched",
+                  *OTHER_TEXT)
     named = [quantizers_of(m) for m in (*sweep.methods, *sweep.budget_variants)]
     if {b for b, _, _ in named} & set(calibrated) or any(get_quantizer(q).needs_calibration for _, _, q in named):
         calib = list(calibration_batches(tok, sweep.calib_tokens, entry.seq_len, seed=seed, corpus=corpus).split(8))
@@ -207,7 +212,8 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
             if (variant, target) in have:
                 continue
             name_, scorer, _ = quantizers_of(variant)
-            base = name_.removesuffix("-matched")
+            text = OTHER_TEXT.get(name_, corpus)
+            base = name_.removesuffix("-matched").removesuffix(f"-{text}")
             weighting = {"budget-none": "none", "budget-fisher": "fisher", "budget-activation": "activation"}.get(base, "usage")
             t = time.perf_counter()
             size = f"{target}bpw"
@@ -217,15 +223,19 @@ def run_model(sweep: BudgetSweep, name: str, seed: int, progress: bool = True, d
                     continue
                 size = f"{paper[0]['bytes']!r}B"
             cfg = BudgetConfig(size, weighting=weighting, quantizer=scorer)
-            key = (weighting if weighting in ("fisher", "activation") else "plain", scorer)
+            batches = calib
+            if text != corpus:
+                batches = list(calibration_batches(tok, sweep.calib_tokens, entry.seq_len, seed=seed,
+                                                   corpus=text).split(8))
+            key = (weighting if weighting in ("fisher", "activation") else "plain", scorer, text)
             if key not in tables:
-                sens = fisher_diagonal(model, calib) if weighting == "fisher" else None
-                if weighting == "activation" and "moments" not in tables:  # one measurement for every scorer
-                    tables["moments"] = input_moments(model, calib)
-                moments = tables["moments"] if weighting == "activation" else None
+                sens = fisher_diagonal(model, batches) if weighting == "fisher" else None
+                if weighting == "activation" and ("moments", text) not in tables:  # one measurement for every scorer
+                    tables["moments", text] = input_moments(model, batches)
+                moments = tables["moments", text] if weighting == "activation" else None
                 tables[key] = (model_items(model, get_quantizer(cfg.quantizer), cfg.symmetric, cfg.bits, cfg.groups,
                                            sensitivity=sens, moments=moments), time.perf_counter() - t)
-            plan = budget_plan(model, cfg, batches=calib if name_ in calibrated else None, model_name=name,
+            plan = budget_plan(model, cfg, batches=batches if name_ in calibrated else None, model_name=name,
                                table=tables[key][0])
             point(variant, target, plan, time.perf_counter() - t, error_table_s=tables[key][1], planned_bytes=plan.budget["planned_bytes"],
                   budget_bytes=plan.budget["bytes"], solver_s=plan.provenance["solver"]["seconds"],
@@ -376,14 +386,20 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
         "only), scaled to mean input variance 1 (embeddings: raw error); *at the paper plan's bytes*: usage-weighted "
         "(or calibrated inputs), "
         "with the budget set to the bytes the paper's plan actually used at that target (equal bytes, where the "
-        "per-layer methods could not get down to the target). Uniform b: every quantizable "
+        "per-layer methods could not get down to the target). "
+        + ("*Calibrated inputs on Shakespeare*: the calibrated-inputs weighting measured on as many tokens of the "
+           "Shakespeare train split (the zoo's pre-training text and `moe-export plan`'s default calibration text, "
+           "not the domain scored): what a user with no text of the model's domain gets. "
+           if any(p["method"].split("@")[0] in OTHER_TEXT for r in runs for p in r["points"]) else "")
+        + "Uniform b: every quantizable "
         f"weight at b bits, group {_groups(runs)}. Routers and norms stay float in every point. "
         f"Build seeds: {_seeds(runs)}" + (" (one build seed: differences of a few thousandths of a bit per byte may "
                                           "be noise)." if any(len(s) == 1 for s in _seeds_of(runs).values()) else "."),
         ""]
     commands = results.get("commands") or ({"": results["command"]} if results.get("command") else {})
     if commands:
-        lines += ["Written by " + ", ".join(f"`{c}`" for c in dict.fromkeys(commands.values())) + ".", ""]
+        flat = [c for cs in commands.values() for c in ([cs] if isinstance(cs, str) else cs)]
+        lines += ["Written by " + ", ".join(f"`{c}`" for c in dict.fromkeys(flat)) + ".", ""]
     if results.get("note"):
         lines += [results["note"], ""]
     for model in sorted({r["model"] for r in runs}):
@@ -487,7 +503,8 @@ def _quality_verdicts(rs, fl_ppl) -> list[str]:
 def merge(old: dict, new: dict) -> dict:
     """``new`` with the runs of every model it did not sweep kept from ``old`` (one records file and one section for
     all models; a model's rerun replaces its own runs). The sweeps must agree on everything but models, seeds and
-    which methods they ran (each model's table shows its own)."""
+    which methods they ran (each model's table shows its own). A run resumed from the old one's points (every old
+    point kept as it was) adds its command to the old ones; ``old``'s note stays unless ``new`` has one."""
     import json
 
     keep = ("models", "seeds", "methods", "budget_variants")
@@ -500,12 +517,25 @@ def merge(old: dict, new: dict) -> dict:
     kept = [r for r in old["runs"] if r["model"] not in swept]
     models = list(dict.fromkeys([r["model"] for r in kept] + list(new["sweep"]["models"])))
     commands = old.get("commands") or {m: old["command"] for m in old["sweep"]["models"] if old.get("command")}
-    commands = {m: c for m, c in commands.items() if m not in swept}
-    commands.update(new.get("commands") or {m: new["command"] for m in swept if new.get("command")})
+    as_list = lambda c: [c] if isinstance(c, str) else list(c)
+    resumed = {m for m in swept if _resumes(old["runs"], new["runs"], m)}
+    commands = {m: c for m, c in commands.items() if m not in swept or m in resumed}
+    for m, c in (new.get("commands") or {m: new["command"] for m in swept if new.get("command")}).items():
+        commands[m] = list(dict.fromkeys(as_list(commands[m]) + as_list(c))) if m in commands else c
     union = {k: list(dict.fromkeys(list(a[k]) + list(b[k]))) for k in ("methods", "budget_variants")}
     out = {**new, "sweep": {**new["sweep"], "models": models, **union}, "runs": kept + new["runs"], "commands": commands}
     out.pop("command", None)
+    if "note" not in new and "note" in old:
+        out["note"] = old["note"]
     return out
+
+
+def _resumes(old_runs, new_runs, model) -> bool:
+    """Whether ``new_runs`` of ``model`` hold every point of its ``old_runs`` unchanged (a resumed sweep)."""
+    key = lambda r: r["seed"]
+    old = {key(r): r["points"] for r in old_runs if r["model"] == model}
+    new = {key(r): r["points"] for r in new_runs if r["model"] == model}
+    return bool(old) and all(s in new and all(p in new[s] for p in pts) for s, pts in old.items())
 
 
 def splice(md_text: str, section: list[str]) -> str:
@@ -556,7 +586,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default=None)
     ap.add_argument("--variants", default=None,
                     help="budget variants: budget,budget-none,budget-matched,budget-calibration,budget-fisher,"
-                         "budget-activation,budget-activation-matched")
+                         "budget-activation,budget-activation-matched,budget-activation-shakespeare")
     ap.add_argument("--methods", default=None,
                     help="per-layer methods: router+maxvar,maxvar,weight-error; METHOD@QUANTIZER (hqq, gptq) stores the "
                          "experts with that quantizer, for the budget variants too (VARIANT@SCORER:QUANTIZER: widths "
