@@ -357,3 +357,32 @@ def test_native_128_experts_top8(tmp_path):
     rep = check_parity(compare(PteRunner(pte), logits_fn_for(qmodel), ids, gen_model=qmodel, gen_prompt=ids[0, :4],
                                new_tokens=16))
     assert rep.greedy_match == 16
+
+
+def test_native_attention_reads_the_cache_in_place(native):
+    """The native .pte attends with grouped query heads as rows (``wrapper.grouped_eager_attention(rows=True)``):
+    its edge program expands no cache-sized tensor, where the same step with transformers' eager attention expands
+    each layer's keys and values n_rep times (repeat_kv)."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    from moe_export.export.executorch import export_program, native_step
+    from moe_export.quiet import exporting
+
+    step = DecoderStep(prepare_for_export(native["q"]), max_seq_len=64)
+    cfg = native["f"].config
+    assert cfg.num_attention_heads > cfg.num_key_value_heads  # grouped query heads: repeat_kv has copies to make
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def cache_expands(module):  # broadcasting expands of a tensor of cache slots x head dim ([.., S, D] or [.., D, S])
+        with exporting():
+            edge = to_edge(export_program(module), compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        found = 0
+        for n in edge.exported_program().graph.nodes:
+            if "expand" in str(n.target):
+                src, out = n.args[0].meta["val"], n.meta["val"]
+                grows = out.numel() != src.numel()  # matmul's decomposition also "expands" operands to their own shape
+                found += grows and {64, head_dim} <= {d for d in src.shape if isinstance(d, int)}
+        return found
+
+    assert cache_expands(step) == 2 * cfg.num_hidden_layers  # keys and values of every layer
+    assert cache_expands(native_step(step)) == 0

@@ -81,6 +81,10 @@ def test_grouped_attention_equals_eager_attention(arch):
         want, want_w = eager_attention_forward(module, q, k, v, mask, 0.35)
         got, got_w = grouped_eager_attention(module, q, k, v, mask, 0.35)
         assert torch.equal(got, want) and torch.equal(got_w, want_w)
+        # the native .pte's form: the same dot products as n_rep * T rows per kv head (other blockings: float rounding)
+        rows, rows_w = grouped_eager_attention(module, q, k, v, mask, 0.35, rows=True)
+        assert rows.shape == want.shape and rows_w.shape == want_w.shape
+        assert torch.allclose(rows, want, rtol=0, atol=1e-6) and torch.allclose(rows_w, want_w, rtol=0, atol=1e-6)
 
     model = prepare_for_export(tiny_random_model(arch, seed=0))
     eager, grouped = DecoderStep(model, max_seq_len=12), DecoderStep(model, max_seq_len=12)
@@ -90,6 +94,11 @@ def test_grouped_attention_equals_eager_attention(arch):
     a, b = EagerStepRunner(eager), EagerStepRunner(grouped)
     assert torch.equal(a.step(ids[:, :5], 0), b.step(ids[:, :5], 0))
     assert torch.equal(a.step(ids[:, 5:6], 5), b.step(ids[:, 5:6], 5)) and torch.equal(a.k, b.k)
+    rows = DecoderStep(model, max_seq_len=12)
+    use_grouped_attention(rows, rows=True)
+    c = EagerStepRunner(rows)
+    for got, want in ((c.step(ids[:, :5], 0), a.step(ids[:, :5], 0)), (c.step(ids[:, 5:6], 5), a.step(ids[:, 5:6], 5))):
+        assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max())
 
 
 def test_clear_errors():

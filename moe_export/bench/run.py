@@ -52,6 +52,9 @@ THREADS = (1, 2)  # thread counts of the throughput phase
 DECODE_STEPS = 64  # llama-bench -p 0 -n 64
 LLAMA_TYPES = ("Q2_K", "Q3_K_S", "Q4_K_M")  # llama.cpp k-quants about the size of 2.5- to 4-bit plans
 FLOAT_TWIN_MAX_BYTES = 1.5e9  # a float .onnx is one protobuf (2 GB limit, weights inside)
+# a native artifact's bytes over the quantized checkpoint's: the .pte stores every code at its width (1.05x); the
+# .onnx widens 1/3/5-7-bit codes to onnxruntime's 2/4/8-bit containers (1.10x)
+NATIVE_SIZE_LIMIT = {"pte": 1.05, "onnx": 1.10}
 
 
 def _group_size(model) -> int | None:
@@ -702,8 +705,9 @@ def _targets(res: dict) -> list[dict]:
     for row in res["sizes"]:
         if row["artifact"].endswith("(native)") and ckpt:
             v = row["bytes"] / ckpt
-            out.append({"target": f"{row['artifact']} <= 1.10x the quantized checkpoint's bytes", "value": f"{v:.3f}",
-                        "met": v <= 1.10})
+            limit = NATIVE_SIZE_LIMIT["pte" if row["artifact"].startswith("pte") else "onnx"]
+            out.append({"target": f"{row['artifact']} <= {limit:.2f}x the quantized checkpoint's bytes", "value": f"{v:.3f}",
+                        "met": v <= limit})
         if "vs_theoretical" in row:
             v = row["vs_theoretical"]
             what = f"{row['artifact']} within 5% of theoretical size"

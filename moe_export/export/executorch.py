@@ -145,6 +145,19 @@ def _xnnpack_friendly_pass():
     return XnnpackFriendly()
 
 
+def native_step(step: torch.nn.Module, mode: str = "native") -> torch.nn.Module:
+    """The module a native ``mode`` exports for a ``DecoderStep``: a copy (sharing every weight) whose packed weights
+    run as the ``moe_export`` ops (``export.native.to_native``) and whose attention reads each layer's cache in place
+    (``wrapper.grouped_eager_attention`` with ``rows=True``): repeat_kv copied the cache ``n_rep`` times a layer
+    and decode step (an expand, which the XNNPACK pass turns into concatenated copies)."""
+    from moe_export.export.native import to_native
+    from moe_export.export.wrapper import use_grouped_attention
+
+    step = to_native(step, accuracy=native_accuracy(mode))  # a copy with its own config
+    use_grouped_attention(step, rows=True)
+    return step
+
+
 def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "native", max_seq_len: int = 128) -> Path:
     """Write ``model`` (a model prepared by :func:`moe_export.export.prepare.prepare_for_export`, or any
     supported HF MoE model) as one decoder-step ``.pte``; returns the path."""
@@ -156,9 +169,7 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "nat
         return _export_seq2seq(step, path, mode)
     step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
     if mode in NATIVE_MODES:
-        from moe_export.export.native import to_native
-
-        step = to_native(step, accuracy=native_accuracy(mode))
+        step = native_step(step, mode)
     elif mode == "xnnpack-int":
         from torchao.utils import unwrap_tensor_subclass
 

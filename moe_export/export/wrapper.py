@@ -59,35 +59,64 @@ def step_positions(input_pos: torch.Tensor, t, max_seq_len: int, dtype: torch.dt
 
 
 GROUPED_ATTENTION = "moe_export_grouped_eager"  # an attention implementation name (transformers' AttentionInterface)
+GROUPED_ROWS_ATTENTION = "moe_export_grouped_rows"  # the same with rows=True (see grouped_eager_attention)
 
 
-def grouped_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def grouped_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, *, rows=False, **kwargs):
     """transformers' eager attention (``eager_attention_forward``: scores, additive mask, float32 softmax, weighted
     values) without ``repeat_kv``: the ``n_rep`` query heads that share a key/value head are one broadcast batch
     over it (query ``[B, Hkv, n_rep, T, D]`` against key ``[B, Hkv, 1, S, D]``), so a traced step does not copy the
     cache ``n_rep`` times per layer (``Expand`` of ``[1, Hkv, n_rep, S, D]`` every decode step). The same products
-    and sums as the eager form, row for row."""
+    and sums as the eager form, row for row.
+
+    ``rows=True``: the ``n_rep`` heads are ``n_rep * T`` rows of one product per key/value head (query
+    ``[B, Hkv, n_rep * T, D]`` against key ``[B, Hkv, S, D]``). For ExecuTorch: torch.export decomposes a broadcast
+    batch matmul into expand + copy + bmm, which copies the cache ``n_rep`` times again; a product over equal batch
+    dims is one bmm of the cache in place. The same dot products, but torch's eager kernels pick other blockings
+    for the taller rows, so the sums round differently (a few ulp) from ``rows=False``."""
     b, h, t, _ = query.shape
     hkv = key.shape[1]
     if h % hkv:
         raise ValueError(f"{h} query heads do not divide into {hkv} key/value heads")
-    q = query.reshape(b, hkv, h // hkv, t, -1)  # head j * n_rep + r reads kv head j, as repeat_kv orders them
-    scores = torch.matmul(q, key.transpose(2, 3)[:, :, None]) * scaling  # [B, Hkv, n_rep, T, S]
+    n_rep = h // hkv
+    s, dv = key.shape[2], value.shape[-1]
+    if rows:
+        # head j * n_rep + r reads kv head j (repeat_kv's order). 3-D products, and their outputs viewed with the
+        # n_rep and T dims apart: merging Hkv and n_rep of a product's output makes torch.export guard on a stride
+        # relation it cannot prove for every token count (a constraint violation of T)
+        q = query.reshape(b * hkv, n_rep * t, query.shape[-1])  # [B * Hkv, n_rep * T, D]
+        scores = torch.bmm(q, key.reshape(b * hkv, s, -1).transpose(1, 2))  # [B * Hkv, n_rep * T, S]
+        scores = scores.view(b, hkv, n_rep, t, s) * scaling  # [B, Hkv, n_rep, T, S]
+    else:
+        q = query.reshape(b, hkv, n_rep, t, -1)  # head j * n_rep + r reads kv head j, as repeat_kv orders them
+        scores = torch.matmul(q, key.transpose(2, 3)[:, :, None]) * scaling  # [B, Hkv, n_rep, T, S]
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, None]  # [B, 1, 1, T, S]
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    if rows:
+        out = torch.bmm(weights.view(b * hkv, n_rep * t, s), value.reshape(b * hkv, s, dv))  # [B * Hkv, n_rep * T, Dv]
+        # [B, Hkv, n_rep, T, Dv] -> [B, T, H, Dv] (a strided view; the caller copies it into [B, T, H * Dv]). Not
+        # viewed as [B, H, T, Dv] first: that view meets the same export guard as above
+        out = out.view(b, hkv, n_rep, t, dv).permute(0, 3, 1, 2, 4).reshape(b, t, h, dv)
+        return out, weights.view(b, h, t, s)
     out = torch.matmul(weights, value[:, :, None])  # [B, Hkv, n_rep, T, Dv]
     return out.reshape(b, h, t, -1).transpose(1, 2).contiguous(), weights.reshape(b, h, t, -1)
 
 
-def use_grouped_attention(step: "DecoderStep") -> None:
-    """Make ``step`` (its own module tree and config) attend with :func:`grouped_eager_attention`: the onnxruntime
-    ``native`` .onnx. Registers it under ``GROUPED_ATTENTION`` (explicit and idempotent)."""
+def use_grouped_attention(step: "DecoderStep", rows: bool = False) -> None:
+    """Make ``step`` (its own module tree and config) attend with :func:`grouped_eager_attention` (``rows``: as it
+    says there; the native .pte takes ``rows=True``, the native .onnx ``rows=False``, as onnxruntime's MatMul
+    broadcasts without copying). Registers it under ``GROUPED_ATTENTION`` / ``GROUPED_ROWS_ATTENTION`` (explicit
+    and idempotent)."""
+    import functools
+
     from transformers import AttentionInterface
 
-    AttentionInterface.register(GROUPED_ATTENTION, grouped_eager_attention)
-    step.model.config._attn_implementation = GROUPED_ATTENTION
+    name = GROUPED_ROWS_ATTENTION if rows else GROUPED_ATTENTION
+    AttentionInterface.register(name, functools.partial(grouped_eager_attention, rows=True) if rows
+                                else grouped_eager_attention)
+    step.model.config._attn_implementation = name
 
 
 class DecoderStep(nn.Module):
