@@ -139,6 +139,25 @@ def test_budget_plan_quantizes_to_the_planned_bytes(arch, budget):
             assert isinstance(p, PackedLinearWeight) and (p.bits, p.group_size) == (t["bits"], t["group_size"])
 
 
+def test_budget_plan_quantizes_a_tied_embedding_and_lm_head_as_one_tensor():
+    """Switch (like T5) ties one embedding table among encoder, decoder and lm_head: the allocator gives it one width
+    under every name, so budgets it would fill as float alone are met, and the quantized model stays tied."""
+    from moe_export.tensors import PackedLinearWeight
+
+    model = tiny_random_model("SwitchTransformersForConditionalGeneration", seed=0)
+    tied = ["decoder.embed_tokens.weight", "encoder.embed_tokens.weight", "lm_head.weight", "shared.weight"]
+    plan = budget_plan(model, BudgetConfig("3.1bpw", bits=(2, 3, 4, 8), groups=(32, 64)))
+    choices = {json.dumps(plan.tensors[n], sort_keys=True) for n in tied}
+    assert len(choices) == 1 and plan.tensors[tied[0]] != "float"
+    q = quantize_(model, MoEQuantConfig(plan=plan), progress=False)
+    got = theoretical_model_bytes(q)
+    assert got == pytest.approx(plan.budget["planned_bytes"], rel=1e-12)
+    assert 0.99 * plan.budget["bytes"] <= got <= plan.budget["bytes"]
+    params = dict(q.named_parameters(remove_duplicate=False))
+    assert isinstance(params["shared.weight"], PackedLinearWeight)
+    assert all(params[n] is params["shared.weight"] for n in tied)
+
+
 @pytest.mark.parametrize("arch", ["MixtralForCausalLM", "SwitchTransformersForConditionalGeneration"])
 def test_fisher_weighting_measures_squared_gradients_and_meets_the_budget(arch):
     """weighting="fisher": the diagonal Fisher is the per-sequence squared gradient of the scored next-token loss
@@ -383,6 +402,11 @@ def test_budget_sweep_resumed_run_keeps_its_commands_and_note():
     changed = budget_sweep.merge(old, {"sweep": sweep, "runs": [run([pt("budget", 2.7, 99.0)])],
                                        "commands": {"b": "sweep three"}})
     assert changed["commands"] == {"b": "sweep three"}
+    # a sweep of other sizes and no uniform points adds its targets; the table gets a row for each
+    other = {**sweep, "targets": [3.2], "uniform": []}
+    grown = budget_sweep.merge(old, {"sweep": other, "runs": [run([pt("budget", 2.7, 101.0), pt("budget", 3.2, 100.5)])]})
+    assert grown["sweep"]["targets"] == [2.7, 2.2, 3.2] and grown["sweep"]["uniform"] == [2, 3, 4]
+    assert "| 3.2 | **3.200 / 2.8000 / 100.500 (+0.5%)** |" in "\n".join(budget_sweep.markdown(grown))
 
 
 def test_error_table_scores_experts_with_the_plans_quantizer_and_the_rest_as_stored():

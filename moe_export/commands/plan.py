@@ -53,7 +53,7 @@ def _non_expert(items, group_size, symmetric):
               help="One byte budget for the whole model instead of --avg-bits: bits per weight (2.7bpw) or a size "
                    "(5.1MB, 4.8MiB, 5100000B). Every expert projection, shared expert, attention, lm_head and "
                    "embedding weight gets its own width (1,2,3,4,6,8 or float) and group size (32,64,128), chosen "
-                   "to minimise the weight error (see moe_export/plan/budget.py). --levels, when given, limits the "
+                   "to minimise the error --usage names (see moe_export/plan/budget.py). --levels, when given, limits the "
                    "widths; --group-size, when given, the group sizes.")
 @click.option("--usage", type=click.Choice(["uniform", "calibration", "activation", "fisher"]), default="activation",
               show_default=True,

@@ -293,8 +293,12 @@ def model_items(model, quantizer, symmetric: bool = False, bits=BITS, groups=GRO
         roles = {role_of(nm) for nm in names}
         role = sorted(roles)[0]
         options = _tensor_options(tuple(p.shape), bits, groups) if p.dim() == 2 else []
-        if role in ("router", "norm", "other") or len(roles) > 1 or len(options) <= 1:
-            fixed += nbytes_float  # kept float: routing decisions, norms and weights that do not pack
+        # an embedding table tied to lm_head (T5 / Switch share one among encoder, decoder and lm_head) is one item,
+        # scored as its lm_head; other weights shared between roles keep float, as do routing decisions, norms and
+        # weights that do not pack
+        tied_embedding = roles == {"embeddings", "lm_head"}
+        if role in ("router", "norm", "other") or (len(roles) > 1 and not tied_embedding) or len(options) <= 1:
+            fixed += nbytes_float
             continue
         W = p.detach()
         n, k = W.shape

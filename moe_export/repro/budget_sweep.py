@@ -503,11 +503,12 @@ def _quality_verdicts(rs, fl_ppl) -> list[str]:
 def merge(old: dict, new: dict) -> dict:
     """``new`` with the runs of every model it did not sweep kept from ``old`` (one records file and one section for
     all models; a model's rerun replaces its own runs). The sweeps must agree on everything but models, seeds and
-    which methods they ran (each model's table shows its own). A run resumed from the old one's points (every old
-    point kept as it was) adds its command to the old ones; ``old``'s note stays unless ``new`` has one."""
+    which methods, targets and uniform widths they ran (each model's table shows its own). A run resumed from the
+    old one's points (every old point kept as it was) adds its command to the old ones; ``old``'s note stays unless
+    ``new`` has one."""
     import json
 
-    keep = ("models", "seeds", "methods", "budget_variants")
+    keep = ("models", "seeds", "methods", "budget_variants", "targets", "uniform")
     a, b = json.loads(json.dumps(old["sweep"])), json.loads(json.dumps(new["sweep"]))  # tuples and lists alike
     differ = sorted(k for k in set(a) | set(b) if k not in keep and a.get(k) != b.get(k))
     if differ:
@@ -522,7 +523,7 @@ def merge(old: dict, new: dict) -> dict:
     commands = {m: c for m, c in commands.items() if m not in swept or m in resumed}
     for m, c in (new.get("commands") or {m: new["command"] for m in swept if new.get("command")}).items():
         commands[m] = list(dict.fromkeys(as_list(commands[m]) + as_list(c))) if m in commands else c
-    union = {k: list(dict.fromkeys(list(a[k]) + list(b[k]))) for k in ("methods", "budget_variants")}
+    union = {k: list(dict.fromkeys(list(a[k]) + list(b[k]))) for k in ("methods", "budget_variants", "targets", "uniform")}
     out = {**new, "sweep": {**new["sweep"], "models": models, **union}, "runs": kept + new["runs"], "commands": commands}
     out.pop("command", None)
     if "note" not in new and "note" in old:
@@ -584,6 +585,9 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default=None)
     ap.add_argument("--seeds", default=None)
+    ap.add_argument("--targets", default=None, help="whole-model sizes in bits per weight, e.g. 2.7,2.2 "
+                    f"[default: {','.join(map(str, TARGETS))}]")
+    ap.add_argument("--uniform", default=None, help="widths of the uniform points, e.g. 2,3,4 [default]; none: no such point")
     ap.add_argument("--variants", default=None,
                     help="budget variants: budget,budget-none,budget-matched,budget-calibration,budget-fisher,"
                          "budget-activation,budget-activation-matched,budget-activation-shakespeare")
@@ -605,6 +609,10 @@ def main(argv=None) -> None:
             sweep = replace(sweep, models=tuple(a.models.split(",")))
         if a.seeds:
             sweep = replace(sweep, seeds=tuple(int(s) for s in a.seeds.split(",")))
+        if a.targets:
+            sweep = replace(sweep, targets=tuple(float(t) for t in a.targets.split(",")))
+        if a.uniform:
+            sweep = replace(sweep, uniform=() if a.uniform == "none" else tuple(int(b) for b in a.uniform.split(",")))
         if a.variants:
             sweep = replace(sweep, budget_variants=tuple(a.variants.split(",")))
         if a.methods:
