@@ -21,13 +21,7 @@ import tempfile
 
 import torch
 
-from moe_export.export.wrapper import DecoderStep
-
-
-def _signature(tokens, k_cache) -> tuple:
-    from moe_export.kernels import cpu_ops
-
-    return tuple(tokens.shape), k_cache.dtype, cpu_ops.ACCURACY, torch.get_num_threads()
+from moe_export.export.wrapper import DecoderStep, step_signature
 
 
 class AotStep:
@@ -45,7 +39,7 @@ class AotStep:
         return self.step.empty_cache(dtype)
 
     def __call__(self, tokens, input_pos, k_cache, v_cache):
-        key = _signature(tokens, k_cache)
+        key = step_signature(tokens, k_cache)  # no grad mode: an AOTInductor program records no autograd
         program = self._programs.get(key)
         if program is None:
             program = self._programs[key] = compile_step(self.step, (tokens, input_pos, k_cache, v_cache))

@@ -152,7 +152,6 @@ class DecoderStep(nn.Module):
             self.v_head_dim = self.head_dim
         self.vocab_size = cfg.vocab_size
         self._rope = self._rope_table(model.model.rotary_emb, max_seq_len)
-        self._rope_buffers = False  # see rope_table_buffers
         self.eval()
 
     @staticmethod
@@ -177,11 +176,9 @@ class DecoderStep(nn.Module):
             return
         self.register_buffer("rope_cos", self._rope[0], persistent=False)
         self.register_buffer("rope_sin", self._rope[1], persistent=False)
-        self._rope_buffers = True
         try:
             yield
         finally:
-            self._rope_buffers = False
             del self.rope_cos, self.rope_sin
 
     def cache_shape(self) -> tuple[int, ...]:
@@ -205,16 +202,25 @@ class DecoderStep(nn.Module):
 
         h = inner.embed_tokens(tokens)  # [1, T, H]
         position_ids = positions.unsqueeze(0)  # [1, T]
-        if self._rope is None or (torch.compiler.is_exporting() and not self._rope_buffers):
+        rope_buffers = "rope_cos" in self._buffers  # inside rope_table_buffers
+        if self._rope is None or (torch.compiler.is_exporting() and not rope_buffers):
             pe = inner.rotary_emb(h, position_ids)
         else:
-            table = (self.rope_cos, self.rope_sin) if self._rope_buffers else self._rope
+            table = (self.rope_cos, self.rope_sin) if rope_buffers else self._rope
             pe = tuple(t[:, positions].to(h.dtype) for t in table)  # [1, T, D] each
         for layer in inner.layers:
             out = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache, position_embeddings=pe)
             h = out[0] if isinstance(out, tuple) else out
         logits = self.model.lm_head(inner.norm(h))  # [1, T, V]
         return logits, torch.stack(cache.k_out), torch.stack(cache.v_out)
+
+
+def step_signature(tokens: torch.Tensor, k_cache: torch.Tensor) -> tuple:
+    """What selects another compiled program for a step's call: the token count, the cache dtype, the fused ops'
+    arithmetic (``cpu_ops.accuracy``) and the intra-op thread count (inductor's CPU kernels are built for it)."""
+    from moe_export.kernels import cpu_ops
+
+    return tuple(tokens.shape), k_cache.dtype, cpu_ops.ACCURACY, torch.get_num_threads()
 
 
 class CompiledStep:
@@ -244,9 +250,7 @@ class CompiledStep:
         return self.step.empty_cache(dtype)
 
     def __call__(self, tokens, input_pos, k_cache, v_cache):
-        from moe_export.kernels import cpu_ops
-
-        key = (tuple(tokens.shape), k_cache.dtype, torch.is_grad_enabled(), cpu_ops.ACCURACY, torch.get_num_threads())
+        key = (*step_signature(tokens, k_cache), torch.is_grad_enabled())
         if key in self._warm:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self.compiled(tokens, input_pos, k_cache, v_cache)
