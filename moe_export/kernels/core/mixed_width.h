@@ -840,6 +840,26 @@ MOE_T_AVX512 inline float fold16(__m512 acc) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
+// fold16 of 16 vectors at once: every lane pair is added in fold16's order (so each sum is bit for bit
+// fold16's), with the 16 rows side by side in the lanes instead of one horizontal tree per row; decode of a
+// K = 1024 row spent about a sixth of its time in its two trees. Row r ends in lane 4 (r % 4) + r / 4.
+MOE_T_AVX512 inline __m512 fold16x16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int k = 0; k < 8; ++k)  // rows 2k, 2k+1: [i] + [i + 8]
+    b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int k = 0; k < 4; ++k)  // four rows a vector: + [i + 4]
+    c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int k = 0; k < 2; ++k) {  // eight rows a vector: + [i + 2]
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(c[2 * k]), _mm512_castps_pd(c[2 * k + 1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(c[2 * k]), _mm512_castps_pd(c[2 * k + 1]));
+    d[k] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  return _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),  // + [i + 1]
+                       _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 inline __mmask64 low_bits64(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
 
 // NR weight rows (`stride` bytes apart) against one quantized row: out[r] for r < NR. The NR rows share each
@@ -876,17 +896,22 @@ MOE_T_AVX512 inline __m512i whole_codes64(const uint8_t* pr, int64_t u, __mmask6
     return codes64<B>(pr + u * 8 * B, cm, perm, ctrl, mask);
 }
 
-// GC: the group size when known at compile time (0: g at run time).
+// GC: the group size when known at compile time (0: g at run time). With `acc` given, the rows' float lane
+// sums and zero terms are left there unfolded (acc_out[r], acc_out[NR + r]) for fold16x16.
 template <int B, int NR, bool UNPACKED, int GC>
 MOE_T_AVX512 inline void int8_rows_512(const uint8_t* prow, int64_t stride, const uint16_t* srow,
                                        const uint16_t* zrow, float zc, const QuantRow& xq, int64_t G, int64_t g,
-                                       float* out) {
+                                       float* out, __m512* acc_out = nullptr) {
   static constexpr Codes64Tables<B> tab{};
   const __m512i perm = _mm512_loadu_si512(tab.perm), ctrl = _mm512_loadu_si512(tab.ctrl);
+  const __m512i perm_hi = _mm512_add_epi8(perm, _mm512_set1_epi8(char(8 * B)));  // units 8..15 of a load
   const __m512i mask = _mm512_set1_epi8(char(B == 8 ? 0xff : (1 << B) - 1));
   const int64_t gg = GC ? GC : g;
   const int64_t gb = UNPACKED ? gg : gg * B / 8;  // bytes per group
   const int64_t nfull = gg / 64, tail = gg % 64;  // whole 64-code vectors of a group, codes of its partial one
+  // A group of at most two vectors is one vpdpbusd chain (the even / odd split below is for long groups; one
+  // chain saves an add a group). Two 3-bit vectors are 48 bytes: one load, cut by two permutes.
+  constexpr bool ONE_CHAIN = GC != 0 && GC <= 128;
   const __mmask64 full_cm = low_bits64(8 * B), tail_xm = low_bits64(tail), tail_cm = low_bits64(tail * B / 8);
   __m512 acc[NR], zacc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps(), zacc[r] = _mm512_setzero_ps();
@@ -916,8 +941,19 @@ MOE_T_AVX512 inline void int8_rows_512(const uint8_t* prow, int64_t stride, cons
         const __m512i x0 = _mm512_loadu_si512(xg + u * 64), x1 = _mm512_loadu_si512(xg + u * 64 + 64);
         for (int r = 0; r < NR; ++r) {
           const uint8_t* pr = prow + r * stride + gi * gb;
-          v[r] = _mm512_dpbusd_epi32(v[r], whole_codes64<B, UNPACKED>(pr, u, full_cm, perm, ctrl, mask), x0);
-          v2[r] = _mm512_dpbusd_epi32(v2[r], whole_codes64<B, UNPACKED>(pr, u + 1, full_cm, perm, ctrl, mask), x1);
+          if constexpr (ONE_CHAIN && !UNPACKED && B == 3) {
+            const __m512i w = _mm512_maskz_loadu_epi8(low_bits64(16 * B), pr + u * 8 * B);
+            const __m512i c0 = _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, _mm512_permutexvar_epi8(perm, w)), mask);
+            const __m512i c1 =
+                _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, _mm512_permutexvar_epi8(perm_hi, w)), mask);
+            v[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(v[r], c0, x0), c1, x1);
+          } else if constexpr (ONE_CHAIN) {
+            v[r] = _mm512_dpbusd_epi32(v[r], whole_codes64<B, UNPACKED>(pr, u, full_cm, perm, ctrl, mask), x0);
+            v[r] = _mm512_dpbusd_epi32(v[r], whole_codes64<B, UNPACKED>(pr, u + 1, full_cm, perm, ctrl, mask), x1);
+          } else {
+            v[r] = _mm512_dpbusd_epi32(v[r], whole_codes64<B, UNPACKED>(pr, u, full_cm, perm, ctrl, mask), x0);
+            v2[r] = _mm512_dpbusd_epi32(v2[r], whole_codes64<B, UNPACKED>(pr, u + 1, full_cm, perm, ctrl, mask), x1);
+          }
         }
       }
       if (u < nfull) {  // an odd count of whole vectors: the last one is even
@@ -933,15 +969,20 @@ MOE_T_AVX512 inline void int8_rows_512(const uint8_t* prow, int64_t stride, cons
           const uint8_t* pr = prow + r * stride + gi * gb;
           const __m512i codes = UNPACKED ? _mm512_maskz_loadu_epi8(tail_xm, pr + u * 64)
                                          : codes64<B>(pr + u * 8 * B, tail_cm, perm, ctrl, mask);
-          if (u & 1)
+          if ((u & 1) && !ONE_CHAIN)
             v2[r] = _mm512_dpbusd_epi32(v2[r], codes, xv);
           else
             v[r] = _mm512_dpbusd_epi32(v[r], codes, xv);
         }
       }
       for (int r = 0; r < NR; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dl[r][c]), _mm512_cvtepi32_ps(_mm512_add_epi32(v[r], v2[r])), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dl[r][c]),
+                                 _mm512_cvtepi32_ps(ONE_CHAIN ? v[r] : _mm512_add_epi32(v[r], v2[r])), acc[r]);
     }
+  }
+  if (acc_out) {
+    for (int r = 0; r < NR; ++r) acc_out[r] = acc[r], acc_out[NR + r] = zacc[r];
+    return;
   }
   for (int r = 0; r < NR; ++r) out[r] = fold16(acc[r]) - fold16(zacc[r]);
 }
@@ -957,6 +998,30 @@ MOE_T_AVX512 inline void int8_rows_512g(const uint8_t* prow, int64_t stride, con
     int8_rows_512<B, NR, UNPACKED, 64>(prow, stride, srow, zrow, zc, xq, G, g, out);
   else
     int8_rows_512<B, NR, UNPACKED, 0>(prow, stride, srow, zrow, zc, xq, G, g, out);
+}
+
+// Decode (one activation row): rows n0..n1 one after another (one linear stream, see below), their lane sums
+// folded 16 rows at a time.
+template <int B, int GC>
+MOE_T_AVX512 inline void int8_decode_512(const uint8_t* base, const uint16_t* sbase, const uint16_t* zbase,
+                                         int64_t row_bytes, int64_t G, int64_t g, const QuantRow& xq, float* y,
+                                         int64_t n0, int64_t n1) {
+  const float zc = symmetric_zero(B);
+  auto zr = [&](int64_t n) { return zbase ? zbase + n * G : nullptr; };
+  const __m512i lane_of_row = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  int64_t n = n0;
+  for (; n + 16 <= n1; n += 16) {
+    __m512 acc[16], zacc[16];
+    for (int i = 0; i < 16; ++i) {
+      __m512 az[2];
+      int8_rows_512<B, 1, false, GC>(base + (n + i) * row_bytes, row_bytes, sbase + (n + i) * G, zr(n + i), zc, xq,
+                                     G, g, nullptr, az);
+      acc[i] = az[0], zacc[i] = az[1];
+    }
+    _mm512_storeu_ps(y + n, _mm512_permutexvar_ps(lane_of_row, _mm512_sub_ps(fold16x16(acc), fold16x16(zacc))));
+  }
+  for (; n < n1; ++n)
+    int8_rows_512<B, 1, false, GC>(base + n * row_bytes, row_bytes, sbase + n * G, zr(n), zc, xq, G, g, y + n);
 }
 
 // One weight row of K codes (K a multiple of 8) as K bytes; `out` holds K rounded up to 64 (zeros past K).
@@ -978,6 +1043,11 @@ MOE_T_AVX512 inline void unpack_row_512(const uint8_t* prow, int64_t K, uint8_t*
 // software prefetch 1-8 KB ahead 15% slower (the hardware one already keeps up); from L2, 4 rows are 25% faster.
 // (Those rates predate the unrolled group loop of int8_rows_512, which made decode of g = 128 rows 1.4-2.7x
 // faster per code: 3-bit 5632 x 1024 from 17 to 23 G codes/s, 2-bit 1024 x 2816 from 14 to 38, same results.)
+// Since then decode runs near the same speed from DRAM and from cache (5632 x 1024 2-bit: 13.7 vs 14.8 GB/s of
+// weight bytes, one thread, Zen 4), so it is bound by instructions, not bytes: one vpdpbusd chain per group,
+// one load for two 3-bit vectors and the 16-row fold (int8_decode_512) took 1.1-1.25x off from cache (3-bit
+// K = 1024 17.1 -> 21.4 GB/s, 4-bit 25 -> 30), and 2-interleaved rows or a software prefetch are still slower
+// from DRAM (6-11 against 13-15 GB/s).
 constexpr int kInt8Rows512 = 4;
 
 template <int B>
@@ -988,9 +1058,12 @@ MOE_T_AVX512 inline void int8_range_512(const uint8_t* base, const uint16_t* sba
   const float zc = symmetric_zero(B);
   auto zr = [&](int64_t n) { return zbase ? zbase + n * G : nullptr; };
   if (R == 1) {
-    int64_t n = n0;
-    for (; n < n1; ++n)
-      int8_rows_512g<B, 1, false>(base + n * row_bytes, row_bytes, sbase + n * G, zr(n), zc, xq[0], G, g, y[0] + n);
+    if (g == 128)
+      int8_decode_512<B, 128>(base, sbase, zbase, row_bytes, G, g, xq[0], y[0], n0, n1);
+    else if (g == 64)
+      int8_decode_512<B, 64>(base, sbase, zbase, row_bytes, G, g, xq[0], y[0], n0, n1);
+    else
+      int8_decode_512<B, 0>(base, sbase, zbase, row_bytes, G, g, xq[0], y[0], n0, n1);
     return;
   }
   const int64_t K = G * g, kp = pad_to(K, 64);
