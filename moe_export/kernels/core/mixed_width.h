@@ -1136,10 +1136,42 @@ MOE_T_AVX2 inline float fold8x2(__m256 lo, __m256 hi) {
 
 MOE_T_AVX2 inline __m256i ld16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+// 64 codes of 2 or 4 bits as two vectors of 32 bytes in code order (codes 0-31, codes 32-63): byte j of a 256-bit
+// vector times activation byte j, four at a time, is then lane j / 4 of the canonical order (quads of 4 codes),
+// so an unsigned x signed byte dot product (vpmaddubsw + vpmaddwd, or AVX-VNNI's vpdpbusd) gives the `lo` / `hi`
+// quad sums directly: 32 codes a product instead of 16, and no vphaddd. 4-bit: the low and high nibbles of 32
+// bytes interleaved (codes 2i, 2i+1); 2-bit: the four 2-bit fields of 16 bytes interleaved by bytes, then words.
+template <int B>
+MOE_T_AVX2 inline void codes64_bytes(const uint8_t* p, __m256i& c0, __m256i& c1) {
+  static_assert(B == 2 || B == 4, "widths whose codes fill whole bytes in fixed positions");
+  if constexpr (B == 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    const __m256i u0 = _mm256_unpacklo_epi8(lo, hi), u1 = _mm256_unpackhi_epi8(lo, hi);  // [0-15|32-47] [16-31|48-63]
+    c0 = _mm256_permute2x128_si256(u0, u1, 0x20);
+    c1 = _mm256_permute2x128_si256(u0, u1, 0x31);
+  } else {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i m = _mm_set1_epi8(0x03);
+    const __m128i f0 = _mm_and_si128(v, m), f1 = _mm_and_si128(_mm_srli_epi16(v, 2), m);
+    const __m128i f2 = _mm_and_si128(_mm_srli_epi16(v, 4), m), f3 = _mm_and_si128(_mm_srli_epi16(v, 6), m);
+    const __m128i a0 = _mm_unpacklo_epi8(f0, f1), a1 = _mm_unpackhi_epi8(f0, f1);  // words (4i, 4i+1)
+    const __m128i b0 = _mm_unpacklo_epi8(f2, f3), b1 = _mm_unpackhi_epi8(f2, f3);  // words (4i+2, 4i+3)
+    c0 = _mm256_set_m128i(_mm_unpackhi_epi16(a0, b0), _mm_unpacklo_epi16(a0, b0));
+    c1 = _mm256_set_m128i(_mm_unpackhi_epi16(a1, b1), _mm_unpacklo_epi16(a1, b1));
+  }
+}
+
+MOE_T_AVX2 inline __m256i ld8(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
 // The AVX2 and AVX-VNNI int8 row kernels differ only in the 16-product step (vpmaddwd + vpaddd, or one
-// vpdpwssd) and in their target; one macro writes both so the step inlines into each. The canonical 16 lanes
-// are two 8-lane vectors: `lo` the quads of codes 0-31 of each 64, `hi` of codes 32-63. Groups of whole 16s.
-#define MOE_CORE_INT8_LANES8(NAME, ATTR, DOT)                                                                       \
+// vpdpwssd), the 32-byte step of 2- and 4-bit codes (vpmaddubsw + vpmaddwd + vpaddd, or one vpdpbusd) and in
+// their target; one macro writes both so the steps inline into each. The canonical 16 lanes are two 8-lane
+// vectors: `lo` the quads of codes 0-31 of each 64, `hi` of codes 32-63. Groups of whole 16s. The byte step
+// (groups of whole 64s) decodes 2- and 4-bit rows 1.5-2.6x faster from cache (AVX2 on Zen 4, one thread:
+// 2-bit 5632 x 1024 2.3-2.9 -> 5.1 GB/s, 4-bit 4.8-6.6 -> 12.1); 3-bit stays on the 16-bit step (4.4 GB/s).
+#define MOE_CORE_INT8_LANES8(NAME, ATTR, DOT, DOTB)                                                                 \
   template <int B>                                                                                                \
   ATTR inline float NAME##_row(const uint8_t* prow, int64_t row_bytes, const uint16_t* srow, const uint16_t* zrow, \
                                float zc, const QuantRow& xq, int64_t G, int64_t g) {                              \
@@ -1166,6 +1198,24 @@ MOE_T_AVX2 inline __m256i ld16(const int16_t* p) { return _mm256_loadu_si256(rei
         const __m256 zt8 = _mm256_fmadd_ps(d, _mm256_mul_ps(z, _mm256_load_ps(qs + 8 * h)), h ? zhi : zlo);       \
         if (h) zhi = zt8; else zlo = zt8;                                                                         \
         _mm256_store_ps(dl + 8 * h, d);                                                                           \
+      }                                                                                                           \
+      if constexpr (B == 2 || B == 4) {                                                                           \
+        if (g % 64 == 0) { /* byte products of whole 64-code blocks: quad sums with no vphaddd */                 \
+          for (int64_t c = 0; c < ng; ++c) {                                                                      \
+            const int64_t code0 = (g0 + c) * g;                                                                   \
+            __m256i plo = _mm256_setzero_si256(), phi = plo;                                                      \
+            for (int64_t b = 0; b < g; b += 64) {                                                                 \
+              __m256i c0, c1;                                                                                     \
+              codes64_bytes<B>(prow + (code0 + b) * B / 8, c0, c1);                                               \
+              plo = DOTB(plo, c0, ld8(xq.q + code0 + b));                                                         \
+              phi = DOTB(phi, c1, ld8(xq.q + code0 + b + 32));                                                    \
+            }                                                                                                     \
+            const __m256 dv = _mm256_set1_ps(dl[c]);                                                              \
+            lo = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(plo), lo);                                                \
+            hi = _mm256_fmadd_ps(dv, _mm256_cvtepi32_ps(phi), hi);                                                \
+          }                                                                                                       \
+          continue;                                                                                               \
+        }                                                                                                         \
       }                                                                                                           \
       for (int64_t c = 0; c < ng; ++c) {                                                                          \
         const int64_t code0 = (g0 + c) * g, nv = g / 16;                                                          \
@@ -1221,10 +1271,16 @@ MOE_T_AVX2 inline __m256i ld16(const int16_t* p) { return _mm256_loadu_si256(rei
 
 #define MOE_CORE_DOT_MADD(a, c, x) _mm256_add_epi32(a, _mm256_madd_epi16(c, x))
 #define MOE_CORE_DOT_VNNI(a, c, x) _mm256_dpwssd_avx_epi32(a, c, x)
-MOE_CORE_INT8_LANES8(int8_avx2, MOE_T_AVX2, MOE_CORE_DOT_MADD)
-MOE_CORE_INT8_LANES8(int8_avxvnni, MOE_T_AVXVNNI, MOE_CORE_DOT_VNNI)
+// unsigned codes x signed activation bytes; a pair of 2- or 4-bit products fits int16 (2 * 15 * 127), so
+// vpmaddubsw never saturates here
+#define MOE_CORE_DOTB_MADD(a, c, x) _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1)))
+#define MOE_CORE_DOTB_VNNI(a, c, x) _mm256_dpbusd_avx_epi32(a, c, x)
+MOE_CORE_INT8_LANES8(int8_avx2, MOE_T_AVX2, MOE_CORE_DOT_MADD, MOE_CORE_DOTB_MADD)
+MOE_CORE_INT8_LANES8(int8_avxvnni, MOE_T_AVXVNNI, MOE_CORE_DOT_VNNI, MOE_CORE_DOTB_VNNI)
 #undef MOE_CORE_DOT_MADD
 #undef MOE_CORE_DOT_VNNI
+#undef MOE_CORE_DOTB_MADD
+#undef MOE_CORE_DOTB_VNNI
 #undef MOE_CORE_INT8_LANES8
 #endif  // MOE_CORE_X86
 
