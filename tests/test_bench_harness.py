@@ -123,6 +123,15 @@ def test_bytes_per_decoded_token_counts_routed_experts():
     assert 0.12 < q["routed_experts"] / f["routed_experts"] < 0.2  # 4/32 bits + scales and zeros
     bw = roofline.measure_bandwidth(16, reps=2)
     assert bw["GBps"] > 0 and math.isfinite(bw["GBps"])
+    # in-round form: each call's fastest round, bytes counted as measure_bandwidth counts them (copy: read + write)
+    calls = roofline.bandwidth_calls(16, passes=2)
+    assert calls["sum"][1] == 2 * 16 * (1 << 20) and calls["copy"][1] == 2 * calls["sum"][1]
+    calls["sum"][0](), calls["copy"][0]()
+    timed = {"sum": {"min_ms": 2.0, "ms": 3.0, "n": 3}, "copy": {"min_ms": 8.0, "ms": 9.0, "n": 3}}
+    got = roofline.bandwidth_from_rounds(timed, calls, 16)
+    assert got["sum_GBps"] == pytest.approx(calls["sum"][1] / 2e-3 / 1e9)
+    assert got["copy_GBps"] == pytest.approx(calls["copy"][1] / 8e-3 / 1e9)
+    assert got["GBps"] == got["sum_GBps"] and got["in_rounds"] and got["rounds"] == 3
 
 
 def test_run_bench_eager_only_writes_json_and_markdown(tmp_path):
@@ -168,7 +177,13 @@ def test_run_bench_eager_only_writes_json_and_markdown(tmp_path):
             assert r["decode_tok_s"] == pytest.approx(64 / r["decode_s"]) and r["prefill_tok_s"] > 0
             assert 0 < r["pct_of_dram_limit"] and 0 < r["pct_of_cache_limit"]
         assert tp["roofline"][t]["GBps"] > 0
+        # the DRAM limit of a thread count is timed in its decode rounds (its turns are not rows of the table)
+        assert tp["bandwidth"][t]["in_rounds"] and tp["bandwidth"][t]["rounds"] == 3
+        assert tp["roofline"][t]["GBps"] == tp["bandwidth"][t]["GBps"] and tp["roofline"][t]["in_rounds"]
+        q = rows["quantized eager"]
+        assert q["pct_of_dram_limit"] == pytest.approx(100 * q["read_GBps"] / tp["bandwidth"][t]["GBps"])
     assert "## Throughput (llama-bench protocol)" in md and "| quantized eager | 2 |" in md
+    assert "measured in the decode rounds themselves" in md and "DRAM bandwidth" not in md.split("## Throughput")[1]
     assert data["settings"]["kernel_path"] and f"CPU kernels {data['settings']['kernel_path']}" in md
     llc = data["roofline"]["llc_bytes"]
     assert llc is None or llc > 1 << 20

@@ -94,6 +94,10 @@ def _throughput_section(res: dict) -> list[str]:
         lines += ["", "Limits per thread count: " + "; ".join(
             f"{t} thread(s): DRAM {r['GBps']:.2f} GB/s, cached {r['cache_GBps_quantized']:.1f} GB/s (quantized token) / "
             f"{r['cache_GBps_float']:.1f} GB/s (float token)" for t, r in roof.items()) + "."]
+        if any(r.get("in_rounds") for r in roof.values()):
+            lines[-1] += (" The DRAM limit is measured in the decode rounds themselves (a sum and a copy of a 512 MB "
+                          "buffer as two more turns of every round, the fastest round of each), so the limit and the "
+                          "decode runs see the same load.")
     lines.append("")
     return lines
 

@@ -36,6 +36,35 @@ def measure_bandwidth(mbytes: float = 256, reps: int = 5) -> dict[str, float]:
     return {"copy_GBps": copy_gbs, "sum_GBps": sum_gbs, "GBps": max(copy_gbs, sum_gbs), "buffer_MB": mbytes}
 
 
+def bandwidth_calls(mbytes: float = 512, passes: int = 4) -> dict[str, tuple]:
+    """``{"sum": (call, bytes), "copy": (call, bytes)}``: a read of a ``mbytes`` buffer (larger than the last-level
+    cache: DRAM) ``passes`` times, and a copy of it (read + write counted), as turns of a speed phase's interleaved
+    rounds. Timed in the same rounds as the runs they bound, the limit and the speeds see the same load: on a shared
+    machine the DRAM bandwidth moves by a fifth within minutes (23.5 and 28.1 GB/s in two runs ten minutes apart
+    here), more than the gaps the percentages are read for."""
+    n = int(mbytes * (1 << 20)) // 4
+    a = torch.ones(n)
+    b = torch.empty(n)
+
+    def read():
+        for _ in range(passes):
+            a.sum()
+
+    def copy():
+        for _ in range(passes):
+            b.copy_(a)
+
+    return {"sum": (read, passes * n * 4), "copy": (copy, passes * 2 * n * 4)}
+
+
+def bandwidth_from_rounds(timed: dict[str, dict], calls: dict[str, tuple], mbytes: float = 512) -> dict[str, float]:
+    """``measure_bandwidth``'s dict from the rounds' timings of :func:`bandwidth_calls` (``timed[name]["min_ms"]``):
+    each call's fastest round, as ``measure_bandwidth`` keeps the best of its repeats."""
+    gbs = {name: calls[name][1] / (timed[name]["min_ms"] / 1e3) / 1e9 for name in calls}
+    return {"copy_GBps": gbs["copy"], "sum_GBps": gbs["sum"], "GBps": max(gbs.values()), "buffer_MB": mbytes,
+            "in_rounds": True, "rounds": min(timed[name]["n"] for name in calls)}
+
+
 def _expert_bytes_per_expert(block, plan_bits: list[int] | None, group_size, symmetric) -> list[float]:
     ex = block.experts
     gu, down = ex.gate_up_proj, ex.down_proj  # [E, 2I, H], [E, H, I]

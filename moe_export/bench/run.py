@@ -36,6 +36,7 @@ from moe_export.io import atomic_write_json, atomic_write_text
 MAX_SEQ = 128  # static KV cache of every runtime; prefill fills it, decode writes position DECODE_POS
 DECODE_POS = 64
 BASELINE = "float compiled"  # "float eager" when compile=False
+BANDWIDTH_TURN = "DRAM bandwidth: "  # the limit's own turns in the throughput rounds (not rows of the table)
 AOT = "quantized AOTInductor"  # the quantized step compiled ahead of time (export.aot.AotStep)
 BURST = 3  # timed calls per variant per round, after one untimed call (see latency.interleaved)
 # Non-expert widths of the bench plan: attention at 4 bits in the experts' group size (the paper's setting),
@@ -470,6 +471,7 @@ def _throughput(variants: dict, art_names: dict, runners: dict, pre_ids, threads
     ``(LlamaCpp, {type: gguf})``: one ``llama-bench -r 1`` run per turn in the same rounds; its row is the median of
     llama-bench's own tok/s (a run's wall time includes loading the file)."""
     from moe_export.bench import latency as lat
+    from moe_export.bench import roofline
     from moe_export.export.runners import OnnxRunner
 
     kind = "compiled" if compile else "eager"
@@ -493,8 +495,14 @@ def _throughput(variants: dict, art_names: dict, runners: dict, pre_ids, threads
             peer_runs[name] = (_LlamaBenchRun(llama[0], gguf, t, 0, DECODE_STEPS),
                                _LlamaBenchRun(llama[0], gguf, t, int(pre_ids.shape[1]), 0))
             dec_fns[name], pre_fns[name] = peer_runs[name]
+        probes = roofline.bandwidth_calls(512)  # the DRAM limit, timed in the same rounds as the decode runs
+        dec_fns.update({BANDWIDTH_TURN + k: fn for k, (fn, _) in probes.items()})
         dec = lat.interleaved(dec_fns, reps=reps, warmup=1, progress=progress, desc=f"decode x{DECODE_STEPS}, {t} thread(s)",
                               budget_s=budget_s)
+        bw_timed = {k: dec.pop(BANDWIDTH_TURN + k) for k in probes}
+        if all("min_ms" in r for r in bw_timed.values()):
+            out.setdefault("bandwidth", {})[str(t)] = roofline.bandwidth_from_rounds(bw_timed, probes)
+        del probes
         pre = lat.interleaved(pre_fns, reps=reps, progress=progress, desc=f"prefill, {t} thread(s)", burst=BURST,
                               budget_s=budget_s)
         rows = {}
@@ -582,9 +590,9 @@ def _throughput_roofline(res: dict, bw1: dict, bytes_float: float, bytes_quant: 
     tp["roofline"] = {}
     for t, rows in tp["threads"].items():
         torch.set_num_threads(int(t))
-        bw = bw1 if t == "1" else roofline.measure_bandwidth(512, reps=reps)
+        bw = tp.get("bandwidth", {}).get(t) or (bw1 if t == "1" else roofline.measure_bandwidth(512, reps=reps))
         cached = {"float": roofline.cache_resident_GBps(bytes_float), "quantized": roofline.cache_resident_GBps(bytes_quant)}
-        tp["roofline"][t] = {"GBps": bw["GBps"], "cache_GBps_float": cached["float"],
+        tp["roofline"][t] = {"GBps": bw["GBps"], "in_rounds": bool(bw.get("in_rounds")), "cache_GBps_float": cached["float"],
                              "cache_GBps_quantized": cached["quantized"]}
         for name, row in rows.items():
             if "decode_tok_s" not in row:
