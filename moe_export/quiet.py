@@ -26,6 +26,11 @@ _LEAF_SPEC = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 # first name: the graph's inputs still carry the one symbolic dim "Te".
 _SHARED_DIM = r"# The axis name: .* will not be used, since it shares the same shape constraints with another axis"
 
+# ExecuTorch's emitter warns that a buffer the program mutates starts with a meaningless value (only its shape and
+# dtype are stored). The native .pte's KV cache buffers (``export.wrapper.StatefulStep``) are such buffers by design:
+# a slot is read only after the sequence has written it (the causal mask gives the others weight 0).
+_MUTABLE_BUFFER = r"Mutation on a buffer in the model is detected"
+
 # ExecuTorch's threadpool sizes itself from the CPU model on its first run and logs (C++, straight to
 # file descriptor 2) each /sys file it tries: an x86 machine has no ARM MIDR file and no soc0 image, so
 # every run on x86 prints these five lines. The pool still gets the cores the OS reports. Resizing the pool
@@ -35,11 +40,12 @@ _EXECUTORCH_CPUINFO = re.compile(rb"^\[(cpuinfo_utils\.cpp:\d+\] |threadpool\.cp
 
 @contextlib.contextmanager
 def exporting() -> Iterator[None]:
-    """Around ``torch.export`` / ``torch.onnx.export`` / ExecuTorch lowering: the LeafSpec FutureWarning and the ONNX
-    exporter's note on a shared dynamic dim's name only."""
+    """Around ``torch.export`` / ``torch.onnx.export`` / ExecuTorch lowering: the LeafSpec FutureWarning, the ONNX
+    exporter's note on a shared dynamic dim's name and ExecuTorch's note on mutable buffers' initial values only."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LEAF_SPEC, category=FutureWarning, module=r"copyreg|torch\.")
         warnings.filterwarnings("ignore", message=_SHARED_DIM, category=UserWarning, module=r"torch\.onnx\.")
+        warnings.filterwarnings("ignore", message=_MUTABLE_BUFFER, category=UserWarning, module=r"executorch\.")
         yield
 
 

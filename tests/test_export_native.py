@@ -386,3 +386,50 @@ def test_native_attention_reads_the_cache_in_place(native):
 
     assert cache_expands(step) == 2 * cfg.num_hidden_layers  # keys and values of every layer
     assert cache_expands(native_step(step)) == 0
+
+
+def test_native_pte_keeps_its_kv_cache_in_place(native):
+    """The native .pte keeps its KV cache in the program (``wrapper.StatefulStep``): the method takes tokens and a
+    position and returns logits (no cache in or out for the runtime to copy), each layer's new keys and values are
+    written in place (``index_put_``), and no op outside or inside a delegate copies a tensor spanning every slot of
+    a layer's cache: the functional step selected each layer's cache, rewrote every slot (one-hot matmul) and
+    stacked the layers into its outputs. A runner needs no reset between sequences: the slots an earlier sequence
+    wrote are masked, so a second sequence's logits equal a fresh runner's bit for bit."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    from moe_export.export.executorch import export_program, lower_to_executorch, native_step
+    from moe_export.quiet import exporting
+
+    cfg = native["f"].config
+    layers = cfg.num_hidden_layers
+    plan = deserialize_pte_binary(native["pte"].read_bytes()).program.execution_plan
+    forward = next(p for p in plan if p.name == "forward")
+    assert (len(forward.inputs), len(forward.outputs)) == (2, 1)  # tokens, input_pos -> logits
+    ops = pte_ops(native["pte"])
+    assert ops["aten::index_put_"] == 2 * layers, ops  # keys and values of every layer, in place
+    assert not {"aten::index_put.out", "aten::stack.out", "aten::select_copy.int_out", "aten::copy_"} & set(ops), ops
+
+    slots = 48  # a cache length that is no other dim of this model
+    step = DecoderStep(prepare_for_export(native["q"]), max_seq_len=slots)
+    _, _, hkv, _, head_dim = step.cache_shape()
+    with exporting():
+        graph = lower_to_executorch(export_program(native_step(step)), "native").exported_program().graph
+    copies = []
+    for n in graph.nodes:
+        val = n.meta.get("val")
+        vals = val if isinstance(val, (tuple, list)) else [val]
+        for v in vals:
+            if not isinstance(v, torch.Tensor) or not all(isinstance(d, int) for d in v.shape):
+                continue
+            if slots in v.shape and v.numel() >= hkv * slots * head_dim and n.op == "call_function" \
+                    and not any(k in str(n.target) for k in ("index_put_", "view")):
+                copies.append((str(n.target), tuple(v.shape)))
+    assert not copies, copies
+
+    runner, fresh = PteRunner(native["pte"]), PteRunner(native["pte"])
+    a, b = native["ids"][:, :8], native["ids"][:, 8:]
+    runner.step(a, 0)
+    runner.step(a[:, :1], 8)
+    runner.reset()
+    assert torch.equal(runner.step(b, 0), fresh.step(b, 0))
+    assert torch.equal(runner.step(a[:, :1], 8), fresh.step(a[:, :1], 8))

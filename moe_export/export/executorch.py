@@ -57,10 +57,10 @@ def export_program(step: torch.nn.Module, max_tokens: int | None = None) -> torc
         return torch.export.export(step, step.example_inputs(), dynamic_shapes=step.dynamic_shapes(max_tokens), strict=False)
 
 
-def lower_to_executorch(ep, mode: str = "packed"):
+def lower_to_executorch(ep, mode: str = "packed", constant_methods: dict | None = None):
     """ExportedProgram (or ``{method name: ExportedProgram}``) -> ExecutorchProgramManager (``.buffer`` is the .pte
-    bytes)."""
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    bytes). ``constant_methods``: ``{name: value}`` methods of the program that return a constant."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     if mode not in PTE_MODES:
         raise ValueError(f"unknown pte mode {mode!r}; choose one of {', '.join(PTE_MODES)}")
@@ -72,7 +72,12 @@ def lower_to_executorch(ep, mode: str = "packed"):
     passes = [_xnnpack_friendly_pass()] if mode in NATIVE_MODES else None
     # gather_dequant has only a CompositeImplicitAutograd kernel: to_edge decomposes it into aten ops.
     edge = to_edge_transform_and_lower(ep, transform_passes=passes, partitioner=partitioner,
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                       constant_methods=constant_methods)
+    if mode in NATIVE_MODES:
+        # the native step writes its KV cache buffers with index_put_, which export functionalizes: the reinplace
+        # pass writes the rows into the buffer again, where a functional index_put would copy the whole cache twice
+        return edge.to_executorch(ExecutorchBackendConfig(run_reinplace_pass=True))
     return edge.to_executorch()
 
 
@@ -145,17 +150,24 @@ def _xnnpack_friendly_pass():
     return XnnpackFriendly()
 
 
+# A constant method of a program whose step keeps its KV cache (``wrapper.StatefulStep``): the cache shape of the
+# functional step (``DecoderStep.cache_shape``), from which a runner reads the cache length. ``get_max_seq_len`` is
+# the name ExecuTorch's LLM runners read that length from.
+KV_CACHE_SHAPE_METHOD = "kv_cache_shape"
+
+
 def native_step(step: torch.nn.Module, mode: str = "native") -> torch.nn.Module:
-    """The module a native ``mode`` exports for a ``DecoderStep``: a copy (sharing every weight) whose packed weights
+    """The module a native ``mode`` exports for a ``DecoderStep``: a ``wrapper.StatefulStep`` (the KV cache in
+    buffers of the program, written in place) over a copy of the step (sharing every weight) whose packed weights
     run as the ``moe_export`` ops (``export.native.to_native``) and whose attention reads each layer's cache in place
     (``wrapper.grouped_eager_attention`` with ``rows=True``): repeat_kv copied the cache ``n_rep`` times a layer
     and decode step (an expand, which the XNNPACK pass turns into concatenated copies)."""
     from moe_export.export.native import to_native
-    from moe_export.export.wrapper import use_grouped_attention
+    from moe_export.export.wrapper import StatefulStep, use_grouped_attention
 
     step = to_native(step, accuracy=native_accuracy(mode))  # a copy with its own config
     use_grouped_attention(step, rows=True)
-    return step
+    return StatefulStep(step)
 
 
 def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "native", max_seq_len: int = 128) -> Path:
@@ -168,8 +180,10 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "nat
         step = model if isinstance(model, Seq2SeqStep) else Seq2SeqStep(model, max_seq_len)
         return _export_seq2seq(step, path, mode)
     step = model if isinstance(model, DecoderStep) else DecoderStep(model, max_seq_len)
+    constant_methods = None
     if mode in NATIVE_MODES:
         step = native_step(step, mode)
+        constant_methods = {KV_CACHE_SHAPE_METHOD: list(step.cache_shape()), "get_max_seq_len": step.max_seq_len}
     elif mode == "xnnpack-int":
         from torchao.utils import unwrap_tensor_subclass
 
@@ -180,7 +194,7 @@ def export_pte(model: torch.nn.Module, path: str | os.PathLike, mode: str = "nat
         # wrong answers (export-notes.md)
         step = unwrap_tensor_subclass(step)
     with exporting():
-        program = lower_to_executorch(export_program(step), mode)
+        program = lower_to_executorch(export_program(step), mode, constant_methods)
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_bytes(program.buffer)

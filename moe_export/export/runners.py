@@ -3,7 +3,7 @@ decode loop over it.
 
 ``runner.step(tokens [1, T], pos)`` feeds T tokens at positions ``pos..pos+T-1`` and returns their logits
 ``[1, T, V]``, keeping the KV cache inside the runner; ``runner.run(tokens, pos, k, v)`` is the same step
-without state, for timing one call. An encoder-decoder runner (``runner.seq2seq``, ``export.seq2seq``) first reads
+without state, for timing one call (a program that keeps its own cache, the native .pte, ignores k and v). An encoder-decoder runner (``runner.seq2seq``, ``export.seq2seq``) first reads
 its source with ``runner.encode(source [1, Te])``; its steps are the decoder's, attending to that source. ``logits_fn(runner)`` gives the ``input_ids [B, T] -> logits [B, T, V]``
 callable that ``moe_export.eval`` scores; ``greedy_generate`` and ``decode_steps`` are the decode loop that
 parity, latency, memory and the references share.
@@ -128,7 +128,7 @@ class PteRunner(StepRunner):
         import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed kernels, if a graph uses them)
         from executorch.runtime import Runtime
 
-        from moe_export.export.executorch import load_native_kernels_for
+        from moe_export.export.executorch import KV_CACHE_SHAPE_METHOD, load_native_kernels_for
         from moe_export.export.seq2seq import ENCODER_METHOD
 
         self.threads = executorch_threads(threads)
@@ -143,9 +143,12 @@ class PteRunner(StepRunner):
         with executorch_first_run():  # an XNNPACK delegate starts the threadpool (and its CPU probe) at load
             self.method = program.load_method("forward")
             self.encoder = program.load_method(ENCODER_METHOD) if self.seq2seq else None
-        if cache_shape is None:
-            meta = self.method.metadata
-            cache_shape = tuple(meta.input_tensor_meta(2).sizes())
+        # a program that keeps its KV cache (the native .pte, ``wrapper.StatefulStep``) takes tokens and position only
+        self.stateful = KV_CACHE_SHAPE_METHOD in program.method_names
+        if cache_shape is None and self.stateful:
+            cache_shape = tuple(program.load_method(KV_CACHE_SHAPE_METHOD).execute([]))
+        elif cache_shape is None:
+            cache_shape = tuple(self.method.metadata.input_tensor_meta(2).sizes())
         super().__init__(cache_shape)
         _LIVE_PTE.add(self)
 
@@ -177,6 +180,8 @@ class PteRunner(StepRunner):
         return out[0], out[1]
 
     def run(self, tokens, pos, k, v):
+        if self.stateful:  # the program reads and writes its own cache: k and v are not read and come back as given
+            return self._execute(self.method, [tokens, pos])[0], k, v
         out = self._execute(self.method, [tokens, pos, k, v, *self.extra])
         return out[0], out[1], out[2]
 

@@ -196,10 +196,16 @@ class DecoderStep(nn.Module):
         return ({1: t}, None, None, None)
 
     def forward(self, tokens, input_pos, k_cache, v_cache):
-        inner = self.model.model
         positions, write, keep, mask = step_positions(input_pos, tokens.shape[1], self.max_seq_len, k_cache.dtype)
         cache = _StepCache(k_cache, v_cache, write, keep, self.v_head_dim)
+        logits = self.decode(tokens, positions, mask, cache)
+        return logits, torch.stack(cache.k_out), torch.stack(cache.v_out)
 
+    def decode(self, tokens, positions, mask, cache):
+        """Logits ``[1, T, V]`` of ``tokens`` ``[1, T]`` at ``positions`` ``[T]`` under the additive causal ``mask``
+        ``[1, 1, T, S]``, each layer attending through ``cache`` (``past_key_values``: its ``update`` writes the
+        layer's new keys/values and returns the layer's whole cache)."""
+        inner = self.model.model
         h = inner.embed_tokens(tokens)  # [1, T, H]
         position_ids = positions.unsqueeze(0)  # [1, T]
         rope_buffers = "rope_cos" in self._buffers  # inside rope_table_buffers
@@ -211,8 +217,63 @@ class DecoderStep(nn.Module):
         for layer in inner.layers:
             out = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache, position_embeddings=pe)
             h = out[0] if isinstance(out, tuple) else out
-        logits = self.model.lm_head(inner.norm(h))  # [1, T, V]
-        return logits, torch.stack(cache.k_out), torch.stack(cache.v_out)
+        return self.model.lm_head(inner.norm(h))  # [1, T, V]
+
+
+class _BufferCache:
+    """``past_key_values`` of a :class:`StatefulStep`: each layer's keys and values are buffers of the step, and an
+    update writes the step's T rows into them in place (``index_put_`` at the step's positions); no other slot is
+    read or written."""
+
+    def __init__(self, k, v, positions):
+        self.k, self.v = k, v  # per layer [1, Hkv, S, D], [1, Hkv, S, Dv]
+        self.positions = positions  # [T]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # [1, Hkv, T, D], [1, Hkv, T, Dv]
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        torch.ops.aten.index_put_.default(k, [None, None, self.positions], key_states)
+        torch.ops.aten.index_put_.default(v, [None, None, self.positions], value_states)
+        return k, v
+
+
+class StatefulStep(nn.Module):
+    """A :class:`DecoderStep` that keeps its KV cache: ``forward(tokens [1, T], input_pos [1]) -> logits [1, T, V]``,
+    the signature of ExecuTorch's own LLM exports. Each layer's keys and values are buffers of the module
+    (``k_cache_{i}`` ``[1, Hkv, S, D]``, ``v_cache_{i}`` ``[1, Hkv, S, Dv]``; Dv is the value width, DeepSeek's
+    rotary key part unpadded) that a step writes at its T positions in place.
+
+    For ExecuTorch: a program keeps mutable buffers in its memory plan from call to call and, after its reinplace
+    pass, writes the rows in place, so a decode step neither passes the cache in and out (the runtime copies every
+    input and output tensor of a call: 4 MB a step on the Mixtral slice) nor rewrites every slot (the functional
+    step's one-hot matmul over the whole cache, its layer selects and stacked outputs). Slots the current sequence
+    has not written hold an earlier sequence's values (zeros at first); the causal mask gives them weight exactly 0,
+    so a sequence starts with a prefill at position 0 and needs no reset."""
+
+    def __init__(self, step: DecoderStep):
+        super().__init__()
+        self.step = step
+        self.max_seq_len = step.max_seq_len
+        _, _, hkv, s, d = step.cache_shape()
+        for i in range(step.num_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(1, hkv, s, d), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(1, hkv, s, step.v_head_dim), persistent=False)
+
+    def cache_shape(self) -> tuple[int, ...]:
+        """The functional step's cache shape (``DecoderStep.cache_shape``): what a runner reads the cache size from."""
+        return self.step.cache_shape()
+
+    def example_inputs(self, seq_len: int = 4):
+        return self.step.example_inputs(seq_len)[:2]
+
+    def dynamic_shapes(self, max_tokens: int | None = None):
+        return self.step.dynamic_shapes(max_tokens)[:2]
+
+    def forward(self, tokens, input_pos):
+        layers = range(self.step.num_layers)
+        k = [getattr(self, f"k_cache_{i}") for i in layers]
+        v = [getattr(self, f"v_cache_{i}") for i in layers]
+        positions, _, _, mask = step_positions(input_pos, tokens.shape[1], self.max_seq_len, k[0].dtype)
+        return self.step.decode(tokens, positions, mask, _BufferCache(k, v, positions))
 
 
 def step_signature(tokens: torch.Tensor, k_cache: torch.Tensor) -> tuple:
