@@ -24,6 +24,7 @@ variant scores its widths with ``q``'s own error (``plan.budget``), or with anot
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -320,11 +321,19 @@ def plot(results: dict, path) -> None:
     for ax, model in zip(axes[0], models):
         rs = [r for r in runs if r["model"] == model]
         for method in _method_order(rs) + ["uniform"]:
-            pts = sorted((p["bpw"], p["bpb"]) for r in rs for p in r["points"] if p["method"] == method)
+            # one point per target: the mean over the seeds it was measured on, their spread as error bars
+            cells = [_over_seeds(rs, method, t) for t in sorted({p["target_bpw"] for r in rs for p in r["points"]
+                                                                   if p["method"] == method})]
+            pts = sorted((c["bpw"][0], c["bpb"][0], c["bpb"][1]) for c in cells)
             if pts:  # uniform dotted, experts stored by another quantizer than RTN dashed
                 other = quantizers_of(method)[2] != "rtn"
-                ax.plot(*zip(*pts), marker="s" if method == "uniform" else "^" if other else "o",
-                        linestyle=":" if method == "uniform" else "--" if other else "-", label=label(method))
+                style = dict(marker="s" if method == "uniform" else "^" if other else "o",
+                             linestyle=":" if method == "uniform" else "--" if other else "-", label=label(method))
+                x, y, sd = zip(*pts)
+                if len(rs) > 1:
+                    ax.errorbar(x, y, yerr=sd, capsize=2, **style)
+                else:
+                    ax.plot(x, y, **style)
         fl = sum(r["float"]["bpb"] for r in rs) / len(rs)
         ax.axhline(fl, color="grey", linewidth=0.8, linestyle="--", label="float")
         ax.set_xlabel("whole-model bits per weight (theoretical bytes x 8 / parameters)")
@@ -352,6 +361,48 @@ def _seeds(runs) -> str:
 def _groups(runs) -> str:
     return ", ".join(f"{g} ({', '.join(sorted({r['model'] for r in runs if r['group_size'] == g}))})"
                      for g in sorted({r["group_size"] for r in runs}))
+
+
+def _mean_sd(xs) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    xs = list(xs)
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _over_seeds(rs, method: str, target: float) -> dict | None:
+    """``method``'s points at ``target`` over the runs ``rs`` (one per build seed): ``seeds``, the points by seed,
+    and (mean, sd) of bpw, bpb, ppl and the perplexity change from float in percent (each seed's against its own
+    float model); None where no seed has the point."""
+    by_seed = {}
+    for r in sorted(rs, key=lambda r: r["seed"]):
+        ps = [p for p in r["points"] if p["method"] == method and abs(p["target_bpw"] - target) < 1e-9]
+        if ps:
+            by_seed[r["seed"]] = (ps[0], r["float"])
+    if not by_seed:
+        return None
+    pts = [p for p, _ in by_seed.values()]
+    return {"method": method, "seeds": list(by_seed), "points": {s: p for s, (p, _) in by_seed.items()},
+            **{k: _mean_sd(p[k] for p in pts) for k in ("bpw", "bpb", "ppl")},
+            "change": _mean_sd(100 * (p["ppl"] / f["ppl"] - 1) for p, f in by_seed.values())}
+
+
+def _seed_note(cell: dict, n_model: int) -> str:
+    """Which seeds a cell of a several-seed table covers, where they are fewer than the model's."""
+    if len(cell["seeds"]) == n_model:
+        return ""
+    which = ", ".join(map(str, cell["seeds"]))
+    return f" [n={len(cell['seeds'])}: seed{'s' if len(cell['seeds']) > 1 else ''} {which}]"
+
+
+def _pm(ms, digits: int, n: int) -> str:
+    """``mean ± sd`` (the mean alone for one seed)."""
+    m, sd = ms
+    return f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _change(ms, n: int) -> str:
+    m, sd = ms
+    return f"{m:+.1f}%" if n == 1 else f"{m:+.1f} ± {sd:.1f}%"
 
 
 def markdown(results: dict, img_rel: str = "img") -> list[str]:
@@ -394,7 +445,13 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
         + "Uniform b: every quantizable "
         f"weight at b bits, group {_groups(runs)}. Routers and norms stay float in every point. "
         f"Build seeds: {_seeds(runs)}" + (" (one build seed: differences of a few thousandths of a bit per byte may "
-                                          "be noise)." if any(len(s) == 1 for s in _seeds_of(runs).values()) else "."),
+                                          "be noise)." if any(len(s) == 1 for s in _seeds_of(runs).values()) else ".")
+        + (" Where a model has several build seeds, every cell, verdict and plotted point is the mean over the seeds "
+           "it was measured on ± the sample standard deviation (error bars in the plot); a cell measured on fewer "
+           "seeds than its model has says which (n=k). Each seed's perplexity change is taken against that seed's own "
+           "float model, and the budget allocator is compared with a per-layer method seed by seed, on the seeds "
+           "both were measured on; each verdict also says on how many of the seeds it holds."
+           if any(len(s) > 1 for s in _seeds_of(runs).values()) else ""),
         ""]
     commands = results.get("commands") or ({"": results["command"]} if results.get("command") else {})
     if commands:
@@ -403,22 +460,27 @@ def markdown(results: dict, img_rel: str = "img") -> list[str]:
     if results.get("note"):
         lines += [results["note"], ""]
     for model in sorted({r["model"] for r in runs}):
-        rs = [r for r in runs if r["model"] == model]
-        fl_bpb = sum(r["float"]["bpb"] for r in rs) / len(rs)
-        fl_ppl = sum(r["float"]["ppl"] for r in rs) / len(rs)
-        lines.append(f"**{model}** ({rs[0]['parameters']:,} parameters; float32: bpb {fl_bpb:.4f}, perplexity "
-                     f"{fl_ppl:.3f}). Cells: achieved bpw / bits per byte / perplexity (change from float); best "
-                     "bits per byte at each target in bold" + (", one table per quantizer of the experts."
-                                                              if len(_by_quantizer(rs)) > 1 else "."))
+        rs = sorted((r for r in runs if r["model"] == model), key=lambda r: r["seed"])
+        n = len(rs)
+        fl_bpb, fl_ppl = _mean_sd(r["float"]["bpb"] for r in rs), _mean_sd(r["float"]["ppl"] for r in rs)
+        seeds = f"; mean ± sd over build seeds {', '.join(str(r['seed']) for r in rs)}, n={n}" if n > 1 else ""
+        lines.append(f"**{model}** ({rs[0]['parameters']:,} parameters; float32: bpb {_pm(fl_bpb, 4, n)}, perplexity "
+                     f"{_pm(fl_ppl, 3, n)}{seeds}). Cells: achieved bpw / bits per byte / perplexity (change from float)"
+                     + ("; bits per byte and the change from float as mean ± sd over the seeds; best mean bits per byte "
+                        "at each target (among the cells of the most seeds) in bold" if n > 1 else
+                        "; best bits per byte at each target in bold")
+                     + (", one table per quantizer of the experts." if len(_by_quantizer(rs)) > 1 else "."))
         lines.append("")
         for store, methods in _by_quantizer(rs).items():
-            lines += _table(rs, methods, sw["targets"], fl_ppl, store if len(_by_quantizer(rs)) > 1 else None)
-        lines += _verdicts(rs, sw["targets"], fl_ppl)
-        lines += _quality_verdicts(rs, fl_ppl)
-        uni = sorted((p["bits"], p["bpw"], p["bpb"], p["ppl"]) for r in rs for p in r["points"] if p["method"] == "uniform")
+            lines += _table(rs, methods, sw["targets"], store if len(_by_quantizer(rs)) > 1 else None)
+        lines += _verdicts(rs, sw["targets"])
+        lines += _quality_verdicts(rs)
+        uni = [(b, _over_seeds(rs, "uniform", b)) for b in sorted({p["bits"] for r in rs for p in r["points"]
+                                                                   if p["method"] == "uniform"})]
         if uni:
-            lines.append("Uniform: " + "; ".join(f"{b} bits: {bpw:.3f} bpw, bpb {bpb:.4f}, perplexity {ppl:.3f} "
-                                                   f"({100 * (ppl / fl_ppl - 1):+.1f}%)" for b, bpw, bpb, ppl in uni) + ".")
+            lines.append("Uniform: " + "; ".join(
+                f"{b} bits: {c['bpw'][0]:.3f} bpw, bpb {_pm(c['bpb'], 4, len(c['seeds']))}, perplexity "
+                f"{c['ppl'][0]:.3f} ({_change(c['change'], len(c['seeds']))}){_seed_note(c, n)}" for b, c in uni) + ".")
             lines.append("")
     lines.append(f"![quality against whole-model size]({img_rel}/budget_bpb_vs_bpw.png)")
     lines.append("")
@@ -433,79 +495,134 @@ def _by_quantizer(rs) -> dict[str, list[str]]:
     return out
 
 
-def _table(rs, methods, targets, fl_ppl, store: str | None) -> list[str]:
-    """One table of ``methods`` (rows: targets); ``store``: the quantizer it is headed with, None for no heading."""
+def _table(rs, methods, targets, store: str | None) -> list[str]:
+    """One table of ``methods`` (rows: targets); ``store``: the quantizer it is headed with, None for no heading.
+    ``rs``: one model's runs, one per build seed; a cell is the mean over the seeds it was measured on."""
+    n_model = len(rs)
     lines = [f"Experts quantized with {QUANTIZER_NAMES.get(store, store)}:", ""] if store else []
     lines.append("| target bpw | " + " | ".join(label(m) for m in methods) + " |")
     lines.append("|---|" + "---|" * len(methods))
     for t in targets:
-        cells = {}
-        for m in methods:
-            ps = [p for r in rs for p in r["points"] if p["method"] == m and abs(p["target_bpw"] - t) < 1e-9]
-            if ps:
-                cells[m] = (sum(p["bpw"] for p in ps) / len(ps), sum(p["bpb"] for p in ps) / len(ps),
-                            sum(p["ppl"] for p in ps) / len(ps))
-        best = min(v[1] for v in cells.values()) if cells else None
+        cells = {m: c for m in methods if (c := _over_seeds(rs, m, t)) is not None}
+        most = max((len(c["seeds"]) for c in cells.values()), default=0)
+        # means over different seeds are not comparable: the bold cell is among those of the most seeds
+        best = min((c["bpb"][0] for c in cells.values() if len(c["seeds"]) == most), default=None)
         row = []
         for m in methods:
             if m not in cells:
                 row.append("")
                 continue
-            bpw, bpb, ppl = cells[m]
-            txt = f"{bpw:.3f} / {bpb:.4f} / {ppl:.3f} ({100 * (ppl / fl_ppl - 1):+.1f}%)"
-            row.append(f"**{txt}**" if bpb == best else txt)
+            c = cells[m]
+            k = len(c["seeds"])
+            txt = (f"{c['bpw'][0]:.3f} / {_pm(c['bpb'], 4, k)} / {c['ppl'][0]:.3f} ({_change(c['change'], k)})"
+                   + (_seed_note(c, n_model) if n_model > 1 else ""))
+            row.append(f"**{txt}**" if k == most and c["bpb"][0] == best else txt)
         lines.append(f"| {t:g} | " + " | ".join(row) + " |")
     lines.append("")
     return lines
 
 
-def _verdicts(rs, targets, fl_ppl) -> list[str]:
+def _verdicts(rs, targets) -> list[str]:
     """Per target: each budget allocator variant against the best per-layer method at no more bytes whose experts
-    the same quantizer stores."""
+    the same quantizer stores. Over several seeds: paired seed by seed, against the per-layer methods measured on
+    every seed the variant was (at as many or more bytes on each), the best of them by mean bits per byte; the
+    verdict is the mean difference, and on how many seeds the variant beats that seed's best such method."""
+    n_model = len(rs)
     out = []
     for t in targets:
         pts = [p for r in rs for p in r["points"] if abs(p["target_bpw"] - t) < 1e-9]
-        per_layer = [p for p in pts if quantizers_of(p["method"])[0] in PER_LAYER]
+        per_layer = list(dict.fromkeys(p["method"] for p in pts if quantizers_of(p["method"])[0] in PER_LAYER))
         for variant in dict.fromkeys(p["method"] for p in pts if p["method"].startswith("budget")):
-            mine = [p for p in pts if p["method"] == variant]
-            if not mine or not per_layer:
-                continue
-            m = mine[0]
-            rivals = [p for p in per_layer if p["bpw"] >= m["bpw"] - 1e-9
-                      and quantizers_of(p["method"])[2] == quantizers_of(variant)[2]]
+            mine = _over_seeds(rs, variant, t)
+            store = quantizers_of(variant)[2]
+            rivals, fewer = {}, []
+            for method in per_layer:
+                if quantizers_of(method)[2] != store:
+                    continue
+                c = _over_seeds(rs, method, t)
+                if not set(mine["seeds"]) <= set(c["seeds"]):
+                    fewer.append(method)
+                elif all(c["points"][s]["bpw"] >= mine["points"][s]["bpw"] - 1e-9 for s in mine["seeds"]):
+                    rivals[method] = {s: c["points"][s] for s in mine["seeds"]}
             if not rivals:
                 continue
-            best = min(rivals, key=lambda p: p["bpb"])
-            out.append(f"- target {t:g}: {label(variant)} {m['bpw']:.3f} bpw, bpb {m['bpb']:.4f} (perplexity "
-                       f"{100 * (m['ppl'] / fl_ppl - 1):+.1f}% from float) against the best per-layer method at "
-                       f"as many or more bytes, {label(best['method'])} {best['bpw']:.3f} bpw, bpb {best['bpb']:.4f}: "
-                       f"{'better' if m['bpb'] < best['bpb'] else 'worse'} by {abs(m['bpb'] - best['bpb']):.4f} bits per byte.")
+            n = len(mine["seeds"])
+            mean_bpb = lambda ps: statistics.mean(ps[s]["bpb"] for s in mine["seeds"])
+            best = min(rivals, key=lambda m: mean_bpb(rivals[m]))
+            if n_model == 1:
+                m, b = mine["points"][mine["seeds"][0]], rivals[best][mine["seeds"][0]]
+                out.append(f"- target {t:g}: {label(variant)} {m['bpw']:.3f} bpw, bpb {m['bpb']:.4f} (perplexity "
+                           f"{mine['change'][0]:+.1f}% from float) against the best per-layer method at "
+                           f"as many or more bytes, {label(best)} {b['bpw']:.3f} bpw, bpb {b['bpb']:.4f}: "
+                           f"{'better' if m['bpb'] < b['bpb'] else 'worse'} by {abs(m['bpb'] - b['bpb']):.4f} bits per byte.")
+                continue
+            diff = _mean_sd(mine["points"][s]["bpb"] - rivals[best][s]["bpb"] for s in mine["seeds"])
+            wins = sum(mine["points"][s]["bpb"] < min(ps[s]["bpb"] for ps in rivals.values()) for s in mine["seeds"])
+            theirs = _mean_sd(rivals[best][s]["bpb"] for s in mine["seeds"])
+            on = (f"seed{'s' if n > 1 else ''} {', '.join(map(str, mine['seeds']))}" if n < n_model
+                  else f"{n} seeds")
+            out.append(f"- target {t:g} ({on}): {label(variant)} {mine['bpw'][0]:.3f} bpw, bpb {_pm(mine['bpb'], 4, n)} "
+                       f"(perplexity {_change(mine['change'], n)} from float) against the best per-layer method at "
+                       f"as many or more bytes, {label(best)} {statistics.mean(p['bpw'] for p in rivals[best].values()):.3f} "
+                       f"bpw, bpb {_pm(theirs, 4, n)}: {'better' if diff[0] < 0 else 'worse'} by {abs(diff[0]):.4f}"
+                       + (f" ± {diff[1]:.4f}" if n > 1 else "") + " bits per byte"
+                       + (f"; better than every per-layer method on {wins} of {n} seeds" if n > 1 else "")
+                       + (f" (not measured on {'all these seeds' if n > 1 else 'this seed'}, so not compared: "
+                          f"{', '.join(label(m) for m in fewer)})" if fewer else "") + ".")
     return out + ([""] if out else [])
 
 
-def _quality_verdicts(rs, fl_ppl) -> list[str]:
-    """Per size of ``QUALITY_TARGETS``: the best whole-model plan at or under that many bits per weight, met or not."""
+def _quality_verdicts(rs) -> list[str]:
+    """Per size of ``QUALITY_TARGETS``: the best whole-model plan at or under that many bits per weight, met or not.
+    Over several seeds: the best by mean perplexity change among the plans measured on the most seeds (every seed's
+    point at or under the size), met on the mean, and on how many seeds it is met; a plan measured on fewer seeds
+    that does better on its seeds is named too."""
+    n_model = len(rs)
     out = []
     for t, pct in QUALITY_TARGETS.items():
-        mine = [p for r in rs for p in r["points"] if p["method"].startswith("budget") and p["bpw"] <= t + 1e-9
-                and abs(p["target_bpw"] - t) < 1e-9]
-        if not mine:
+        cands = [c for m in dict.fromkeys(p["method"] for r in rs for p in r["points"] if p["method"].startswith("budget"))
+                 if (c := _over_seeds(rs, m, t)) is not None
+                 and all(p["bpw"] <= t + 1e-9 for p in c["points"].values())]
+        if not cands:
             continue
-        best = min(mine, key=lambda p: p["ppl"])
-        change = 100 * (best["ppl"] / fl_ppl - 1)
-        out.append(f"- quality target at {t:g} bpw, perplexity within {pct:g}% of float: "
-                   f"{'met' if change <= pct else 'not met'}; the best whole-model plan at or under {t:g} bpw is "
-                   f"{label(best['method'])}, {best['bpw']:.3f} bpw, perplexity {best['ppl']:.3f} "
-                   f"({change:+.1f}%).")
+        most = max(len(c["seeds"]) for c in cands)
+        best = min((c for c in cands if len(c["seeds"]) == most), key=lambda c: c["change"][0])
+        change = best["change"][0]
+        if n_model == 1:
+            p = best["points"][best["seeds"][0]]
+            out.append(f"- quality target at {t:g} bpw, perplexity within {pct:g}% of float: "
+                       f"{'met' if change <= pct else 'not met'}; the best whole-model plan at or under {t:g} bpw is "
+                       f"{label(best['method'])}, {p['bpw']:.3f} bpw, perplexity {p['ppl']:.3f} ({change:+.1f}%).")
+            continue
+        n = len(best["seeds"])
+        floats = {r["seed"]: r["float"]["ppl"] for r in rs}
+        changes = lambda c, seeds: [100 * (c["points"][s]["ppl"] / floats[s] - 1) for s in seeds]
+        met = sum(x <= pct for x in changes(best, best["seeds"]))
+        on = f"seed{'s' if n > 1 else ''} {', '.join(map(str, best['seeds']))}" if n < n_model else f"{n} seeds"
+        line = (f"- quality target at {t:g} bpw, perplexity within {pct:g}% of float ({on}): "
+                f"{'met' if change <= pct else 'not met'} on the mean, met on {met} of {n} seeds; the best whole-model "
+                f"plan at or under {t:g} bpw is {label(best['method'])}, {best['bpw'][0]:.3f} bpw, perplexity "
+                f"{best['ppl'][0]:.3f} ({_change(best['change'], n)}).")
+        # a plan measured on fewer seeds is compared with the one above on its own seeds only
+        better = [c for c in cands if len(c["seeds"]) < most and set(c["seeds"]) <= set(best["seeds"])
+                  and c["change"][0] < statistics.mean(changes(best, c["seeds"]))]
+        if better:
+            c = min(better, key=lambda c: c["change"][0])
+            k = len(c["seeds"])
+            line = (line[:-1] + f"; measured on fewer seeds (seed{'s' if k > 1 else ''} {', '.join(map(str, c['seeds']))}), "
+                    f"{label(c['method'])} is {_change(c['change'], k)} against the plan above's "
+                    f"{_change(_mean_sd(changes(best, c['seeds'])), k)} on the same seed{'s' if k > 1 else ''}.")
+        out.append(line)
     return out + ([""] if out else [])
 
 
 def merge(old: dict, new: dict) -> dict:
-    """``new`` with the runs of every model it did not sweep kept from ``old`` (one records file and one section for
-    all models; a model's rerun replaces its own runs). The sweeps must agree on everything but models, seeds and
-    which methods, targets and uniform widths they ran (each model's table shows its own). A run resumed from the
-    old one's points (every old point kept as it was) adds its command to the old ones; ``old``'s note stays unless
-    ``new`` has one."""
+    """``new`` with the runs of every model and build seed it did not sweep kept from ``old`` (one records file and
+    one section for all models and seeds; a rerun of a model's seed replaces that seed's run, a sweep of other seeds
+    adds to the model's). The sweeps must agree on everything but models, seeds and which methods, targets and
+    uniform widths they ran (each model's table shows its own). A run resumed from the old one's points (every old
+    point kept as it was), or one of other seeds than the old runs kept, adds its command to the old ones; ``old``'s
+    note stays unless ``new`` has one."""
     import json
 
     keep = ("models", "seeds", "methods", "budget_variants", "targets", "uniform")
@@ -515,15 +632,19 @@ def merge(old: dict, new: dict) -> dict:
         raise ValueError(f"the saved budget sweep differs in {', '.join(differ)}: its points would not be comparable; "
                          "rerun every model, or write to another folder")
     swept = set(new["sweep"]["models"])
-    kept = [r for r in old["runs"] if r["model"] not in swept]
+    rerun = {(r["model"], r["seed"]) for r in new["runs"]}
+    kept = [r for r in old["runs"] if (r["model"], r["seed"]) not in rerun]
     models = list(dict.fromkeys([r["model"] for r in kept] + list(new["sweep"]["models"])))
     commands = old.get("commands") or {m: old["command"] for m in old["sweep"]["models"] if old.get("command")}
     as_list = lambda c: [c] if isinstance(c, str) else list(c)
     resumed = {m for m in swept if _resumes(old["runs"], new["runs"], m)}
-    commands = {m: c for m, c in commands.items() if m not in swept or m in resumed}
+    # a model's old commands stay while any run they wrote does: resumed, or of a seed this sweep did not run
+    commands = {m: c for m, c in commands.items()
+                if m not in swept or m in resumed or any(r["model"] == m for r in kept)}
     for m, c in (new.get("commands") or {m: new["command"] for m in swept if new.get("command")}).items():
         commands[m] = list(dict.fromkeys(as_list(commands[m]) + as_list(c))) if m in commands else c
-    union = {k: list(dict.fromkeys(list(a[k]) + list(b[k]))) for k in ("methods", "budget_variants", "targets", "uniform")}
+    union = {k: list(dict.fromkeys(list(a[k]) + list(b[k])))
+             for k in ("seeds", "methods", "budget_variants", "targets", "uniform")}
     out = {**new, "sweep": {**new["sweep"], "models": models, **union}, "runs": kept + new["runs"], "commands": commands}
     out.pop("command", None)
     if "note" not in new and "note" in old:
