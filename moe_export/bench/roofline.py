@@ -19,20 +19,15 @@ def measure_bandwidth(mbytes: float = 256, reps: int = 5) -> dict[str, float]:
     """GB/s of a ``mbytes`` copy (read + write counted) and sum (read only); best of ``reps``. Buffers larger
     than the last-level cache measure DRAM; a buffer the size of one decode step's weights, read again and
     again, measures what a step can get when its weights stay cached between steps (``cache_resident_GBps``)."""
-    n = int(mbytes * (1 << 20)) // 4
-    a = torch.ones(n)
-    b = torch.empty(n)
-    copy_s, sum_s = [], []
+    calls = bandwidth_calls(mbytes, passes=1)
+    times = {"copy": [], "sum": []}
     for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        copy_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        a.sum()
-        sum_s.append(time.perf_counter() - t0)
-    nbytes = n * 4
-    copy_gbs = 2 * nbytes / min(copy_s[1:]) / 1e9
-    sum_gbs = nbytes / min(sum_s[1:]) / 1e9
+        for name in ("copy", "sum"):
+            t0 = time.perf_counter()
+            calls[name][0]()
+            times[name].append(time.perf_counter() - t0)
+    copy_gbs = calls["copy"][1] / min(times["copy"][1:]) / 1e9
+    sum_gbs = calls["sum"][1] / min(times["sum"][1:]) / 1e9
     return {"copy_GBps": copy_gbs, "sum_GBps": sum_gbs, "GBps": max(copy_gbs, sum_gbs), "buffer_MB": mbytes}
 
 

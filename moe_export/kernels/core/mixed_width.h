@@ -896,7 +896,7 @@ MOE_T_AVX512 inline __m512i whole_codes64(const uint8_t* pr, int64_t u, __mmask6
     return codes64<B>(pr + u * 8 * B, cm, perm, ctrl, mask);
 }
 
-// GC: the group size when known at compile time (0: g at run time). With `acc` given, the rows' float lane
+// GC: the group size when known at compile time (0: g at run time). With `acc_out` given, the rows' float lane
 // sums and zero terms are left there unfolded (acc_out[r], acc_out[NR + r]) for fold16x16.
 template <int B, int NR, bool UNPACKED, int GC>
 MOE_T_AVX512 inline void int8_rows_512(const uint8_t* prow, int64_t stride, const uint16_t* srow,
