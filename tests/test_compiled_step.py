@@ -63,3 +63,31 @@ def test_compiled_step_decodes_like_the_step_skipping_guards_only_on_warm_signat
             assert skipped[n:] == [True]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_compiled_step_leaves_its_step_as_given_and_checks_the_cache_shape():
+    from torch.nn.utils import parametrize
+
+    model = tiny_random_model("MixtralForCausalLM", num_layers=1)
+    quantize_(model, MoEQuantConfig(mixed_plan(model)), progress=False)
+    step = DecoderStep(model, 16)
+    before = {n: type(p) for n, p in step.named_parameters()}
+    compiled = CompiledStep(step, backend="aot_eager")
+    # the subclasses are unwrapped on the compiled copy of the module tree, over the same tensors
+    assert not any(parametrize.is_parametrized(m) for m in step.modules())
+    assert {n: type(p) for n, p in step.named_parameters()} == before
+    assert any(parametrize.is_parametrized(m) for m in compiled.compiled._orig_mod.modules())
+    own = {t.data_ptr() for t in compiled.compiled._orig_mod.parameters()}
+    inner = {t.data_ptr() for p in step.parameters() for t in
+             ([getattr(p, a) for a in p.__tensor_flatten__()[0]] if hasattr(p, "__tensor_flatten__") else [p])}
+    assert own == inner
+    tok = torch.zeros(1, 1, dtype=torch.long)
+    k, v = compiled.empty_cache()
+    with torch.no_grad():
+        compiled(tok, torch.tensor([0]), k, v)
+        try:
+            compiled(tok, torch.tensor([0]), k[:, :, :, :8], v[:, :, :, :8])
+        except ValueError as e:
+            assert "KV cache" in str(e)
+        else:
+            raise AssertionError("a cache of another shape ran")
