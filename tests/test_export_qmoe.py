@@ -117,6 +117,16 @@ def _ort_optimized_ops(path, tmp_path) -> dict[str, int]:
     return {k.split("::")[-1]: v for k, v in onnx_ops(onnx.load(so.optimized_model_filepath)).items()}
 
 
+def _matmuls_shaped(proto, last_dims: tuple[int, int]) -> list[str]:
+    """MatMul nodes of ``proto`` whose inferred output ends in ``last_dims``."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim)
+              for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    return [n.name for n in inferred.graph.node if n.op_type == "MatMul" and shapes.get(n.output[0], ())[-2:] == last_dims]
+
+
 def test_reciprocal_roots_become_divisions():
     """``Mul(x, Reciprocal(Sqrt(v)))`` (torch's rsqrt) becomes ``Div(x, Sqrt(v))``, the form onnxruntime fuses
     into an RMS norm kernel; a reciprocal read elsewhere too stays. Same outputs to float rounding."""
@@ -176,6 +186,11 @@ def test_decoder_step_exports_as_qmoe_nodes(tmp_path):
     assert onnx_ops(export_onnx(step, tmp_path / "p.onnx", mode="packed"))["Expand"]
     # RMS norms as x / sqrt(mean(x^2) + eps) * w: onnxruntime fuses each into one SimplifiedLayerNormalization
     assert "Reciprocal" not in ops and _ort_optimized_ops(path, tmp_path)["SimplifiedLayerNormalization"] == 2 * n_layers + 1
+    # the cache rows are scattered (one ScatterElements for k and one for v a layer, beside the routing's one), and
+    # no MatMul makes a cache-shaped [.., S, D] tensor (the one-hot write of the other forms)
+    assert ops["ScatterElements"] == 3 * n_layers, ops
+    assert not _matmuls_shaped(proto, (step.max_seq_len, step.head_dim))
+    assert _matmuls_shaped(onnx.load(str(tmp_path / "p.onnx")), (step.max_seq_len, step.head_dim))
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     rep = compare(OnnxRunner(path), logits_fn_for(q), ids, gen_model=q, gen_prompt=ids[0, :6], new_tokens=16)
     check_parity(rep)  # max abs err within 1e-4 of the largest logit, prefill and KV-cache decode; greedy equal

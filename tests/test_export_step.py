@@ -101,6 +101,22 @@ def test_grouped_attention_equals_eager_attention(arch):
         assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max())
 
 
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scatter_cache_write_equals_one_hot_write(arch):
+    """The native .onnx's cache write (``DecoderStep.scatter_cache``: a scatter of the step's rows) gives the
+    one-hot matmul write's logits and caches bit for bit, through a prefill, decode steps that read what earlier
+    steps wrote, and a prefill over slots written before (the rows it does not rewrite are kept)."""
+    model = prepare_for_export(tiny_random_model(arch, seed=0))
+    one_hot, scatter = DecoderStep(model, max_seq_len=12), DecoderStep(model, max_seq_len=12)
+    scatter.scatter_cache = True
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    a, b = EagerStepRunner(one_hot), EagerStepRunner(scatter)
+    for tokens, pos in ((ids[:, :5], 0), (ids[:, 5:6], 5), (ids[:, 6:7], 6), (ids[:, 7:9], 3)):
+        assert torch.equal(a.step(tokens, pos), b.step(tokens, pos))
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    assert b.k[:, :, :, :7].abs().sum(-1).gt(0).all() and not b.k[:, :, :, 7:].any()  # slots 0-6 written, 7- empty
+
 def test_clear_errors():
     model = tiny_random_model("MixtralForCausalLM", seed=0)
     with pytest.raises(ValueError, match="sliding_window=8 < max_seq_len=16"):

@@ -268,6 +268,7 @@ def _native_step(step: torch.nn.Module, accuracy_level: int):
     # repeat_kv copies each layer's cache n_rep times per decode step (Expand): 5% of a Mixtral-slice decode step
     # at 1 thread (interleaved A/B, same outputs bit for bit)
     use_grouped_attention(step)
+    step.scatter_cache = True
     linears = replace_packed_linears(step, lambda p, s, z, b, k: nbits_linear(p, s, z, b, k, accuracy_level))
     tables = {}
     for name, mod in step.named_modules():

@@ -7,7 +7,8 @@ One signature serves prefill (T tokens) and decode (T = 1), with T a dynamic dim
 
 The cache is explicit input/output (not a mutable buffer) so the same graph lowers to ExecuTorch and to ONNX.
 It is written with a one-hot matmul instead of a scatter: exact (one term of 1.0, the rest 0.0), no
-data-dependent slicing, and every backend has a kernel for it. The HF decoder layers run unchanged; only the
+data-dependent slicing, and every backend has a kernel for it. The native .onnx writes the same values with a
+scatter (``DecoderStep.scatter_cache``), which onnxruntime runs without the matmul's cache-sized temporaries. The HF decoder layers run unchanged; only the
 cache object they update is ours.
 """
 
@@ -27,19 +28,28 @@ SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeFo
 class _StepCache:
     """Duck-types the ``update`` method HF attention calls on ``past_key_values``."""
 
-    def __init__(self, k_cache, v_cache, write, keep, v_dim):
+    def __init__(self, k_cache, v_cache, write, keep, v_dim, positions=None):
         self.k_cache, self.v_cache = k_cache, v_cache  # [L, 1, Hkv, S, D]
         self.write, self.keep = write, keep  # [T, S] one-hot of the new positions, [S, 1] = 1 - any(write)
+        # [T]: write the new rows with a scatter instead of the one-hot matmul (DecoderStep.scatter_cache)
+        self.positions = positions
         self.v_dim = v_dim  # values narrower than keys (DeepSeek's MLA latents) sit zero-padded to D in the v cache
         self.k_out: list[torch.Tensor] = []
         self.v_out: list[torch.Tensor] = []
 
+    def _write(self, cache, new):  # [1, Hkv, S, D], [1, Hkv, T, D] -> [1, Hkv, S, D]
+        if self.positions is not None:
+            # [1, Hkv, T, D] by a broadcasting add (expand and repeat trace to Expand nodes; the native graph has none)
+            index = self.positions.view(1, 1, -1, 1) + new.new_zeros(1, new.shape[1], 1, new.shape[3], dtype=torch.long)
+            return cache.scatter(2, index, new)
+        return cache * self.keep + torch.matmul(self.write.transpose(0, 1), new)
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # [1, Hkv, T, D], [1, Hkv, T, Dv]
-        k = self.k_cache[layer_idx] * self.keep + torch.matmul(self.write.transpose(0, 1), key_states)  # [1, Hkv, S, D]
+        k = self._write(self.k_cache[layer_idx], key_states)  # [1, Hkv, S, D]
         pad = key_states.shape[-1] - value_states.shape[-1]
         if pad:
             value_states = torch.nn.functional.pad(value_states, (0, pad))  # [1, Hkv, T, D]
-        v = self.v_cache[layer_idx] * self.keep + torch.matmul(self.write.transpose(0, 1), value_states)
+        v = self._write(self.v_cache[layer_idx], value_states)
         self.k_out.append(k)
         self.v_out.append(v)
         return k, (v[..., : self.v_dim] if pad else v)
@@ -151,6 +161,10 @@ class DecoderStep(nn.Module):
             self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             self.v_head_dim = self.head_dim
         self.vocab_size = cfg.vocab_size
+        # write a step's new cache rows with a scatter instead of the one-hot matmul: the same values; the native
+        # .onnx sets it (onnxruntime's ScatterElements copies a layer's cache once and writes T rows, where the
+        # matmul form makes three cache-sized tensors a layer: keep-Mul, one-hot MatMul, Add)
+        self.scatter_cache = False
         self._rope = self._rope_table(model.model.rotary_emb, max_seq_len)
         self.eval()
 
@@ -197,7 +211,7 @@ class DecoderStep(nn.Module):
 
     def forward(self, tokens, input_pos, k_cache, v_cache):
         positions, write, keep, mask = step_positions(input_pos, tokens.shape[1], self.max_seq_len, k_cache.dtype)
-        cache = _StepCache(k_cache, v_cache, write, keep, self.v_head_dim)
+        cache = _StepCache(k_cache, v_cache, write, keep, self.v_head_dim, positions if self.scatter_cache else None)
         logits = self.decode(tokens, positions, mask, cache)
         return logits, torch.stack(cache.k_out), torch.stack(cache.v_out)
 
