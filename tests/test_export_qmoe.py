@@ -104,17 +104,22 @@ def test_projections_of_other_widths_or_group_sizes_are_refused():
         moe_layer_model(gu, dataclasses.replace(dn, group_size=64), block.gate.weight, 2)
 
 
-def _ort_optimized_ops(path, tmp_path) -> dict[str, int]:
-    """Operator counts of the graph onnxruntime runs (after its fusions) for the model at ``path``."""
+def _ort_optimized(path, tmp_path):
+    """The graph onnxruntime runs (after its fusions) for the model at ``path``, as a ModelProto."""
     import onnx
     import onnxruntime as ort
-
-    from moe_export.export.onnx import onnx_ops
 
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return {k.split("::")[-1]: v for k, v in onnx_ops(onnx.load(so.optimized_model_filepath)).items()}
+    return onnx.load(so.optimized_model_filepath)
+
+
+def _ort_optimized_ops(path, tmp_path) -> dict[str, int]:
+    """Operator counts of the graph onnxruntime runs (after its fusions) for the model at ``path``."""
+    from moe_export.export.onnx import onnx_ops
+
+    return {k.split("::")[-1]: v for k, v in onnx_ops(_ort_optimized(path, tmp_path)).items()}
 
 
 def _matmuls_shaped(proto, last_dims: tuple[int, int]) -> list[str]:
@@ -191,6 +196,9 @@ def test_decoder_step_exports_as_qmoe_nodes(tmp_path):
     assert ops["ScatterElements"] == 3 * n_layers, ops
     assert not _matmuls_shaped(proto, (step.max_seq_len, step.head_dim))
     assert _matmuls_shaped(onnx.load(str(tmp_path / "p.onnx")), (step.max_seq_len, step.head_dim))
+    # each layer's scores read the key cache through the product's transB (no Transpose copying the cache a step)
+    fused = [n for n in _ort_optimized(path, tmp_path).graph.node if n.op_type == "FusedMatMul"]
+    assert sum(a.name == "transB" and a.i == 1 for n in fused for a in n.attribute) == n_layers
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     rep = compare(OnnxRunner(path), logits_fn_for(q), ids, gen_model=q, gen_prompt=ids[0, :6], new_tokens=16)
     check_parity(rep)  # max abs err within 1e-4 of the largest logit, prefill and KV-cache decode; greedy equal

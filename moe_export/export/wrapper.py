@@ -99,7 +99,9 @@ def grouped_eager_attention(module, query, key, value, attention_mask, scaling, 
         scores = scores.view(b, hkv, n_rep, t, s) * scaling  # [B, Hkv, n_rep, T, S]
     else:
         q = query.reshape(b, hkv, n_rep, t, -1)  # head j * n_rep + r reads kv head j, as repeat_kv orders them
-        scores = torch.matmul(q, key.transpose(2, 3)[:, :, None]) * scaling  # [B, Hkv, n_rep, T, S]
+        # the transpose last, next to the product: onnxruntime folds a Transpose of a MatMul's last two dims into
+        # the product (FusedMatMul), where one before an Unsqueeze copies the layer's whole key cache a step
+        scores = torch.matmul(q, key[:, :, None].transpose(3, 4)) * scaling  # [B, Hkv, n_rep, T, S]
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, None]  # [B, 1, 1, T, S]
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
