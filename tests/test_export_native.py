@@ -131,11 +131,36 @@ class _PackedLinearProgram(torch.nn.Module):
         return torch.ops.moe_export.packed_linear(x, self.packed, self.scale, self.zero, self.bits, self.accuracy)
 
 
+class _MoeProgram(torch.nn.Module):
+    """One ``moe_export::mixed_width_moe`` over width-group stacks held as buffers: a program of that op alone."""
+
+    def __init__(self, up, down, accuracy):
+        super().__init__()
+        define_native_ops()
+        self.widths = list(up.widths)
+        self.expert_bits, self.slots, self.accuracy = list(up.bit_widths), list(up.slots), accuracy
+        for name, stack in (("up", up), ("down", down)):
+            for b in self.widths:
+                for part in ("packed", "scale", "zero"):
+                    self.register_buffer(f"{name}_{part}{b}", getattr(stack, part)[b])
+
+    def _group(self, name, part):
+        return [getattr(self, f"{name}_{part}{b}") for b in self.widths]
+
+    def forward(self, x, ids, w):  # x [T, H], ids / w [T, k] -> [T, H]
+        parts = [self._group(name, part) for name in ("up", "down") for part in ("packed", "scale", "zero")]
+        return torch.ops.moe_export.mixed_width_moe(x, ids, w, *parts, self.widths, self.expert_bits, self.slots,
+                                                    self.accuracy)
+
+
 def test_native_kernels_split_rows_across_threads_exactly(native, tmp_path):
-    """A weight whose rows the kernels split over the ExecuTorch pool (4096 rows, 2 MB of 8-bit codes) gives
-    bit-identical values at 1 and 2 threads, exact and int8 arithmetic, and the eager op's (the same core in the
-    torch extension's build: float rounding); a PteRunner step runs torch at one intra-op thread and hands its count back. A fresh process: the
-    pool is process-wide."""
+    """Weights whose rows the kernels split over threads (a packed_linear of 4096 rows, 2 MB of 8-bit codes; an MoE
+    block whose gate_up and down rows are 21 and 14 blocks of 16, not a multiple of the chunks) give bit-identical
+    values at 1 and 2 threads, exact and int8 arithmetic, and the eager op's (the same core in the torch
+    extension's build: float rounding); at 2 threads the ops did split (the library reports the threads of its
+    latest split). A native program (its delegates loaded to run on the caller, et_native.serial_delegates, which
+    nests and restores) gives the same logits bit for bit at 1 and 2 threads; a PteRunner step runs torch at one
+    intra-op thread and hands its count back. A fresh process: the pool is process-wide."""
     from moe_export.export.executorch import lower_to_executorch
     from moe_export.quant.rtn import RTNQuantizer
     from moe_export.runtime.layout import WidthGroups
@@ -143,31 +168,62 @@ def test_native_kernels_split_rows_across_threads_exactly(native, tmp_path):
     torch.manual_seed(0)
     g = WidthGroups.from_quantized([RTNQuantizer().quantize(torch.randn(4096, 512), 8, 32, False)])
     x = torch.randn(2, 512)
+    h, inter, bits = 224, 168, (2, 3, 8, 2, 3, 4)
+
+    def stack(n, k):
+        return WidthGroups.from_quantized([RTNQuantizer().quantize(torch.randn(n, k), b, 8, False) for b in bits])
+
+    up, down = stack(2 * inter, h), stack(h, inter)
+    mx = torch.randn(3, h)
+    ids = torch.tensor([[0, 2], [5, 2], [1, 3]])  # [T, k]: expert 2 twice (one pass over its rows for two tokens)
+    mw = torch.softmax(torch.randn(3, 2), -1)
+    tdim = torch.export.Dim("T", min=1, max=8)
     for acc in (0, 1):
         mod = _PackedLinearProgram(g.packed[8][0], g.scale[8][0], g.zero[8][0], 8, acc)
         ep = torch.export.export(mod, (x,), dynamic_shapes=({0: torch.export.Dim("M", min=1, max=8)},))
         (tmp_path / f"lin{acc}.pte").write_bytes(lower_to_executorch(ep, "native").buffer)
         torch.save(mod(x), tmp_path / f"eager{acc}.pt")
-    torch.save(x, tmp_path / "x.pt")
+        moe = _MoeProgram(up, down, acc)
+        ep = torch.export.export(moe, (mx, ids, mw), dynamic_shapes=({0: tdim}, {0: tdim}, {0: tdim}))
+        (tmp_path / f"moe{acc}.pte").write_bytes(lower_to_executorch(ep, "native").buffer)
+        torch.save(moe(mx, ids, mw), tmp_path / f"moe_eager{acc}.pt")
+    torch.save((x, mx, ids, mw), tmp_path / "inputs.pt")
     script = (
         "import gc, sys, torch\n"
         "from pathlib import Path\n"
         "from executorch.runtime import Runtime\n"
         "from moe_export.export.runners import PteRunner, executorch_threads\n"
         "from moe_export.kernels import et_native\n"
-        "et_native.load()\n"
-        "d = Path(sys.argv[1]); x = torch.load(d / 'x.pt')\n"
+        "lib = et_native.load()\n"
+        "d = Path(sys.argv[1]); x, mx, ids, mw = torch.load(d / 'inputs.pt')\n"
+        "close = lambda a, b: bool((a - b).abs().max() <= 1e-5 * b.abs().max())  # the torch extension's build\n"
         "for acc in (0, 1):\n"
-        "    outs = []\n"
+        "    outs, mouts = [], []\n"
         "    for t in (1, 2):\n"
         "        executorch_threads(t)\n"
         "        m = Runtime.get().load_program(str(d / f'lin{acc}.pte')).load_method('forward')\n"
         "        outs += [m.execute([x])[0], m.execute([x[:1]])[0]]\n"
+        "        m = Runtime.get().load_program(str(d / f'moe{acc}.pte')).load_method('forward')\n"
+        "        mouts += [m.execute([mx, ids, mw])[0], m.execute([mx[1:2], ids[1:2], mw[1:2]])[0]]\n"
+        "        print('split threads', t, lib.moe_export_et_split_threads())\n"
         "        del m; gc.collect()\n"
-        "    eager = torch.load(d / f'eager{acc}.pt')\n"
-        "    close = lambda a, b: bool((a - b).abs().max() <= 1e-5 * b.abs().max())  # the torch extension's build\n"
+        "    eager, meager = torch.load(d / f'eager{acc}.pt'), torch.load(d / f'moe_eager{acc}.pt')\n"
         "    print('acc', acc, torch.equal(outs[0], outs[2]), torch.equal(outs[1], outs[3]),\n"
         "          close(outs[0], eager), close(outs[1], eager[:1]))\n"
+        "    print('moe acc', acc, torch.equal(mouts[0], mouts[2]), torch.equal(mouts[1], mouts[3]),\n"
+        "          close(mouts[0], meager), close(mouts[1], meager[1:2]))\n"
+        "print('serial delegates', lib.moe_export_et_serial_delegates(0))\n"
+        "with et_native.serial_delegates():\n"
+        "    with et_native.serial_delegates():\n        pass\n"
+        "    print('inside', lib.moe_export_et_serial_delegates(1))\n"
+        "print('after', lib.moe_export_et_serial_delegates(0))\n"
+        "ids = torch.tensor([[1, 2, 3]])\n"
+        "logits = {}\n"
+        "for t in (1, 2):  # the whole native program: delegates on the caller, the kernels' rows split\n"
+        "    r = PteRunner(sys.argv[2], threads=t)\n"
+        "    logits[t] = [r.step(ids, 0), r.step(ids[:, :1], 3), r.step(ids[:, 1:2], 4)]\n"
+        "    del r; gc.collect()\n"
+        "print('program', all(torch.equal(a, b) for a, b in zip(logits[1], logits[2])))\n"
         "torch.set_num_threads(2)\n"
         "r = PteRunner(sys.argv[2], threads=2)\n"
         "class Spy:  # torch's intra-op threads while the program runs\n"
@@ -180,8 +236,12 @@ def test_native_kernels_split_rows_across_threads_exactly(native, tmp_path):
     res = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(native["pte"])], capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.splitlines() == ["acc 0 True True True True", "acc 1 True True True True", "torch threads [1] 2"], \
-        res.stdout
+    # at 1 thread no op splits (the count stays 0); at 2 threads the latest op split over 2
+    assert res.stdout.splitlines() == ["split threads 1 0", "split threads 2 2", "acc 0 True True True True",
+                                       "moe acc 0 True True True True", "split threads 1 2", "split threads 2 2",
+                                       "acc 1 True True True True", "moe acc 1 True True True True",
+                                       "serial delegates 0", "inside 1", "after 0", "program True",
+                                       "torch threads [1] 2"], res.stdout
 
 
 def test_native_ops_eager_and_fake():

@@ -11,6 +11,7 @@ parity, latency, memory and the references share.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import weakref
@@ -95,8 +96,10 @@ _LIVE_PTE: weakref.WeakSet = weakref.WeakSet()
 def executorch_threads(threads: int | None = None) -> int:
     """The size of the ExecuTorch runtime's threadpool, after resizing it to ``threads`` when given.
 
-    One pool per process runs everything a .pte splits across threads: the XNNPACK delegates and the ``moe_export``
-    kernels (``moe_export/kernels/et_ops.cpp``). The runtime sizes it to the CPU's cores; a latency comparison with other
+    One pool per process: the XNNPACK delegates run on it, and the ``moe_export`` kernels
+    (``moe_export/kernels/et_ops.cpp``) split their rows over as many threads, on workers of their own (a native
+    program's delegates run on the calling thread, :func:`moe_export.kernels.et_native.serial_delegates`). The
+    runtime sizes it to the CPU's cores; a latency comparison with other
     one-thread runtimes (torch at ``set_num_threads(1)``, onnxruntime sessions at one intra-op thread) sets it to 1:
     on a shared machine a 2-thread pool waits at every op for a thread another job holds. An XNNPACK delegate
     keeps the pool it was loaded with, so the pool is resized only while no :class:`PteRunner` is alive
@@ -130,6 +133,7 @@ class PteRunner(StepRunner):
 
         from moe_export.export.executorch import KV_CACHE_SHAPE_METHOD, load_native_kernels_for
         from moe_export.export.seq2seq import ENCODER_METHOD
+        from moe_export.kernels import et_native
 
         self.threads = executorch_threads(threads)
         # the moe_export kernels register into the runtime when their library loads: before the program
@@ -140,7 +144,9 @@ class PteRunner(StepRunner):
         program = Runtime.get().load_program(self._data if self._data is not None else str(path))
         self._program = program
         self.seq2seq = ENCODER_METHOD in program.method_names
-        with executorch_first_run():  # an XNNPACK delegate starts the threadpool (and its CPU probe) at load
+        # an XNNPACK delegate starts the threadpool (and its CPU probe) at load; a native program's delegates run on
+        # the calling thread and its moe_export kernels split rows on their own workers (et_native.serial_delegates)
+        with executorch_first_run(), (et_native.serial_delegates() if self.native_ops else contextlib.nullcontext()):
             self.method = program.load_method("forward")
             self.encoder = program.load_method(ENCODER_METHOD) if self.seq2seq else None
         # a program that keeps its KV cache (the native .pte, ``wrapper.StatefulStep``) takes tokens and position only

@@ -16,10 +16,23 @@
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
+#ifdef ET_USE_THREADPOOL
+#include <executorch/extension/threadpool/threadpool_guard.h>
+#endif
 
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <optional>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "core/mixed_width.h"
@@ -35,12 +48,180 @@ namespace core = moe_export_core;
 
 using OptTensor = std::optional<Tensor>;
 
-// The runtime's threadpool (the one XNNPACK uses) as the core's parallel loop. The core hands it blocks of
-// output rows (16 rows each), so one block is the grain.
+// The core's parallel loop: blocks of output rows (16 rows each) over as many threads as the runtime's threadpool
+// has (executorch::extension::get_thread_count(), what a runner sets), run by this library's own workers.
+//
+// Why not the runtime's pool (executorch::extension::parallel_for): its pthreadpool workers sleep after about 1000
+// pause loops (microseconds), and its caller waits until every worker has woken and checked in, even one whose share
+// the caller ran itself. A decode step is a few dozen ops of 10-150 us with serial work between them, so the pool's
+// worker was put to sleep and woken 6-18 times a step (on an idle VM each wake starts a halted vCPU), and the Mixtral
+// slice's native .pte decoded slower at 2 threads than at 1 (the bench's protocol, 2-core VM: 283 vs 304 tok/s).
+// Here the caller and the workers claim chunks of blocks from one counter, the caller returns once every chunk is
+// done (a late worker finds nothing left and costs nothing), and a worker spins for a while after each job before it
+// sleeps, spanning the serial gaps of a decode step as OpenMP's workers do for the compiled path: 0.1 sleeps a step
+// and 431 tok/s at 2 threads, together with the program's XNNPACK delegates loaded without the runtime's pool
+// (moe_export_et_serial_delegates: their tiny decode ops woke the runtime's worker as often, and it fought this
+// pool's worker for the cores). MOE_EXPORT_ET_SPIN_US sets the spin (default 500 us; 0 sleeps at once, e.g. where
+// idle cores cost power). Every row is computed by the same code whichever thread runs its block, so outputs do not
+// depend on the split.
+class RowPool {
+ public:
+  using Range = void (*)(void* job, int64_t begin, int64_t end);
+
+  // Runs range(job, b, e) over chunks covering [0, blocks) on `threads` threads (the caller is one of them);
+  // false when it did not (one thread, one block, or the pool is busy with another caller's op): run serially then.
+  static bool run(int64_t threads, int64_t blocks, void* job, Range range) {
+    if (threads <= 1 || blocks <= 1) return false;
+    return instance().run_job(int(std::min<int64_t>(threads, kMaxThreads)), blocks, job, range);
+  }
+
+  // Threads the latest split job was spread over (0: none yet), for tests and benchmarks to check the split ran.
+  static int last_threads() { return last_threads_.load(std::memory_order_relaxed); }
+
+ private:
+  static constexpr int kMaxThreads = 64;
+  static constexpr int64_t kChunksPerThread = 4;  // finer than one share a thread: a late worker leaves less to wait for
+
+  // One pool per process, created on first use and never destroyed (its workers outlive static destructors). A
+  // forked child has none of the parent's threads: it starts a new pool and leaves the old one alone.
+  static RowPool& instance() {
+    static std::atomic<RowPool*> pool{nullptr};
+    static std::once_flag at_fork;
+    std::call_once(at_fork, [] { pthread_atfork(nullptr, nullptr, [] { pool.store(nullptr); }); });
+    RowPool* p = pool.load(std::memory_order_acquire);
+    if (p == nullptr) {
+      RowPool* fresh = new RowPool();
+      if (pool.compare_exchange_strong(p, fresh, std::memory_order_acq_rel)) return *fresh;
+      delete fresh;  // another thread installed one first
+    }
+    return *p;
+  }
+
+  RowPool() {
+    const char* env = std::getenv("MOE_EXPORT_ET_SPIN_US");
+    spin_us_ = env != nullptr ? std::max(0L, std::strtol(env, nullptr, 10)) : 500;
+  }
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    asm volatile("yield");
+#endif
+  }
+
+  bool run_job(int threads, int64_t blocks, void* job, Range range) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    if (int(workers_.size()) + 1 != threads) resize(threads);
+    const int64_t chunks = std::min<int64_t>(blocks, kChunksPerThread * threads);
+    job_.store(job, std::memory_order_relaxed);
+    range_.store(range, std::memory_order_relaxed);
+    blocks_.store(blocks, std::memory_order_relaxed);
+    chunks_.store(chunks, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint32_t gen = ++gen_;
+    claim_.store(uint64_t(gen) << 32, std::memory_order_seq_cst);  // publishes the job's fields above
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(sleep_);
+      wake_.notify_all();
+    }
+    last_threads_.store(threads, std::memory_order_relaxed);
+    work(gen);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
+      if (spins < 4096) pause(); else std::this_thread::yield();  // a claimed chunk's worker lost its core
+    }
+    return true;
+  }
+
+  // Claims and runs chunks of job `gen` until none is left. The job's fields are read after a load that saw `gen`
+  // and before the claim: if the caller has moved on to a newer job meanwhile, the claim (which compares the
+  // generation too) fails, so a chunk only ever runs with its own job's fields.
+  void work(uint32_t gen) {
+    for (;;) {
+      uint64_t c = claim_.load(std::memory_order_acquire);
+      if (uint32_t(c >> 32) != gen) return;
+      const int64_t i = int64_t(c & 0xffffffffu), n = chunks_.load(std::memory_order_relaxed);
+      const int64_t blocks = blocks_.load(std::memory_order_relaxed);
+      void* job = job_.load(std::memory_order_relaxed);
+      Range range = range_.load(std::memory_order_relaxed);
+      if (i >= n) return;
+      if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_relaxed)) continue;
+      range(job, i * blocks / n, (i + 1) * blocks / n);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void worker(uint32_t seen) {
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "moe_export_rows");  // what profilers and /proc show for these threads
+#endif
+    for (;;) {
+      uint32_t gen = seen;
+      const auto start = std::chrono::steady_clock::now();
+      for (int spins = 1;; ++spins) {
+        if (stop_.load(std::memory_order_relaxed)) return;
+        gen = uint32_t(claim_.load(std::memory_order_acquire) >> 32);
+        if (gen != seen) break;
+        pause();
+        if (spins % 256 == 0 && std::chrono::steady_clock::now() - start >= std::chrono::microseconds(spin_us_)) {
+          std::unique_lock<std::mutex> lock(sleep_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          while ((gen = uint32_t(claim_.load(std::memory_order_seq_cst) >> 32)) == seen && !stop_.load()) {
+            wake_.wait(lock);
+          }
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+          if (stop_.load()) return;
+          break;
+        }
+      }
+      seen = gen;
+      work(gen);
+    }
+  }
+
+  // New workers for another thread count (the runner resized the runtime's pool); no job is in flight.
+  void resize(int threads) {
+    {
+      std::lock_guard<std::mutex> lock(sleep_);
+      stop_.store(true);
+      wake_.notify_all();
+    }
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+    stop_.store(false);
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, seen = gen_] { worker(seen); });
+  }
+
+  static inline std::atomic<int> last_threads_{0};
+  std::mutex busy_;  // one op at a time; another caller's op runs serially
+  std::vector<std::thread> workers_;
+  uint32_t gen_ = 0;  // the latest job's generation (under busy_)
+  long spin_us_ = 500;
+  std::atomic<uint64_t> claim_{0};  // generation << 32 | next chunk
+  std::atomic<int64_t> done_{0};    // chunks of the current job finished
+  std::atomic<void*> job_{nullptr};
+  std::atomic<Range> range_{nullptr};
+  std::atomic<int64_t> blocks_{0}, chunks_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<int> sleepers_{0};
+  std::mutex sleep_;
+  std::condition_variable wake_;
+};
+
 struct EtParallel {
   template <class Fn>
   void operator()(int64_t begin, int64_t end, Fn&& fn) const {
-    executorch::extension::parallel_for(begin, end, 1, [&](int64_t b, int64_t e) { fn(b, e); });
+    using F = std::remove_reference_t<Fn>;
+    struct Job {
+      F* fn;
+      int64_t begin;
+    } job{&fn, begin};
+    const auto range = [](void* p, int64_t b, int64_t e) {
+      Job* j = static_cast<Job*>(p);
+      (*j->fn)(j->begin + b, j->begin + e);
+    };
+    if (!RowPool::run(executorch::extension::get_thread_count(), end - begin, &job, range)) fn(begin, end);
   }
 };
 
@@ -255,3 +436,22 @@ EXECUTORCH_LIBRARY(moe_export, "packed_embedding.out", moe_export_et::packed_emb
 
 // For the Python loader and the benchmarks: which vector path the core's run-time dispatch picked.
 extern "C" const char* moe_export_et_kernel_path() { return moe_export_core::kernel_path(); }
+
+// For runners: while on, a program's delegates initialised on this thread (XNNPACK, at load_method) take no
+// threadpool and run on the calling thread; returns the previous setting. The native .pte's runner loads its
+// methods this way (see RowPool); a C++ runner does the same with executorch::extension::threadpool::NoThreadPoolGuard.
+extern "C" int moe_export_et_serial_delegates(int on) {
+#ifdef ET_USE_THREADPOOL
+  using executorch::extension::threadpool::NoThreadPoolGuard;
+  const int before = NoThreadPoolGuard::is_enabled() ? 1 : 0;
+  NoThreadPoolGuard::set_enabled(on != 0);
+  return before;
+#else
+  (void)on;  // no threadpool: delegates run on the caller anyway
+  return 1;
+#endif
+}
+
+// How many threads the latest op that split its rows ran on (0: no op has split yet; ops of one thread or one block
+// of rows run on the caller alone and leave it as it was).
+extern "C" int moe_export_et_split_threads() { return moe_export_et::RowPool::last_threads(); }
