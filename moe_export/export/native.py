@@ -14,14 +14,13 @@ The ops and their kernels: ``export.ops.define_native_ops`` (schemas, eager and 
 
 from __future__ import annotations
 
-import copy
-import itertools
 
 import torch
 import torch.nn as nn
 
 from moe_export.export.experts import MixedWidthWeight, PackedMixedExperts
 from moe_export.export.ops import NATIVE_ACCURACY, define_native_ops
+from moe_export.export.wrapper import copy_sharing_tensors
 from moe_export.runtime.layout import slot_numbering
 
 NATIVE_OPS = ("moe_export::mixed_width_moe.out", "moe_export::packed_linear.out", "moe_export::packed_embedding.out")
@@ -121,8 +120,7 @@ def to_native(model: nn.Module, accuracy: str = "exact") -> nn.Module:
     if accuracy not in NATIVE_ACCURACY:
         raise ValueError(f"unknown native accuracy {accuracy!r}; choose one of {', '.join(NATIVE_ACCURACY)}")
     acc = NATIVE_ACCURACY[accuracy]
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    model = copy.deepcopy(model, memo=shared)
+    model = copy_sharing_tensors(model)
     for name, mod in list(model.named_modules()):
         if isinstance(getattr(mod, "experts", None), PackedMixedExperts):
             mod.experts = NativeExperts(mod.experts, acc)

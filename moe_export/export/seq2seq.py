@@ -20,15 +20,13 @@ the exported MoE blocks (:class:`~moe_export.export.experts.PackedTop1MLP`) drop
 
 from __future__ import annotations
 
-import copy
-import itertools
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from transformers.cache_utils import EncoderDecoderCache
 
-from moe_export.export.wrapper import _StepCache, step_positions
+from moe_export.export.wrapper import _StepCache, copy_sharing_tensors, step_positions
 
 SEQ2SEQ_ARCHITECTURES = ("SwitchTransformersForConditionalGeneration",)
 ENCODER_METHOD = "encoder"  # the .pte method name of the encoder program (the decoder step is "forward")
@@ -73,8 +71,7 @@ class _Layers:
 def _eager_copy(model: nn.Module) -> nn.Module:
     """A copy of the module tree sharing every parameter and buffer, whose configs say eager attention (plain
     matmul/softmax with the additive bias and mask, which every backend lowers); the caller's model is unchanged."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    model = copy.deepcopy(model, memo=shared)
+    model = copy_sharing_tensors(model)
     for mod in model.modules():
         cfg = getattr(mod, "config", None)
         if cfg is not None:

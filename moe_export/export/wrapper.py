@@ -25,6 +25,14 @@ SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeFo
                            "DeepseekV3ForCausalLM")
 
 
+def copy_sharing_tensors(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree (modules, configs, plain attributes) that shares every parameter and buffer with
+    it: no tensor is duplicated, and what the copy changes about itself (attention implementation, parametrizations,
+    submodules replaced) leaves ``module`` as it was."""
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo=shared)
+
+
 class _StepCache:
     """Duck-types the ``update`` method HF attention calls on ``past_key_values``."""
 
@@ -147,8 +155,7 @@ class DecoderStep(nn.Module):
         # matmul/softmax with our additive mask, which every backend lowers. The step runs its own copy of the
         # module tree: the copy shares the caller's parameters and buffers (no weight is duplicated) but holds
         # its own config, so setting eager attention (and eval mode) leaves the caller's model as it was.
-        shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-        model = copy.deepcopy(model, memo=shared)
+        model = copy_sharing_tensors(model)
         cfg = model.config
         cfg._attn_implementation = "eager"
         self.model = model
@@ -328,8 +335,7 @@ class CompiledStep:
         self.step = step
         # the step's module tree copied around its tensors (as DecoderStep copies the model's): the
         # parametrizations go on the copy, so ``step`` stays as given (exportable, usable eagerly)
-        shared = {id(t): t for t in itertools.chain(step.parameters(), step.buffers())}
-        own = unwrap_tensor_subclass_parameters(copy.deepcopy(step, memo=shared))
+        own = unwrap_tensor_subclass_parameters(copy_sharing_tensors(step))
         if backend == "inductor":
             options = {"size_asserts": False, **options}
         self.compiled = torch.compile(own, fullgraph=True, dynamic=False, backend=backend, options=options or None)
